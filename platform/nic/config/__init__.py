@@ -1,0 +1,26 @@
+"""Typed config models for every job, YAML loading and readable errors."""
+
+from nic.config.base import (
+    ConfigError,
+    NicModel,
+    RayOptions,
+    StageConfig,
+    dump_config,
+    load_config,
+    parse_overrides,
+    read_yaml,
+)
+from nic.config.slides import SlideOptions, TissueOptions
+
+__all__ = [
+    "ConfigError",
+    "NicModel",
+    "RayOptions",
+    "SlideOptions",
+    "StageConfig",
+    "TissueOptions",
+    "dump_config",
+    "load_config",
+    "parse_overrides",
+    "read_yaml",
+]

@@ -1,0 +1,174 @@
+"""Typed configuration: every job's config is a pydantic model loaded from YAML.
+
+Errors must be readable by someone who only knows their YAML file, so validation errors are
+rewritten to name the file, the dotted key, the problem and the allowed keys or values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is meant for the user."""
+
+
+class NicModel(BaseModel):
+    """Base of every config model: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RayOptions(NicModel):
+    """Where and how a stage runs on Ray."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster address (e.g. 'auto' or 'ray://head:10001'). Default: RAY_ADDRESS, "
+        "else an embedded local Ray instance sized to this machine.",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs for an embedded local instance (default: all of this machine)."
+    )
+    num_gpus: int | None = Field(
+        None, ge=0, description="GPUs for an embedded local instance (default: detected)."
+    )
+
+
+class StageConfig(NicModel):
+    """Fields every stage has."""
+
+    ray: RayOptions = Field(default_factory=RayOptions, description="Ray connection options.")
+    verbose: bool = Field(False, description="Show Ray's own logs and progress bars.")
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set key=value` values are YAML scalars, so `0.5`, `true`, `[a, b]` and `null` work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """Turn `key.sub=value` strings into (dotted key, parsed value) pairs."""
+    pairs = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        pairs.append((key, _parse_scalar(value)))
+    return pairs
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The sub-model that owns the key at `loc`, to list its allowed keys in an error."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _unwrap_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key '{key}'"
+            if hint:
+                msg += f" (did you mean '{'.'.join(map(str, loc[:-1] + (hint[0],)))}'?)"
+            if allowed:
+                msg += f"; allowed keys here: {', '.join(allowed)}"
+        else:
+            msg = f"key '{key}': {err['msg']}"
+            ctx = err.get("ctx") or {}
+            if "expected" in ctx:
+                msg += f" (allowed values: {ctx['expected']})"
+            if "input" in err and not isinstance(err["input"], dict):
+                msg += f"; got {err['input']!r}"
+        lines.append("  - " + msg)
+    return "\n".join(lines)
+
+
+def load_config(
+    model: type[BaseModel],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> Any:
+    """Build a config: YAML file, then flag values (dotted keys), then `--set` overrides.
+
+    Later sources win. Every error names the file (or the flag) and the key.
+    """
+    data: dict = read_yaml(path) if path else {}
+    for key, value in (values or {}).items():
+        _set_dotted(data, key, value)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    source = str(path) if path else "command line"
+    if overrides or values:
+        source += " with command-line values" if path else ""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, source)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    """YAML of a config with every default filled in, written next to each stage's outputs."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
