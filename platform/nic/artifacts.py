@@ -70,3 +70,24 @@ def clean_stale_temporaries(folder: str | Path) -> int:
             tmp.unlink()
             removed += 1
     return removed
+
+
+def write_manifest(path: str | Path, rows: list[dict], schema: pa.Schema) -> None:
+    """A stage manifest: one row per input, written atomically so a reader never sees half of it."""
+    columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    write_parquet_atomic(path, pa.table(columns, schema=schema))
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return pq.read_table(path).to_pylist()
+
+
+def stable_hash(obj: Any) -> str:
+    """Short content hash of a JSON-able object, to tell whether an output was made with the same options."""
+    import hashlib
+
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from nic.config.base import ConfigError, load_config
+from nic.config.base import ConfigError, unwrap_model, load_config
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,21 @@ def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
     return names
 
 
+def _nested_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key below the top level, with default and description, for `--help`."""
+    lines = []
+    for name, field in model.model_fields.items():
+        sub = unwrap_model(field.annotation)
+        key = prefix + name
+        if sub is not None:
+            lines.extend(_nested_keys(sub, key + "."))
+        elif prefix:
+            default = field.get_default(call_default_factory=True)
+            text = f"  {key} = {default!r}: {field.description or ''}"
+            lines.append(textwrap.fill(text, width=100, subsequent_indent="      "))
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nic",
@@ -106,7 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<stage>")
     for stage in STAGES:
-        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
+        try:
+            model = _import(stage.config)
+        except (ImportError, AttributeError):
+            model = None
+        epilog = None
+        if model is not None and _nested_keys(model):
+            epilog = "nested keys (YAML sections; set with --set key=value):\n" + "\n".join(_nested_keys(model))
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(stage=stage)
         p.add_argument("--config", type=Path, help="YAML config file for this stage.")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -115,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray cluster address (default: RAY_ADDRESS, else an embedded local instance).")
         p.add_argument("--num-cpus", type=int, default=None, help="CPUs for an embedded local Ray instance.")
         p.add_argument("--print-config", action="store_true", help="Print the resolved config and exit.")
-        try:
-            model = _import(stage.config)
-        except (ImportError, AttributeError):
+        if model is None:
             p.set_defaults(flag_names=[])
             continue
         p.set_defaults(flag_names=_add_model_flags(p, model))

@@ -106,15 +106,15 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         field = current.model_fields.get(str(part))
         if field is None:
             return None
-        current = _unwrap_model(field.annotation)
+        current = unwrap_model(field.annotation)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def _unwrap_model(annotation: Any) -> Any:
+def unwrap_model(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _unwrap_model(arg)
+        found = unwrap_model(arg)
         if found is not None:
             return found
     return None

@@ -1,0 +1,246 @@
+"""The two kinds of Ray Data workers of `nic compress`.
+
+- `plan_slides`: a task per slide: tissue detection and tile geometry, emitting one light row per
+  tissue tile (no pixels). A slide that cannot be used becomes ONE row carrying its error, which
+  flows through the pipeline to the driver's manifest without ever being read.
+- `EncoderActor`: the actor pool. Each actor loads the encoder once, keeps open readers of the
+  last slides it read (one small LRU per thread), reads the pixels of its batch (rows sorted by
+  slide, row, col so reads are local), encodes them (under the 8 rotations/flips when asked) and
+  returns float16 embeddings. Several batches run at once per actor (`read_parallelism`
+  threads): pixel decoding releases the GIL, so it overlaps the encoding of another batch, while a
+  lock keeps one forward pass at a time so torch's threads are not oversubscribed.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from nic.config.slides import SlideOptions
+from nic.grids.dihedral import transform_image, transform_positions
+
+#: Columns of the light tile rows (plan output) and, plus embedding/transform, of the encoded rows.
+ROW_COLUMNS = (
+    "slide_id", "tile_index", "n_tiles", "row", "col", "x", "y", "tissue", "grid_rows", "grid_cols",
+    "tile_px", "mpp", "base_mpp", "level", "plan_seconds", "error", "error_kind",
+)
+_READERS_PER_THREAD = 2
+
+
+def _describe(exc: BaseException) -> str:
+    return traceback.format_exception_only(type(exc), exc)[-1].strip()
+
+
+def _error_rows(slide_id: str, reason: str, kind: str, seconds: float) -> dict[str, np.ndarray]:
+    """The single row that stands for a slide that cannot be compressed."""
+    return {
+        "slide_id": np.array([slide_id], dtype=object), "tile_index": np.array([-1], np.int64),
+        "n_tiles": np.array([0], np.int64), "row": np.array([-1], np.int32), "col": np.array([-1], np.int32),
+        "x": np.array([0], np.int64), "y": np.array([0], np.int64), "tissue": np.array([0.0], np.float32),
+        "grid_rows": np.array([0], np.int32), "grid_cols": np.array([0], np.int32),
+        "tile_px": np.array([0], np.int32), "mpp": np.array([np.nan]), "base_mpp": np.array([np.nan]),
+        "level": np.array([-1], np.int32), "plan_seconds": np.array([seconds]),
+        "error": np.array([reason], dtype=object), "error_kind": np.array([kind], dtype=object),
+    }
+
+
+def plan_one(slide_id: str, path: str, options: SlideOptions) -> dict[str, np.ndarray]:
+    """Light rows of one slide's tissue tiles (row-major), or its single error row. Never raises."""
+    from nic.slides import SlideError, plan_slide
+
+    start = time.perf_counter()
+    try:
+        plan = plan_slide(path, options, slide_id=slide_id)
+        rows, cols, xs, ys, tissue = plan.tiles()
+        if not len(rows):
+            best = float(plan.fractions.max()) if plan.fractions.size else 0.0
+            raise SlideError(
+                path, f"no tissue: none of its {plan.grid.rows * plan.grid.cols} tiles is at least "
+                f"{options.tissue.threshold:.0%} tissue (best tile: {best:.0%})", "no_tissue")
+    except SlideError as exc:
+        return _error_rows(slide_id, str(exc), exc.kind, time.perf_counter() - start)
+    except Exception as exc:  # a bug or an unforeseen file problem: report it, keep the job going
+        return _error_rows(slide_id, f"{path}: unexpected error while planning: {_describe(exc)}", "error",
+                           time.perf_counter() - start)
+    n = len(rows)
+    res = plan.resolution
+
+    def full(value, dtype) -> np.ndarray:
+        return np.full(n, value, dtype=dtype)
+
+    return {
+        "slide_id": full(slide_id, object), "tile_index": np.arange(n, dtype=np.int64), "n_tiles": full(n, np.int64),
+        "row": rows, "col": cols, "x": xs, "y": ys, "tissue": tissue,
+        "grid_rows": full(plan.grid.rows, np.int32), "grid_cols": full(plan.grid.cols, np.int32),
+        "tile_px": full(plan.grid.tile_px, np.int32), "mpp": full(res.target_mpp, np.float64),
+        "base_mpp": full(res.base_mpp, np.float64), "level": full(res.level, np.int32),
+        "plan_seconds": full(time.perf_counter() - start, np.float64),
+        "error": full("", object), "error_kind": full("", object),
+    }
+
+
+def plan_slides(batch: dict[str, np.ndarray], options: SlideOptions) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function over slide rows (slide_id, path): tile rows of every slide."""
+    parts = [plan_one(str(sid), str(path), options) for sid, path in zip(batch["slide_id"], batch["path"], strict=True)]
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ROW_COLUMNS}
+
+
+def reading_plan(path: str, options: SlideOptions):
+    """(ResolutionPlan, TileGrid) of a slide, decided exactly as nic.slides.plan_slide decides them
+    but without tissue detection, so an actor can read a slide planned by another worker."""
+    from nic.slides import TileGrid, open_slide, resolve_resolution
+
+    slide = open_slide(path)
+    try:
+        width, height = (int(v) for v in slide.dimensions)
+        resolution = resolve_resolution(slide, options, path)
+    finally:
+        slide.close()
+    return resolution, TileGrid(width, height, resolution.base_mpp, options.target_mpp, options.tile_px)
+
+
+def torch_threads(cpus: float) -> int:
+    """Threads for an actor holding `cpus` logical CPUs (a fractional share rounds up)."""
+    return max(1, math.ceil(cpus - 1e-9))
+
+
+class EncoderActor:
+    """Callable class for `Dataset.map_batches`: light tile rows in, embedded tile rows out."""
+
+    def __init__(
+        self,
+        encoder: str,
+        options: SlideOptions,
+        paths: dict[str, str],
+        transforms: tuple[int, ...] = (0,),
+        use_gpu: bool = False,
+        mixed_precision: bool = True,
+        threads: int = 1,
+    ):
+        import torch
+
+        from nic.encoders import load_encoder
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.autocast = bool(use_gpu and mixed_precision)
+        model, info = load_encoder(encoder, device=str(self.device))
+        self.model = model.to(self.device).eval()
+        self.info = info
+        self.embedding_dim = int(info.embedding_dim)
+        self.options = options
+        self.paths = dict(paths)
+        self.transforms = tuple(int(t) for t in transforms)
+        self._encode_lock = threading.Lock()
+        self._local = threading.local()
+
+    # -- reading -------------------------------------------------------------------------------
+    def _reader(self, slide_id: str, grid_rows: int, grid_cols: int):
+        """This thread's open reader of `slide_id` (TileReader is not thread-safe)."""
+        from nic.slides import SlideError, TileReader
+
+        cache: OrderedDict = getattr(self._local, "readers", None)
+        if cache is None:
+            cache = self._local.readers = OrderedDict()
+        if slide_id in cache:
+            cache.move_to_end(slide_id)
+            return cache[slide_id]
+        path = self.paths[slide_id]
+        resolution, grid = reading_plan(path, self.options)
+        if (grid.rows, grid.cols) != (grid_rows, grid_cols):
+            raise SlideError(path, f"its tile grid changed since planning ({grid_rows} x {grid_cols} -> "
+                             f"{grid.rows} x {grid.cols}); was the file replaced during the job?", "unreadable")
+        reader = TileReader(path, resolution, grid)
+        cache[slide_id] = reader
+        while len(cache) > _READERS_PER_THREAD:
+            _, old = cache.popitem(last=False)
+            old.close()
+        return reader
+
+    def _drop_reader(self, slide_id: str) -> None:
+        cache = getattr(self._local, "readers", None)
+        if cache and slide_id in cache:
+            cache.pop(slide_id).close()
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, P, P, 3) -> float16 (N, C); one forward pass at a time per actor."""
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous()
+        with self._encode_lock, torch.inference_mode():
+            tensor = tensor.to(self.device, non_blocking=True)
+            if self.autocast:
+                with torch.autocast(device_type="cuda", dtype=torch.float16):
+                    out = self.model(tensor)
+            else:
+                out = self.model(tensor)
+            out = out.float().cpu().numpy()
+        if out.shape != (len(pixels), self.embedding_dim):
+            raise RuntimeError(f"encoder {self.info.name} returned {out.shape}, expected "
+                               f"({len(pixels)}, {self.embedding_dim})")
+        return out.astype(np.float16)
+
+    def _slide_rows(self, part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Encode the rows of one slide (all transforms); a read failure becomes an error row."""
+        from nic.slides import SlideError
+
+        n = len(part["slide_id"])
+        sid = str(part["slide_id"][0])
+        if str(part["error"][0]):  # planning failed: pass the error on, nothing to read
+            return {**part, "transform": np.zeros(n, np.int8),
+                    "embedding": np.zeros((n, self.embedding_dim), np.float16)}
+        rows, cols = part["row"], part["col"]
+        shape = (int(part["grid_rows"][0]), int(part["grid_cols"][0]))
+        try:
+            pixels = self._reader(sid, *shape).read(rows, cols)
+        except SlideError as exc:
+            self._drop_reader(sid)
+            return self._failed(part, str(exc), exc.kind)
+        except Exception as exc:  # unforeseen decoder failure: this slide fails, the job goes on
+            self._drop_reader(sid)
+            return self._failed(part, f"{self.paths.get(sid, sid)}: unexpected error while reading tiles: "
+                                      f"{_describe(exc)}", "unreadable")
+        outs = []
+        for k in self.transforms:
+            # row/col move to the cell the tile occupies in transform k's grid; grid_rows/cols
+            # stay the identity grid's shape (GridMeta.shape(k) derives the rest).
+            r, c = (rows, cols) if k == 0 else transform_positions(rows, cols, shape, k)
+            emb = self.encode(pixels if k == 0 else transform_image(pixels, k, axes=(1, 2)))
+            outs.append({**part, "row": np.asarray(r, np.int32), "col": np.asarray(c, np.int32),
+                         "transform": np.full(n, k, np.int8), "embedding": emb})
+        return outs[0] if len(outs) == 1 else {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def _failed(self, part: dict[str, np.ndarray], reason: str, kind: str) -> dict[str, np.ndarray]:
+        n = len(part["slide_id"])
+        return {**part, "error": np.full(n, reason, object), "error_kind": np.full(n, kind, object),
+                "transform": np.zeros(n, np.int8), "embedding": np.zeros((n, self.embedding_dim), np.float16)}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(batch["slide_id"])
+        if len(ids) == 0:
+            return {**batch, "transform": np.zeros(0, np.int8),
+                    "embedding": np.zeros((0, self.embedding_dim), np.float16)}
+        order = np.lexsort((np.asarray(batch["col"]), np.asarray(batch["row"]), ids))
+        sorted_ids = ids[order]
+        bounds = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1
+        parts = []
+        for idx in np.split(order, bounds):
+            part = {k: np.asarray(v)[idx] for k, v in batch.items()}
+            parts.append(self._slide_rows(part))
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def __del__(self) -> None:
+        cache: Any = getattr(getattr(self, "_local", None), "readers", None)
+        for reader in (cache or {}).values():
+            reader.close()

@@ -1,0 +1,143 @@
+"""The Ray Data pipeline of `nic compress` and how it is sized to the cluster.
+
+    slides (one row each)
+      -> map_batches(plan_slides)        tasks: tissue detection, one light row per tissue tile
+      -> repartition(batch_size rows)    streaming: blocks of one batch, so every actor gets work
+      -> map_batches(EncoderActor)       actor pool: read pixels, encode, float16 embeddings
+      -> driver (iter_batches)           SlideCollector writes each slide once all its tiles are in
+
+No row ever holds pixels, so the object store carries coordinates and embeddings only.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from nic.config.base import ConfigError
+from nic.config.compress import CompressConfig
+from nic.runtime import RayInfo
+
+#: CPU share of one planning task on a small machine: tissue detection is short and mostly waits
+#: on I/O, and a whole CPU for it would leave a 2-core laptop a single core for the encoder.
+SMALL_PLAN_CPUS = 0.5
+#: Above this many CPUs per actor, more actors beat more threads (conv layers on 128 px tiles stop
+#: scaling with threads well before that).
+MAX_CPUS_PER_ACTOR = 8.0
+CPUS_PER_ACTOR_LARGE = 4.0
+#: Retries of an encoder task whose actor died (the actor itself is restarted without limit): a
+#: batch that kills its actor every time is given up on, and its slide reported as failed.
+ACTOR_TASK_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How the pipeline uses the cluster (printed at start, recorded in benchmarks)."""
+
+    use_gpu: bool
+    pool_size: int
+    cpus_per_actor: float
+    threads: int
+    plan_concurrency: int
+    plan_cpus: float
+    read_parallelism: int
+    batch_size: int
+
+    def describe(self) -> str:
+        device = "GPU" if self.use_gpu else "CPU"
+        return (f"{self.pool_size} encoder actor(s) on {device}, {self.cpus_per_actor:g} CPU(s) and "
+                f"{self.threads} torch thread(s) each, {self.read_parallelism} batch(es) of {self.batch_size} "
+                f"tiles in flight per actor; {self.plan_concurrency} planning task(s) of {self.plan_cpus:g} CPU")
+
+
+def plan_pool(config: CompressConfig, cluster: RayInfo, max_node_cpus: float | None = None) -> PoolPlan:
+    """Defaults that use a laptop's few cores and a GPU cluster's GPUs well; explicit config wins."""
+    from nic.compress.actors import torch_threads
+
+    total = max(1.0, cluster.num_cpus)
+    node_cpus = max(1.0, max_node_cpus or total)
+    use_gpu = config.use_gpu if config.use_gpu is not None else cluster.num_gpus > 0
+    if use_gpu and cluster.num_gpus < 1:
+        raise ConfigError("use_gpu is true but the Ray cluster has no GPU; drop --use-gpu or add GPU nodes")
+    plan_cpus = SMALL_PLAN_CPUS if total <= 4 else 1.0
+    plan_concurrency = config.plan_concurrency or max(1, int(total // 8))
+    available = max(1.0, total - plan_concurrency * plan_cpus)
+    if use_gpu:
+        pool_size = config.pool_size or max(1, int(cluster.num_gpus))
+        cpus = config.cpus_per_actor or max(1.0, min(CPUS_PER_ACTOR_LARGE, available / pool_size))
+    else:
+        if config.cpus_per_actor:
+            cpus = config.cpus_per_actor
+        elif available <= MAX_CPUS_PER_ACTOR:
+            cpus = min(available, max(1.0, node_cpus - plan_cpus))
+        else:
+            cpus = min(CPUS_PER_ACTOR_LARGE, node_cpus)
+        pool_size = config.pool_size or max(1, int(math.floor(available / cpus + 1e-9)))
+    if cpus > node_cpus:
+        raise ConfigError(f"cpus_per_actor={cpus:g} does not fit on a node ({node_cpus:g} CPUs at most)")
+    needed = pool_size * cpus + plan_cpus
+    if needed > total + 1e-9:
+        print(f"[compress] warning: {pool_size} actor(s) x {cpus:g} CPUs + planning need {needed:g} CPUs, "
+              f"the cluster has {total:g}; some actors will wait for an autoscaler", file=sys.stderr)
+    return PoolPlan(use_gpu=bool(use_gpu), pool_size=int(pool_size), cpus_per_actor=float(cpus),
+                    threads=torch_threads(cpus), plan_concurrency=int(plan_concurrency), plan_cpus=plan_cpus,
+                    read_parallelism=config.read_parallelism, batch_size=config.batch_size)
+
+
+def max_node_cpus() -> float:
+    """CPUs of the biggest alive node (an actor must fit on one node)."""
+    import ray
+
+    cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus) if cpus else 1.0
+
+
+def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan,
+                  transforms: tuple[int, ...]):
+    """The lazy Dataset of encoded tile rows for slides `todo` ((slide_id, path) pairs)."""
+    import warnings
+
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from nic.compress.actors import EncoderActor, plan_slides
+
+    slides = ray.data.from_items([{"slide_id": sid, "path": path} for sid, path in todo],
+                                 override_num_blocks=max(1, len(todo)))
+    planned = slides.map_batches(
+        plan_slides, batch_size=1, fn_kwargs={"options": config.slide}, num_cpus=pool.plan_cpus,
+        compute=TaskPoolStrategy(size=pool.plan_concurrency), batch_format="numpy",
+    )
+    # A big slide is planned into one large block; cut it so the pool shares it batch by batch.
+    chunks = planned.repartition(target_num_rows_per_block=pool.batch_size)
+    compute = ActorPoolStrategy(
+        size=pool.pool_size,
+        max_tasks_in_flight_per_actor=pool.read_parallelism + 1,
+        max_concurrent_calls_per_actor=pool.read_parallelism,
+        enable_true_multi_threading=pool.read_parallelism > 1,
+    )
+    with warnings.catch_warnings():
+        # max_task_retries has no named parameter in Ray 2.60's map_batches; the kwargs route
+        # warns that it is deprecated but is the only way to bound retries of a poison batch.
+        warnings.simplefilter("ignore")
+        encoded = chunks.map_batches(
+            EncoderActor,
+            fn_constructor_kwargs={
+                "encoder": config.encoder, "options": config.slide, "paths": dict(todo),
+                "transforms": transforms, "use_gpu": pool.use_gpu,
+                "mixed_precision": config.mixed_precision, "threads": pool.threads,
+            },
+            batch_size=pool.batch_size, batch_format="numpy", compute=compute,
+            num_cpus=pool.cpus_per_actor, num_gpus=1 if pool.use_gpu else None,
+            max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES,
+        )
+    return encoded
+
+
+def iter_encoded(dataset) -> Iterator[dict[str, np.ndarray]]:
+    """Output batches as they are produced (any order), as numpy dicts."""
+    yield from dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)

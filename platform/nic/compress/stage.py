@@ -1,0 +1,209 @@
+"""`nic compress`: slides -> Parquet feature grids (one file per slide) and an honest manifest.
+
+Re-running skips slides whose grid is complete and was made by the same encoder (content hash),
+the same slide options and the same transforms; anything else is re-encoded. Every input slide
+gets exactly one manifest row; a slide that fails keeps no grid, so the grid store and the
+manifest's ok/skipped rows always agree.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+from nic.artifacts import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    stable_hash,
+    write_bytes_atomic,
+    write_manifest,
+)
+from nic.compress.collector import EncoderFacts, SlideCollector
+from nic.config.base import ConfigError, dump_config
+from nic.config.compress import CompressConfig
+from nic.grids.dihedral import ALL_TRANSFORMS
+from nic.grids.manifest import MANIFEST_SCHEMA, failed_row, grid_row
+from nic.grids.reader import verify_grid_file
+from nic.grids.schema import FORMAT_VERSION, GridError, check_slide_id, manifest_path, slide_file
+from nic.grids.writer import clean_staging, remove_slide_grid
+from nic.runtime import Progress, connect
+
+LOST_REASON = ("tiles never came back from the encoder pool (the actor processing them died repeatedly, "
+               "e.g. a crash inside the slide library); no grid written")
+MANIFEST_EVERY_S = 5.0
+
+
+def encoder_facts(config: CompressConfig) -> EncoderFacts:
+    """Load the encoder once in the driver: its hash decides resume, its C sizes the grid files."""
+    try:
+        from nic.encoders import load_encoder
+    except ImportError as exc:
+        raise ConfigError(f"nic.encoders is not available: {exc}") from None
+    try:
+        _, info = load_encoder(config.encoder, device="cpu")
+    except ConfigError:
+        raise
+    except Exception as exc:
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        raise ConfigError(f"cannot load encoder {config.encoder!r}: {detail}") from None
+    tile_px = getattr(info, "tile_px", None)
+    if tile_px and int(tile_px) != config.slide.tile_px:
+        raise ConfigError(f"encoder {info.name!r} takes {tile_px} px tiles but slide.tile_px is "
+                          f"{config.slide.tile_px}; set --set slide.tile_px={tile_px}")
+    mpp = getattr(info, "mpp", None)
+    if mpp and abs(float(mpp) - config.slide.target_mpp) > config.slide.mpp_tolerance * float(mpp):
+        raise ConfigError(f"encoder {info.name!r} was trained at {mpp:g} um/px but slide.target_mpp is "
+                          f"{config.slide.target_mpp:g}; set --set slide.target_mpp={mpp:g}")
+    return EncoderFacts(name=str(info.name), content_hash=str(info.content_hash),
+                        embedding_dim=int(info.embedding_dim))
+
+
+def options_hash_of(config: CompressConfig) -> str:
+    return stable_hash({"slide": config.slide.model_dump(mode="json"), "format": FORMAT_VERSION})
+
+
+def completed_row(out: Path, slide_id: str, path: str, facts: EncoderFacts, options_hash: str,
+                  transforms: tuple[int, ...]) -> tuple[dict | None, str]:
+    """(skipped manifest row, "") when an earlier run left a complete grid made the same way, else
+    (None, why it must be (re)encoded)."""
+    target = slide_file(out, slide_id)
+    if not target.exists():
+        return None, "new"
+    try:
+        meta = verify_grid_file(target)
+    except GridError as exc:
+        return None, f"incomplete or unreadable grid ({exc})"
+    if meta.encoder_hash != facts.content_hash:
+        return None, f"encoder changed ({meta.encoder_name} {meta.encoder_hash[:8]} -> {facts.name} {facts.content_hash[:8]})"
+    if meta.options_hash != options_hash:
+        return None, "slide options changed"
+    if tuple(meta.transforms) != transforms:
+        return None, "dihedral option changed"
+    if meta.slide_id != slide_id:
+        return None, "file belongs to another slide id"
+    meta = type(meta)(**{**meta.__dict__, "path": path})
+    return grid_row(meta, STATUS_SKIPPED, 0.0, str(target.relative_to(out))), ""
+
+
+def run_compress(config: CompressConfig) -> int:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_staging(out)
+    write_bytes_atomic(out / "compress_config.yaml", dump_config(config).encode())
+    facts = encoder_facts(config)
+    transforms = ALL_TRANSFORMS if config.dihedral else (0,)
+    options_hash = options_hash_of(config)
+
+    from nic.slides.inputs import expand_slide_inputs
+
+    inputs = expand_slide_inputs(config.slides)
+    order = [item.slide_id for item in inputs]
+    results: dict[str, dict] = {}
+    todo: list[tuple[str, str]] = []
+    redo = Counter()
+    for item in inputs:
+        error = item.error
+        if error is None:
+            try:
+                check_slide_id(item.slide_id)
+            except GridError as exc:
+                error = f"{item.path}: {exc}"
+        if error:
+            results[item.slide_id] = failed_row(item.slide_id, item.path, error, "input", 0.0,
+                                                facts.name, facts.content_hash)
+            if _safe_id(item.slide_id):
+                remove_slide_grid(out, item.slide_id)
+            continue
+        done, why = (None, "overwrite") if config.overwrite else completed_row(
+            out, item.slide_id, item.path, facts, options_hash, transforms)
+        if done:
+            results[item.slide_id] = done
+            continue
+        redo[why.split(" (")[0]] += 1
+        if why not in ("new", "overwrite"):
+            remove_slide_grid(out, item.slide_id)  # stale: it must not look complete
+        todo.append((item.slide_id, item.path))
+
+    path = manifest_path(out)
+    reasons = ", ".join(f"{n} {why}" for why, n in redo.items())
+    print(f"[compress] {len(inputs)} inputs: {len(todo)} to encode{f' ({reasons})' if reasons else ''}, "
+          f"{sum(r['status'] == STATUS_SKIPPED for r in results.values())} already complete, "
+          f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable; "
+          f"encoder {facts.name} ({facts.content_hash[:8]}, C={facts.embedding_dim})"
+          + (", 8 rotations/flips" if config.dihedral else ""), file=sys.stderr)
+    if todo:
+        _compress_on_ray(config, todo, out, facts, options_hash, transforms, results, order, path)
+    _save_manifest(path, order, results)
+    return _summarise(results, order, path, config.strict)
+
+
+def _safe_id(slide_id: str) -> bool:
+    try:
+        check_slide_id(slide_id)
+    except GridError:
+        return False
+    return True
+
+
+def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: Path, facts: EncoderFacts,
+                     options_hash: str, transforms: tuple[int, ...], results: dict[str, dict],
+                     order: list[str], path: Path) -> None:
+    import ray
+
+    from nic.compress.pipeline import build_dataset, iter_encoded, max_node_cpus, plan_pool
+
+    info = connect(config.ray, config.verbose)
+    pool = plan_pool(config, info, max_node_cpus())
+    print(f"[compress] {pool.describe()}", file=sys.stderr)
+    ctx = ray.data.DataContext.get_current()
+    # A batch whose actor keeps dying is dropped after its retries instead of failing the job;
+    # the slides it belonged to are reported below as failed.
+    ctx.max_errored_blocks = -1
+
+    collector = SlideCollector(out, facts, transforms, options_hash, dict(todo))
+    progress = Progress("compress", total=len(todo), unit="slides")
+    start = time.monotonic()
+    last_save = start
+    try:
+        for batch in iter_encoded(build_dataset(config, todo, pool, transforms)):
+            finished = collector.add_batch(batch)
+            for sid in finished:
+                results[sid] = collector.results[sid]
+            rate = collector.tiles_done / max(time.monotonic() - start, 1e-9)
+            progress.update(collector.finished, extra=f"{collector.tiles_done} tiles ({rate:.0f} tiles/s)")
+            if finished and time.monotonic() - last_save > MANIFEST_EVERY_S:
+                _save_manifest(path, order, results)
+                last_save = time.monotonic()
+        lost_reason = LOST_REASON
+    except Exception as exc:  # the pool itself failed (e.g. the encoder cannot load on the workers)
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        lost_reason = f"the encoder pipeline failed before this slide was done: {detail[:2000]}"
+    collector.fail_unfinished([sid for sid, _ in todo], lost_reason)
+    results.update({sid: collector.results[sid] for sid, _ in todo})
+    rate = collector.tiles_done / max(time.monotonic() - start, 1e-9)
+    progress.finish(extra=f"{collector.tiles_done} tiles ({rate:.0f} tiles/s)"
+                    + (f", {collector.duplicates} duplicate rows from retried tasks ignored"
+                       if collector.duplicates else ""))
+
+
+def _save_manifest(path: Path, order: list[str], results: dict[str, dict]) -> None:
+    write_manifest(path, [results[sid] for sid in order if sid in results], MANIFEST_SCHEMA)
+
+
+def _summarise(results: dict[str, dict], order: list[str], path: Path, strict: bool) -> int:
+    counts = Counter(r["status"] for r in results.values())
+    tiles = sum(int(r.get("tiles") or 0) for r in results.values() if r["status"] != STATUS_FAILED)
+    print(f"[compress] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
+          f"{counts[STATUS_FAILED]} failed; {tiles} tissue tiles; manifest: {path}", file=sys.stderr)
+    for sid in order:
+        row = results.get(sid)
+        if row and row["status"] == STATUS_FAILED:
+            print(f"[compress]   failed {sid}: {row['reason']}", file=sys.stderr)
+    if counts[STATUS_OK] + counts[STATUS_SKIPPED] == 0:
+        print("[compress] no slide succeeded", file=sys.stderr)
+        return 1
+    return 1 if strict and counts[STATUS_FAILED] else 0

@@ -1,0 +1,59 @@
+"""Config of `nic compress`: slides -> Parquet feature grids on a Ray Data actor pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from nic.config.base import StageConfig
+from nic.config.slides import SlideOptions
+
+
+class CompressConfig(StageConfig):
+    slides: list[str] = Field(
+        ..., min_length=1,
+        description="Slide files, folders, glob patterns, or CSV files with a 'path' column (and optional 'slide_id').",
+    )
+    encoder: str = Field(
+        ..., min_length=1,
+        description="Patch encoder: a built-in name ('mean-rgb', 'random') or a folder written by nic train-encoder.",
+    )
+    out: Path = Field(
+        ..., description="Grid store: tiles/slide_id=<id>/part-0.parquet per slide and the slides.parquet manifest."
+    )
+    slide: SlideOptions = Field(default_factory=SlideOptions, description="Resolution, tile size and tissue detection.")
+    batch_size: int = Field(
+        256, ge=1, description="Tiles per encoder batch (bigger batches use a GPU better; 128-512 suit CPUs).",
+    )
+    pool_size: int | None = Field(
+        None, ge=1,
+        description="Encoder actors. Default: one per GPU when encoding on GPUs, else as many as the cluster's "
+        "CPUs allow at cpus_per_actor each.",
+    )
+    cpus_per_actor: float | None = Field(
+        None, gt=0,
+        description="CPUs reserved by each encoder actor; its torch threads are set to this. Default: 1 with a "
+        "GPU, else the CPUs of one node minus what slide planning needs (up to 8).",
+    )
+    read_parallelism: int = Field(
+        2, ge=1,
+        description="Batches each encoder actor works on at once: while one batch is encoded, the others read "
+        "and decode their pixels, so reading hides behind encoding.",
+    )
+    plan_concurrency: int | None = Field(
+        None, ge=1,
+        description="Slides planned (tissue detection) at once, each in its own Ray task. Default: 1 per 8 "
+        "cluster CPUs, at least 1.",
+    )
+    use_gpu: bool | None = Field(
+        None, description="Encode on GPUs (one per actor). Default: when the cluster has GPUs.",
+    )
+    mixed_precision: bool = Field(True, description="Encode in float16 autocast on GPUs (ignored on CPUs).")
+    dihedral: bool = Field(
+        False,
+        description="Also write each slide's grid under all 8 rotations/flips of the tile pixels "
+        "(NIC's training-time augmentation); costs 8x the encoding.",
+    )
+    strict: bool = Field(False, description="Exit non-zero when any slide failed (default: only when none succeeded).")
+    overwrite: bool = Field(False, description="Re-encode slides that are already complete instead of skipping them.")

@@ -1,0 +1,83 @@
+"""Config of `nic train-downstream`: slide-level models on feature grids, trained on Ray Train.
+
+Defaults follow NIC (DESIGN.md): Adam, lr 1e-2 reduced x10 on plateau down to 1e-5, batch 16,
+L2 1e-5, 20 % feature-wise dropout, T = 10 test-time crops x 8 rotations/flips.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from nic.config.base import StageConfig
+
+
+class TrainDownstreamConfig(StageConfig):
+    """Train and evaluate a slide-level model (classification, regression or survival) on grids."""
+
+    grids: Path = Field(..., description="Grid store written by `nic compress` (folder with slides.parquet and tiles/).")
+    labels: Path = Field(..., description="Labels table, CSV or Parquet: slide_id, optional patient_id, targets, time/event.")
+    kind: Literal["binary", "multiclass", "regression", "survival"] = Field(
+        ..., description="Target kind: binary or multiclass classification, regression, or survival (Cox).")
+    target: str | None = Field(
+        None, description="Target column (binary, multiclass, regression); for survival only a name in the outputs.")
+    time_column: str = Field("time", description="Survival time column (> 0).")
+    event_column: str = Field("event", description="Survival event column: 1 = event observed, 0 = censored.")
+    patient_column: str | None = Field(
+        "patient_id", description="Patient column: folds never split a patient's slides (ignored when absent).")
+    slide_column: str = Field("slide_id", description="Slide id column; ids must match the grid store's.")
+    missing_grids: Literal["error", "drop"] = Field(
+        "error", description="Labelled slides without a grid: 'error' lists them and stops; 'drop' trains "
+        "without them and records them in metrics.json.")
+    out: Path = Field(..., description="Output folder: metrics.json, predictions.parquet, PNG plots, fold models.")
+
+    model: Literal["nic-cnn", "attention-mil"] = Field(
+        "nic-cnn", description="'nic-cnn' (the NIC grid CNN) or 'attention-mil' (gated attention pooling over cells).")
+    folds: int = Field(5, ge=2, description="Cross-validation folds (grouped by patient, stratified by class/event).")
+    test_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of patients held out as a fixed test set (0: cross-validation only).")
+    val_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Fraction of each fold's training patients used for early stopping and the "
+        "learning-rate schedule (0: use the training loss).")
+    epochs: int = Field(100, ge=1, description="Maximum epochs per fold (one random crop per slide per epoch).")
+    batch_size: int = Field(16, ge=2, description="Crops per batch (per worker).")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate.")
+    min_lr: float = Field(1e-5, gt=0, description="Floor of the x10 reductions on plateau.")
+    lr_patience: int = Field(5, ge=0, description="Epochs without validation improvement before lr is reduced x10.")
+    patience: int = Field(15, ge=1, description="Early stopping: epochs without validation improvement before a fold stops.")
+    l2: float = Field(1e-5, ge=0, description="L2 weight penalty (Adam weight decay).")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Feature-wise (channel) dropout rate.")
+    crop_size: int | None = Field(
+        None, ge=1, description="Crop side R in grid cells (default: the largest grid side, at most 400; "
+        "smaller grids are zero-padded).")
+    tta_crops: int = Field(10, ge=1, description="Test-time crops T per rotation/flip (T x 8 views per slide).")
+    dihedral: bool = Field(
+        True, description="Augment with the 8 rotations/flips and average over them at test time (the pixel-level "
+        "variants when compression wrote them, else cell positions only).")
+    balanced: bool = Field(False, description="Class-balanced sampling of training slides (classification).")
+    ties: Literal["efron", "breslow"] = Field("efron", description="Tied survival times in the Cox loss.")
+    risk_groups: int = Field(2, ge=2, le=5, description="Kaplan-Meier risk groups: 2 = median split, 3 = tertiles.")
+
+    num_workers: int = Field(1, ge=1, description="Ray Train (DDP) workers per fold.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")
+    use_gpu: bool = Field(False, description="Train on GPUs (one per worker).")
+    max_parallel_folds: int | None = Field(
+        None, ge=1, description="Folds trained at once (default: as many as the cluster's CPUs/GPUs hold).")
+    max_failures: int = Field(2, ge=0, description="Worker failures a fold survives (resuming from its last checkpoint).")
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes per training worker.")
+    cache_grids: int = Field(8, ge=0, description="Grids kept in memory per worker (LRU); the rest are read on demand.")
+    seed: int = Field(0, description="Seed of splits, sampling, crops and initialisation.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95 % confidence intervals (0: none).")
+    storage_path: Path | None = Field(
+        None, description="Ray Train storage for checkpoints (default: <out>/ray). Re-running with the same "
+        "storage and out resumes unfinished folds.")
+    run_name: str | None = Field(None, description="Prefix of the Ray Train run names (default: the out folder's name).")
+    overwrite: bool = Field(False, description="Discard an earlier run in `out` made with different settings.")
+
+    @model_validator(mode="after")
+    def _target_needed(self) -> TrainDownstreamConfig:
+        if self.kind != "survival" and not self.target:
+            raise ValueError(f"kind '{self.kind}' needs 'target': the labels column to predict")
+        return self

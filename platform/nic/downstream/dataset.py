@@ -1,0 +1,164 @@
+"""Lazy access to feature grids for training and evaluation.
+
+A cohort's grids do not fit in memory (a 400 x 400 x 128 float32 grid is 80 MB), so a dataset holds
+slide ids and targets only and reads a slide's grid when an item is asked for, through a small
+bounded LRU cache. Each item is a fresh random crop under a random rotation/flip; when compression
+wrote the 8 pixel-level dihedral variants, the variant is read from the store instead of rotating
+the array (see nic.downstream.crops).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from nic.downstream.crops import center_crop, dihedral, random_crop
+from nic.grids.reader import load_grid, read_grid_meta
+
+GridLoader = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+class GridSource:
+    """Reads grids (one transform at a time) with a bounded LRU cache and counts the reads.
+
+    `transform(slide_id, k)` returns the grid of the slide under dihedral transform k: the stored
+    pixel-level variant when the grid file has it, else the identity grid with its cells moved.
+    """
+
+    def __init__(self, grids_dir: str | Path, cache_size: int = 4, loader: GridLoader = load_grid):
+        self.grids_dir = Path(grids_dir)
+        self.cache_size = max(0, int(cache_size))
+        self.loader = loader
+        self.loads = 0  # grid reads from storage (for tests and diagnostics)
+        self._cache: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._variants: dict[str, tuple[int, ...]] = {}
+
+    def variants(self, slide_id: str) -> tuple[int, ...]:
+        """Transforms stored for a slide (read from the file's metadata once, not its rows)."""
+        if slide_id not in self._variants:
+            self._variants[slide_id] = tuple(read_grid_meta(self.grids_dir, slide_id).transforms)
+        return self._variants[slide_id]
+
+    def _load(self, slide_id: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (slide_id, k)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        grid, mask = self.loader(self.grids_dir, slide_id, transform=k)
+        self.loads += 1
+        if self.cache_size:
+            self._cache[key] = (grid, mask)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return grid, mask
+
+    def transform(self, slide_id: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        if k in self.variants(slide_id):
+            return self._load(slide_id, k)
+        grid, mask = self._load(slide_id, 0)
+        return dihedral(grid, mask, k)
+
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
+
+
+class GridDataset(Dataset):
+    """Random (train) or centred (eval) R x R crops of slides' grids, with their targets.
+
+    Items: {"grid": float32 (C, R, R), "mask": bool (R, R), "index": int, and per target kind
+    "target" (float or class index), or "time" and "event"}. Nothing is read at construction.
+    """
+
+    def __init__(
+        self,
+        grids_dir: str | Path,
+        slide_ids: Sequence[str],
+        targets: dict[str, np.ndarray],
+        crop_size: int,
+        train: bool = True,
+        augment: bool = True,
+        cache_size: int = 4,
+        loader: GridLoader = load_grid,
+    ):
+        self.slide_ids = list(slide_ids)
+        for name, values in targets.items():
+            if len(values) != len(self.slide_ids):
+                raise ValueError(f"target {name!r} has {len(values)} values for {len(self.slide_ids)} slides")
+        self.targets = {name: np.asarray(values) for name, values in targets.items()}
+        self.crop_size = int(crop_size)
+        self.train = train
+        self.augment = augment
+        self.source = GridSource(grids_dir, cache_size=cache_size, loader=loader)
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        slide_id = self.slide_ids[index]
+        if self.train:
+            # Seeded from torch so DataLoader worker seeding and torch.manual_seed make runs repeatable.
+            rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ())))
+            k = int(rng.integers(8)) if self.augment else 0
+            grid, mask = self.source.transform(slide_id, k)
+            grid, mask = random_crop(grid, mask, self.crop_size, rng)
+        else:
+            grid, mask = self.source.transform(slide_id, 0)
+            grid, mask = center_crop(grid, mask, self.crop_size)
+        item = {"grid": torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32)),
+                "mask": torch.from_numpy(np.ascontiguousarray(mask)), "index": index}
+        for name, values in self.targets.items():
+            item[name] = torch.as_tensor(values[index])
+        return item
+
+
+def balanced_weights(classes: np.ndarray) -> np.ndarray:
+    """Sampling probability per sample so that every class is drawn equally often."""
+    classes = np.asarray(classes).astype(int)
+    counts = np.bincount(classes)
+    w = 1.0 / counts[classes]
+    return w / w.sum()
+
+
+class EpochSampler(Sampler[int]):
+    """Per-epoch order of samples for one DDP rank: a shuffled permutation, or (balanced) draws
+    with replacement in proportion to `weights`; padded to a multiple of the world size and split
+    by rank so every rank runs the same number of steps. Call set_epoch() before each epoch."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 weights: np.ndarray | None = None, shuffle: bool = True):
+        if n < 1:
+            raise ValueError("EpochSampler needs at least one sample")
+        self.n = n
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.weights = weights
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, self.epoch))
+        if self.weights is not None:
+            order = rng.choice(self.n, size=self.n, replace=True, p=self.weights)
+        elif self.shuffle:
+            order = rng.permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        per_rank = -(-len(order) // self.world_size)
+        order = np.resize(order, per_rank * self.world_size)  # pad by repeating the start
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(int(i) for i in self._order())
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)

@@ -1,0 +1,125 @@
+"""Encoder trunks in plain PyTorch: the NIC reference CNN, a small ResNet, and mean RGB.
+
+A trunk takes a float batch (N, 3, P, P) already normalised to [-1, 1] and returns (N, C).
+`features()` returns the flattened activations before the final dense layer, which the VAE
+uses for its log-variance head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = ("reference", "resnet", "mean-rgb")
+
+
+class ReferenceTrunk(nn.Module):
+    """NIC's encoder (Tellez et al., TPAMI 2019): the tile average-pooled to 64 x 64, then
+    4 x [conv 3x3, 128 filters, stride 2, valid padding, LeakyReLU 0.2, BatchNorm], flatten
+    (3 x 3 x 128) and a linear dense layer to C. About 0.6 M parameters at C = 128."""
+
+    def __init__(self, embedding_dim: int = 128, tile_px: int = 128, filters: int = 128, pooled_px: int = 64):
+        super().__init__()
+        self.tile_px = tile_px
+        self.pooled_px = pooled_px
+        layers: list[nn.Module] = []
+        channels, size = 3, pooled_px
+        for _ in range(4):
+            layers += [nn.Conv2d(channels, filters, 3, stride=2), nn.LeakyReLU(0.2), nn.BatchNorm2d(filters)]
+            channels, size = filters, (size - 3) // 2 + 1
+        self.convs = nn.Sequential(*layers)
+        self.features_dim = filters * size * size
+        self.fc = nn.Linear(self.features_dim, embedding_dim)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-1]
+        if size == self.pooled_px:
+            return x
+        if size % self.pooled_px == 0:
+            return F.avg_pool2d(x, size // self.pooled_px)
+        return F.adaptive_avg_pool2d(x, self.pooled_px)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.convs(self.pool(x)), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with BN and a projected shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNetTrunk(nn.Module):
+    """A small ResNet (ResNet-18 layout at a quarter of the width, ~2.8 M parameters) on the full
+    tile: more capacity than the reference trunk for users with GPUs."""
+
+    def __init__(self, embedding_dim: int = 128, tile_px: int = 128, widths: tuple[int, ...] = (32, 64, 128, 256),
+                 blocks: tuple[int, ...] = (2, 2, 2, 2)):
+        super().__init__()
+        self.tile_px = tile_px
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        stages: list[nn.Module] = []
+        cin = widths[0]
+        for i, (width, count) in enumerate(zip(widths, blocks)):
+            for j in range(count):
+                stages.append(BasicBlock(cin, width, stride=2 if (j == 0 and i > 0) else 1))
+                cin = width
+        self.stages = nn.Sequential(*stages)
+        self.features_dim = cin
+        self.fc = nn.Linear(cin, embedding_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class MeanRGB(nn.Module):
+    """The simplest reference point: each tile's mean colour (C = 3), no parameters."""
+
+    features_dim = 3
+
+    def __init__(self, embedding_dim: int = 3, tile_px: int = 128):
+        super().__init__()
+        if embedding_dim != 3:
+            raise ValueError(f"mean-rgb has embedding_dim 3, got {embedding_dim}")
+        self.tile_px = tile_px
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def build_trunk(architecture: str, embedding_dim: int, tile_px: int) -> nn.Module:
+    """A freshly initialised trunk (initialisation uses torch's global RNG: seed around it)."""
+    if architecture == "reference":
+        return ReferenceTrunk(embedding_dim, tile_px)
+    if architecture == "resnet":
+        return ResNetTrunk(embedding_dim, tile_px)
+    if architecture == "mean-rgb":
+        return MeanRGB(embedding_dim, tile_px)
+    raise ValueError(f"unknown encoder architecture '{architecture}'; known: {', '.join(ARCHITECTURES)}")
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

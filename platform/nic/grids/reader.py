@@ -1,0 +1,121 @@
+"""Reading feature grids back: one slide as a dense (C, H, W) array, the list of slides, the manifest.
+
+Plain pyarrow only (no Ray), so training code, notebooks and other tools read grids the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from nic.grids.dihedral import check_transform
+from nic.grids.schema import PART_NAME, GridError, GridMeta, manifest_path, slide_file, tiles_dir
+
+
+def list_slides(grids_dir: str | Path) -> list[str]:
+    """Ids of the slides that have a complete grid in `grids_dir`, sorted.
+
+    Grid files only appear once complete (see writer), so the folder listing is the truth; the
+    manifest says in addition why the other slides have none."""
+    root = tiles_dir(grids_dir)
+    if not Path(grids_dir).exists():
+        raise GridError(f"{grids_dir}: no such grid folder")
+    if not root.exists():
+        return []
+    return sorted(
+        p.parent.name.split("=", 1)[1]
+        for p in root.glob(f"slide_id=*/{PART_NAME}")
+    )
+
+
+def _grid_path(grids_dir: str | Path, slide_id: str) -> Path:
+    path = slide_file(grids_dir, slide_id)
+    if not path.exists():
+        known = list_slides(grids_dir)
+        hint = f" (it holds {len(known)} slides, e.g. {', '.join(known[:3])})" if known else " (it holds none)"
+        raise GridError(f"{path}: slide {slide_id!r} has no grid in {grids_dir}{hint}")
+    return path
+
+
+def read_grid_meta(grids_dir: str | Path, slide_id: str) -> GridMeta:
+    """The metadata of one slide's grid file (shape, tile px, um/px, encoder, transforms)."""
+    path = _grid_path(grids_dir, slide_id)
+    return read_file_meta(path)
+
+
+def read_file_meta(path: str | Path) -> GridMeta:
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise GridError(f"{path}: not a readable Parquet file: {exc}") from None
+    return GridMeta.from_metadata(schema.metadata, path)
+
+
+def verify_grid_file(path: str | Path) -> GridMeta:
+    """GridMeta of a grid file whose row count matches what its metadata promises, else GridError.
+
+    This is the check resume relies on: a file is complete when it has tiles x transforms rows."""
+    meta = read_file_meta(path)
+    try:
+        num_rows = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise GridError(f"{path}: not a readable Parquet file: {exc}") from None
+    if num_rows != meta.expected_rows:
+        raise GridError(f"{path}: {num_rows} rows, but its metadata promises {meta.tiles} tiles x "
+                        f"{len(meta.transforms)} transforms")
+    return meta
+
+
+def load_grid(grids_dir: str | Path, slide_id: str, transform: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, mask) of one slide: float32 (C, H, W) with zeros off tissue, and the bool (H, W) tissue
+    mask (True where a tile was encoded). `transform` (0-7, see nic.grids.dihedral) selects one of
+    the 8 rotations/flips when the slide was compressed with them."""
+    transform = check_transform(transform)
+    path = _grid_path(grids_dir, slide_id)
+    meta = read_file_meta(path)
+    if transform not in meta.transforms:
+        raise GridError(f"{path}: transform {transform} was not written (it holds {list(meta.transforms)}; "
+                        "compress with dihedral: true to get all 8)")
+    try:
+        table = pq.read_table(path, columns=["row", "col", "embedding"], filters=[("transform", "=", transform)])
+    except (OSError, pa.ArrowException) as exc:
+        raise GridError(f"{path}: cannot read grid rows: {exc}") from None
+    h, w = meta.shape(transform)
+    c = meta.embedding_dim
+    grid = np.zeros((c, h, w), dtype=np.float32)
+    mask = np.zeros((h, w), dtype=bool)
+    if table.num_rows:
+        rows = table.column("row").to_numpy()
+        cols = table.column("col").to_numpy()
+        emb = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        emb = emb.reshape(table.num_rows, c).astype(np.float32)
+        if rows.min() < 0 or rows.max() >= h or cols.min() < 0 or cols.max() >= w:
+            raise GridError(f"{path}: tile positions outside the {h} x {w} grid its metadata declares")
+        grid[:, rows, cols] = emb.T
+        mask[rows, cols] = True
+    return grid, mask
+
+
+def open_dataset(grids_dir: str | Path) -> ds.Dataset:
+    """All grid files of a store as one pyarrow dataset (slide_id is the hive partition)."""
+    root = tiles_dir(grids_dir)
+    if not root.exists():
+        raise GridError(f"{grids_dir}: no tiles/ folder, so no grids yet")
+    return ds.dataset(root, format="parquet", partitioning="hive")
+
+
+def read_manifest(grids_dir: str | Path) -> pd.DataFrame:
+    """The manifest (slides.parquet): one row per input slide with status, reason, shape, tiles,
+    seconds and encoder hash."""
+    path = manifest_path(grids_dir)
+    if not path.exists():
+        raise GridError(f"{path}: no manifest; run `nic compress --out {grids_dir}` first")
+    try:
+        return pq.read_table(path).to_pandas()
+    except (OSError, pa.ArrowException) as exc:
+        raise GridError(f"{path}: not a readable manifest: {exc}") from None

@@ -1,0 +1,119 @@
+"""Turning what a user passes as `--slides` into one input per slide, losing nothing.
+
+Users pass files, folders, glob patterns or CSV lists. Anything that cannot become a slide (a
+missing path, a duplicate id) still becomes an input, carrying its error, so that it gets its own
+row in the stage's manifest instead of disappearing.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# Extensions OpenSlide reads (plus generic TIFF); folders are scanned for these.
+SLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi",
+)
+LIST_EXTENSIONS = (".csv",)
+
+
+@dataclass(frozen=True)
+class SlideInput:
+    slide_id: str
+    path: str
+    error: str | None = None
+
+
+def slide_id_for(path: str | Path) -> str:
+    """A slide's id is its file name without the slide extension (ids must be safe folder names)."""
+    name = Path(path).name
+    lower = name.lower()
+    for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "slide"
+
+
+def _is_glob(spec: str) -> bool:
+    return any(ch in spec for ch in "*?[")
+
+
+def _scan_folder(folder: Path) -> list[Path]:
+    """Slides directly inside a folder (entries named like slides, including folders named x.svs,
+    so that a broken entry is reported rather than skipped)."""
+    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(SLIDE_EXTENSIONS))
+
+
+def _read_list(csv_path: Path) -> list[SlideInput]:
+    try:
+        with csv_path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                return [SlideInput(slide_id_for(csv_path), str(csv_path),
+                                   f"{csv_path}: a slide list CSV needs a 'path' column "
+                                   f"(found: {', '.join(reader.fieldnames or []) or 'no header'})")]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return [SlideInput(slide_id_for(csv_path), str(csv_path), f"{csv_path}: cannot read slide list: {exc}")]
+    inputs = []
+    for row in rows:
+        raw = (row.get("path") or "").strip()
+        if not raw:
+            continue
+        path = Path(raw) if os.path.isabs(raw) else csv_path.parent / raw
+        sid = (row.get("slide_id") or "").strip() or slide_id_for(path)
+        inputs.append(SlideInput(sid, str(path)))
+    return inputs
+
+
+def expand_slide_inputs(specs: list[str]) -> list[SlideInput]:
+    """One SlideInput per slide named by `specs`, in a stable order; duplicates and missing paths
+    carry an error."""
+    found: list[SlideInput] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if _is_glob(spec):
+            matches = sorted(glob.glob(str(path)))
+            if not matches:
+                found.append(SlideInput(slide_id_for(spec), spec, f"{spec}: no file matches this pattern"))
+            for match in matches:
+                found.append(SlideInput(slide_id_for(match), match))
+        elif path.is_dir() and not path.name.lower().endswith(SLIDE_EXTENSIONS):
+            entries = _scan_folder(path)
+            if not entries:
+                found.append(SlideInput(slide_id_for(path), str(path), f"{path}: folder holds no slide files "
+                                        f"({', '.join(SLIDE_EXTENSIONS[:5])}, ...)"))
+            found.extend(SlideInput(slide_id_for(p), str(p)) for p in entries)
+        elif path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
+            found.extend(_read_list(path))
+        elif not path.exists():
+            found.append(SlideInput(slide_id_for(path), str(path), f"{path}: no such file"))
+        else:
+            found.append(SlideInput(slide_id_for(path), str(path)))
+    return _dedupe(found)
+
+
+def _dedupe(inputs: list[SlideInput]) -> list[SlideInput]:
+    """The same file named twice is one slide; two files with one id keep the first and report the other."""
+    seen_paths: set[str] = set()
+    first_for_id: dict[str, str] = {}
+    out: list[SlideInput] = []
+    for item in inputs:
+        key = os.path.realpath(item.path)
+        if key in seen_paths:
+            continue
+        seen_paths.add(key)
+        if item.error is None and item.slide_id in first_for_id:
+            other = first_for_id[item.slide_id]
+            out.append(SlideInput(f"{item.slide_id}@{len(out)}", item.path,
+                                  f"{item.path}: slide id '{item.slide_id}' is already used by {other}; "
+                                  "rename the file or give a slide_id column in a CSV list"))
+            continue
+        first_for_id.setdefault(item.slide_id, item.path)
+        out.append(item)
+    return out

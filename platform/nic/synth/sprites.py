@@ -1,0 +1,211 @@
+"""Precomputed nucleus sprites: haematoxylin-concentration stamps, one bank per kind and resolution.
+
+Rendering millions of nuclei one by one from a shape model would dominate the cost of a slide, so
+each kind of nucleus is drawn once as a bank of varied sprites (shape, size, chromatin, darkness),
+and the renderer only stamps them (an elementwise max on a small window). Sizes are in um and
+converted at the slide's resolution, so a 0.25 um/px slide shows the same cells twice as large.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+SPRITE_SEED = 77031
+VARIANTS = 48
+KINDS = ("tumour", "lymphocyte", "fibroblast", "fat", "debris", "mitosis")
+ANGLES = 12  # orientations of elongated (spindle) nuclei
+
+
+@dataclass(frozen=True)
+class SpriteBank:
+    """`sprites[i]` is a (size, size) float32 H-concentration stamp centred at (size // 2, size // 2).
+
+    For oriented kinds, variant i has angle `angles[i]` (radians, in [0, pi)).
+    """
+
+    kind: str
+    sprites: np.ndarray
+    angles: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return self.sprites.shape[1]
+
+    @property
+    def half(self) -> int:
+        return self.sprites.shape[1] // 2
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    c = size // 2
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    return yy - c, xx - c
+
+
+def _smooth_inside(dist_px: np.ndarray) -> np.ndarray:
+    """Anti-aliased inside mask from a signed distance (px, positive inside)."""
+    return np.clip(dist_px + 0.5, 0.0, 1.0)
+
+
+def _blob(
+    rng: np.random.Generator,
+    size: int,
+    a_px: float,
+    b_px: float,
+    angle: float,
+    irregularity: float,
+    dy: float = 0.0,
+    dx: float = 0.0,
+    spindle: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inside mask 0..1, normalised radius) of a perturbed ellipse centred at (dy, dx)."""
+    yy, xx = _grid(size)
+    yy, xx = yy - dy, xx - dx
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    v = -xx * np.sin(angle) + yy * np.cos(angle)
+    if spindle:
+        # Tapered ends: the half-width shrinks towards the tips.
+        taper = np.clip(1.0 - (u / a_px) ** 2, 0.0, 1.0) ** 0.35
+        r = np.sqrt((u / a_px) ** 2 + (v / (b_px * np.maximum(taper, 0.15))) ** 2)
+    else:
+        r = np.sqrt((u / a_px) ** 2 + (v / b_px) ** 2)
+    theta = np.arctan2(v, u)
+    boundary = np.ones_like(r)
+    for k in range(2, 6):
+        boundary += irregularity * rng.normal() / k**0.5 * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    mean_radius_px = 0.5 * (a_px + b_px)
+    inside = _smooth_inside((boundary - r) * mean_radius_px)
+    return inside, r / np.maximum(boundary, 1e-3)
+
+
+def _chromatin(rng: np.random.Generator, size: int, grain_px: float) -> np.ndarray:
+    noise = ndimage.gaussian_filter(rng.standard_normal((size, size)).astype(np.float32), grain_px)
+    return noise / (noise.std() + 1e-6)
+
+
+def _size_px(um: float, mpp: float) -> float:
+    return um / mpp
+
+
+def _tumour(rng: np.random.Generator, mpp: float, size: int) -> np.ndarray:
+    a = _size_px(rng.uniform(4.2, 6.8), mpp)
+    b = a * rng.uniform(0.62, 0.95)
+    inside, r = _blob(rng, size, a, b, rng.uniform(0, np.pi), rng.uniform(0.08, 0.2))
+    chrom = _chromatin(rng, size, 0.45 / mpp)
+    base = rng.uniform(1.0, 1.45)
+    rim = rng.uniform(0.25, 0.6) * np.clip(r, 0, 1) ** 4  # vesicular: chromatin along the membrane
+    val = base * (1.0 + 0.22 * chrom + rim)
+    yy, xx = _grid(size)
+    for _ in range(rng.integers(1, 3)):  # nucleoli
+        ny, nx = rng.uniform(-0.4, 0.4, 2) * b
+        rr = np.hypot(yy - ny, xx - nx)
+        val = np.maximum(val, rng.uniform(2.2, 2.8) * _smooth_inside(_size_px(0.7, mpp) - rr))
+    return (val * inside).astype(np.float32)
+
+
+def _lymphocyte(rng: np.random.Generator, mpp: float, size: int) -> np.ndarray:
+    a = _size_px(rng.uniform(2.4, 3.2), mpp)
+    b = a * rng.uniform(0.85, 1.0)
+    inside, r = _blob(rng, size, a, b, rng.uniform(0, np.pi), 0.05)
+    chrom = _chromatin(rng, size, 0.4 / mpp)
+    val = rng.uniform(2.2, 2.7) * (1.0 + 0.1 * chrom) * (1.0 - 0.15 * np.clip(r, 0, 1) ** 6)
+    return (val * inside).astype(np.float32)
+
+
+def _fibroblast(rng: np.random.Generator, mpp: float, size: int, angle: float) -> np.ndarray:
+    a = _size_px(rng.uniform(5.0, 8.5), mpp)
+    b = _size_px(rng.uniform(0.9, 1.6), mpp)
+    inside, _ = _blob(rng, size, a, b, angle + rng.normal(0, 0.08), 0.05, spindle=True)
+    chrom = _chromatin(rng, size, 0.4 / mpp)
+    val = rng.uniform(1.5, 2.1) * (1.0 + 0.12 * chrom)
+    return (val * inside).astype(np.float32)
+
+
+def _fat_nucleus(rng: np.random.Generator, mpp: float, size: int, angle: float) -> np.ndarray:
+    a = _size_px(rng.uniform(3.5, 5.5), mpp)
+    b = _size_px(rng.uniform(0.7, 1.1), mpp)
+    inside, _ = _blob(rng, size, a, b, angle, 0.04, spindle=True)
+    return (rng.uniform(1.3, 1.8) * inside).astype(np.float32)
+
+
+def _debris(rng: np.random.Generator, mpp: float, size: int) -> np.ndarray:
+    """Necrotic debris: a cluster of karyorrhectic fragments over a faint ghost nucleus."""
+    yy, xx = _grid(size)
+    ghost, _ = _blob(rng, size, _size_px(rng.uniform(3.5, 5.5), mpp), _size_px(rng.uniform(2.5, 4.5), mpp),
+                     rng.uniform(0, np.pi), 0.25)
+    val = ghost * rng.uniform(0.25, 0.55)
+    for _ in range(rng.integers(1, 7)):
+        cy, cx = rng.normal(0, _size_px(2.0, mpp), 2)
+        rad = _size_px(rng.uniform(0.4, 1.2), mpp)
+        dot = _smooth_inside(rad - np.hypot(yy - cy, xx - cx))
+        val = np.maximum(val, rng.uniform(2.0, 3.0) * dot)
+    return val.astype(np.float32)
+
+
+def _mitosis(rng: np.random.Generator, mpp: float, size: int, snr: float) -> np.ndarray:
+    """A mitotic figure: dark, irregular chromosome clumps (metaphase plate or clustered).
+
+    `snr` (0..1) scales size and darkness: at 1 a large, near-black plate; at 0 a small clump about
+    as dark as a normal tumour nucleus, i.e. hard to tell apart.
+    """
+    yy, xx = _grid(size)
+    scale = 0.6 + 0.5 * snr
+    dark = 1.7 + 1.4 * snr
+    length = _size_px(rng.uniform(5.5, 9.0) * scale, mpp)
+    width = _size_px(rng.uniform(1.4, 2.6) * scale, mpp)
+    angle = rng.uniform(0, np.pi)
+    metaphase = rng.random() < 0.6
+    val = np.zeros((size, size), np.float32)
+    n = int(rng.integers(12, 26))
+    for _ in range(n):
+        if metaphase:
+            t = rng.uniform(-0.5, 0.5) * length
+            s = rng.normal(0, 0.25) * width
+        else:
+            t, s = rng.normal(0, 0.28 * length, 2)
+        cy = t * np.sin(angle) + s * np.cos(angle)
+        cx = t * np.cos(angle) - s * np.sin(angle)
+        ca = rng.uniform(0, np.pi)
+        ra = _size_px(rng.uniform(0.7, 1.4) * scale, mpp)
+        rb = _size_px(rng.uniform(0.35, 0.6) * scale, mpp)
+        u = (xx - cx) * np.cos(ca) + (yy - cy) * np.sin(ca)
+        v = -(xx - cx) * np.sin(ca) + (yy - cy) * np.cos(ca)
+        d = (1.0 - np.sqrt((u / ra) ** 2 + (v / rb) ** 2)) * rb
+        val = np.maximum(val, dark * rng.uniform(0.85, 1.1) * _smooth_inside(d))
+    return ndimage.gaussian_filter(val, 0.25 / mpp).astype(np.float32)
+
+
+def _sprite_size(max_radius_um: float, mpp: float) -> int:
+    return int(np.ceil(2 * max_radius_um / mpp)) | 1
+
+
+@functools.lru_cache(maxsize=16)
+def sprite_bank(kind: str, mpp: float, snr: float = 1.0) -> SpriteBank:
+    """The bank of `kind` (tumour, lymphocyte, fibroblast, fat, debris, mitosis) at `mpp`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown nucleus kind {kind!r}; known: {', '.join(KINDS)}")
+    # Seeded by kind index, not hash(kind): str hashes change between processes.
+    rng = np.random.default_rng([SPRITE_SEED, KINDS.index(kind), int(round(mpp * 1000)), int(round(snr * 1000))])
+    angles = None
+    if kind == "tumour":
+        size = _sprite_size(8.0, mpp)
+        sprites = [_tumour(rng, mpp, size) for _ in range(VARIANTS)]
+    elif kind == "lymphocyte":
+        size = _sprite_size(4.0, mpp)
+        sprites = [_lymphocyte(rng, mpp, size) for _ in range(VARIANTS)]
+    elif kind in ("fibroblast", "fat"):
+        size = _sprite_size(9.5 if kind == "fibroblast" else 6.5, mpp)
+        angles = np.repeat(np.arange(ANGLES) * np.pi / ANGLES, VARIANTS // ANGLES)
+        make = _fibroblast if kind == "fibroblast" else _fat_nucleus
+        sprites = [make(rng, mpp, size, a) for a in angles]
+    elif kind == "debris":
+        size = _sprite_size(7.5, mpp)
+        sprites = [_debris(rng, mpp, size) for _ in range(VARIANTS)]
+    else:  # mitosis
+        size = _sprite_size(9.0, mpp)
+        sprites = [_mitosis(rng, mpp, size, snr) for _ in range(VARIANTS)]
+    return SpriteBank(kind=kind, sprites=np.stack(sprites).astype(np.float32), angles=angles)

@@ -1,0 +1,43 @@
+"""The picture a person checks first: slide thumbnail, tissue mask tinted over it, kept tiles outlined."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MASK_TINT = np.array([0, 170, 90], dtype=np.float32)  # green: detected tissue
+TILE_OUTLINE = (20, 60, 220)  # blue: kept tiles
+
+
+def render_overview(slide, plan, max_px: int = 1024) -> Image.Image:
+    """Thumbnail of `slide` at most `max_px` on its long side with `plan`'s mask and kept tiles."""
+    thumb = slide.get_thumbnail((max_px, max_px)).convert("RGB")
+    width, height = thumb.size
+    sx = width / plan.width
+    sy = height / plan.height
+
+    mask = Image.fromarray(plan.tissue.mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+    pixels = np.asarray(thumb, dtype=np.float32)
+    tinted = np.where(
+        (np.asarray(mask) > 0)[..., None], 0.7 * pixels + 0.3 * MASK_TINT, pixels
+    ).astype(np.uint8)
+    image = Image.fromarray(tinted)
+
+    draw = ImageDraw.Draw(image)
+    _, _, xs, ys, _ = plan.tiles()
+    size = plan.grid.level0_tile_size
+    if len(xs) and size * sx >= 3:  # outlines narrower than 3 px would paint the slide solid
+        for x, y in zip(xs.tolist(), ys.tolist(), strict=True):
+            x0, y0 = x * sx, y * sy
+            draw.rectangle([x0, y0, x0 + size * sx - 1, y0 + size * sy - 1], outline=TILE_OUTLINE)
+    elif len(xs):  # tiny thumbnails of big slides: shade kept tiles instead of outlining them
+        rows, cols, *_ = plan.tiles()
+        keep = np.zeros(plan.grid.shape, dtype=np.uint8)
+        keep[rows, cols] = 255
+        cover = Image.fromarray(keep).resize(
+            (round(plan.grid.cols * size * sx), round(plan.grid.rows * size * sy)), Image.NEAREST
+        )
+        overlay = Image.new("RGB", cover.size, TILE_OUTLINE)
+        base = image.crop((0, 0, *cover.size))
+        image.paste(Image.blend(base, overlay, 0.25), (0, 0), cover)
+    return image

@@ -1,0 +1,120 @@
+"""`nic tile`: a collection of slides -> per-slide tile coordinates, overviews and one manifest.
+
+Each slide is one Ray Data block, planned in its own task: the tile coordinates of even a
+100,000 px slide are a few MB, so writing them where they are computed avoids shuffling rows back
+to one place. Results stream back to the driver, which keeps the manifest current on disk so a
+killed job still says what it finished; a re-run skips slides whose outputs are complete.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from nic.artifacts import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    clean_stale_temporaries,
+    stable_hash,
+    write_bytes_atomic,
+    write_manifest,
+)
+from nic.config.base import dump_config
+from nic.config.tile import TileConfig
+from nic.runtime import Progress, connect
+from nic.slides.inputs import SlideInput, expand_slide_inputs
+from nic.tiling.worker import MANIFEST_SCHEMA, completed_row, failed_row, tile_one_slide
+
+MANIFEST_NAME = "slides.parquet"
+LOST_REASON = "the worker processing this slide died repeatedly (crash inside the slide library?); no output written"
+
+
+def run_tile(config: TileConfig) -> int:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out)
+    write_bytes_atomic(out / "tile_config.yaml", dump_config(config).encode())
+    options_hash = stable_hash(config.slide.model_dump(mode="json"))
+
+    inputs = expand_slide_inputs(config.slides)
+    results: dict[str, dict] = {}
+    todo: list[SlideInput] = []
+    for item in inputs:
+        if item.error:
+            results[item.slide_id] = failed_row(item.slide_id, item.path, item.error, "input")
+            continue
+        done = None if config.overwrite else completed_row(out, item.slide_id, item.path, options_hash)
+        if done:
+            results[item.slide_id] = done
+        else:
+            todo.append(item)
+
+    order = [item.slide_id for item in inputs]
+    manifest_path = out / MANIFEST_NAME
+    print(f"[tile] {len(inputs)} inputs: {len(todo)} to tile, "
+          f"{sum(r['status'] == STATUS_SKIPPED for r in results.values())} already complete, "
+          f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable", file=sys.stderr)
+    if todo:
+        _tile_on_ray(config, todo, out, options_hash, results, order, manifest_path)
+    _save_manifest(manifest_path, order, results)
+    return _summarise(results, order, manifest_path, config.strict)
+
+
+def _tile_on_ray(config: TileConfig, todo: list[SlideInput], out: Path, options_hash: str,
+                 results: dict[str, dict], order: list[str], manifest_path: Path) -> None:
+    import ray
+
+    connect(config.ray, config.verbose)
+    ctx = ray.data.DataContext.get_current()
+    # A slide whose task keeps crashing its worker (a segfault in a slide library) must cost only
+    # that slide: its block is dropped after retries and reported below as lost.
+    ctx.max_errored_blocks = len(todo)
+
+    options, thumbnail_px = config.slide, config.thumbnail_px
+
+    def tile(item: dict) -> dict:
+        return tile_one_slide(item, options, out, thumbnail_px, options_hash)
+
+    ds = ray.data.from_items(
+        [{"slide_id": s.slide_id, "path": s.path} for s in todo], override_num_blocks=len(todo)
+    ).map(tile, num_cpus=1, max_retries=2)
+
+    progress = Progress("tile", total=len(todo), unit="slides")
+    tiles = 0
+    last_save = time.monotonic()
+    for row in ds.iter_rows():
+        results[row["slide_id"]] = row
+        tiles += int(row.get("tiles") or 0)
+        progress.update(progress.done + 1, extra=f"{tiles} tissue tiles")
+        if time.monotonic() - last_save > 10:
+            _save_manifest(manifest_path, order, results)
+            last_save = time.monotonic()
+    for item in todo:
+        if item.slide_id not in results:
+            results[item.slide_id] = failed_row(item.slide_id, item.path, f"{item.path}: {LOST_REASON}", "crash")
+    progress.finish(extra=f"{tiles} tissue tiles")
+
+
+def _save_manifest(path: Path, order: list[str], results: dict[str, dict]) -> None:
+    write_manifest(path, [results[sid] for sid in order if sid in results], MANIFEST_SCHEMA)
+
+
+def _summarise(results: dict[str, dict], order: list[str], manifest_path: Path, strict: bool) -> int:
+    counts = Counter(r["status"] for r in results.values())
+    tiles = sum(int(r.get("tiles") or 0) for r in results.values() if r["status"] != STATUS_FAILED)
+    print(f"[tile] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
+          f"{counts[STATUS_FAILED]} failed; {tiles} tissue tiles; manifest: {manifest_path}", file=sys.stderr)
+    for sid in order:
+        row = results.get(sid)
+        if row and row["status"] == STATUS_FAILED:
+            print(f"[tile]   failed {sid}: {row['reason']}", file=sys.stderr)
+    succeeded = counts[STATUS_OK] + counts[STATUS_SKIPPED]
+    if succeeded == 0:
+        print("[tile] no slide succeeded", file=sys.stderr)
+        return 1
+    if strict and counts[STATUS_FAILED]:
+        return 1
+    return 0

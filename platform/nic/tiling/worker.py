@@ -1,0 +1,136 @@
+"""Tiling one slide: plan it, write its tile coordinates and overview, return its manifest row.
+
+Runs inside a Ray Data task. Nothing a slide does may escape as an exception: every failure
+becomes a manifest row with a reason, so one broken slide never stops a job over thousands.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nic.artifacts import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, atomic_path, write_parquet_atomic
+
+TILE_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("row", pa.int32()),
+        ("col", pa.int32()),
+        ("x", pa.int64()),
+        ("y", pa.int64()),
+        ("tissue", pa.float32()),
+    ]
+)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("slide_id", pa.string()),
+        ("path", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("error_kind", pa.string()),
+        ("mpp", pa.float64()),
+        ("base_mpp", pa.float64()),
+        ("mpp_source", pa.string()),
+        ("level", pa.int32()),
+        ("rows", pa.int32()),
+        ("cols", pa.int32()),
+        ("tiles", pa.int64()),
+        ("seconds", pa.float64()),
+        ("options_hash", pa.string()),
+    ]
+)
+
+META_PREFIX = "nic."
+
+
+def tiles_path(out: Path, slide_id: str) -> Path:
+    return out / "tiles" / f"{slide_id}.parquet"
+
+
+def overview_path(out: Path, slide_id: str) -> Path:
+    return out / "thumbnails" / f"{slide_id}.png"
+
+
+def failed_row(slide_id: str, path: str, reason: str, kind: str = "error", seconds: float = 0.0) -> dict:
+    return {"slide_id": slide_id, "path": path, "status": STATUS_FAILED, "reason": reason,
+            "error_kind": kind, "seconds": seconds}
+
+
+def completed_row(out: Path, slide_id: str, path: str, options_hash: str) -> dict | None:
+    """The manifest row of a slide finished by an earlier run with the same options, else None.
+
+    The tile file is written last, so its existence with matching metadata means complete."""
+    target = tiles_path(out, slide_id)
+    if not (target.exists() and overview_path(out, slide_id).exists()):
+        return None
+    try:
+        meta = {k.decode(): v.decode() for k, v in (pq.read_schema(target).metadata or {}).items()}
+        if meta.get(META_PREFIX + "options_hash") != options_hash:
+            return None
+        if pq.ParquetFile(target).metadata.num_rows != int(meta[META_PREFIX + "tiles"]):
+            return None
+    except Exception:  # unreadable leftovers are redone, not trusted
+        return None
+    return {
+        "slide_id": slide_id, "path": path, "status": STATUS_SKIPPED, "reason": "already complete",
+        "mpp": float(meta[META_PREFIX + "mpp"]), "base_mpp": float(meta[META_PREFIX + "base_mpp"]),
+        "mpp_source": meta[META_PREFIX + "mpp_source"], "level": int(meta[META_PREFIX + "level"]),
+        "rows": int(meta[META_PREFIX + "rows"]), "cols": int(meta[META_PREFIX + "cols"]),
+        "tiles": int(meta[META_PREFIX + "tiles"]), "seconds": 0.0, "options_hash": options_hash,
+    }
+
+
+def tile_one_slide(item: dict[str, Any], options: Any, out: Path, thumbnail_px: int, options_hash: str) -> dict:
+    from nic.slides import SlideError, open_slide, plan_slide
+
+    start = time.perf_counter()
+    slide_id, path = item["slide_id"], item["path"]
+    try:
+        plan = plan_slide(path, options, slide_id=slide_id)
+        rows, cols, xs, ys, tissue = plan.tiles()
+        table = pa.table(
+            {"slide_id": [slide_id] * len(rows), "row": rows, "col": cols, "x": xs, "y": ys, "tissue": tissue},
+            schema=TILE_SCHEMA,
+        )
+        res = plan.resolution
+        meta = {
+            "slide_id": slide_id, "path": path, "tile_px": plan.grid.tile_px, "mpp": res.target_mpp,
+            "base_mpp": res.base_mpp, "mpp_source": res.mpp_source, "level": res.level,
+            "rows": plan.grid.rows, "cols": plan.grid.cols, "tiles": len(rows), "options_hash": options_hash,
+        }
+        table = table.replace_schema_metadata({META_PREFIX + k: str(v) for k, v in meta.items()})
+
+        with open_slide(path) as slide:
+            overview = _render(slide, plan, thumbnail_px)
+        with atomic_path(overview_path(out, slide_id)) as tmp:
+            overview.save(tmp, format="PNG")
+        if not len(rows):  # the overview stays, so a person can see why
+            best = float(plan.fractions.max()) if plan.fractions.size else 0.0
+            raise SlideError(
+                f"{path}: no tissue: none of its {plan.grid.rows * plan.grid.cols} tiles is at least "
+                f"{options.tissue.threshold:.0%} tissue (best tile: {best:.0%})", kind="no_tissue")
+        write_parquet_atomic(tiles_path(out, slide_id), table)  # last: marks the slide complete
+        return {
+            "slide_id": slide_id, "path": path, "status": STATUS_OK, "reason": "", "error_kind": None,
+            "mpp": res.target_mpp, "base_mpp": res.base_mpp, "mpp_source": res.mpp_source,
+            "level": res.level, "rows": plan.grid.rows, "cols": plan.grid.cols, "tiles": len(rows),
+            "seconds": time.perf_counter() - start, "options_hash": options_hash,
+        }
+    except SlideError as exc:
+        return failed_row(slide_id, path, str(exc), exc.kind, time.perf_counter() - start)
+    except Exception as exc:  # a bug or an unforeseen file problem: report it, keep the job going
+        detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return failed_row(slide_id, path, f"{path}: unexpected error: {detail}", "error",
+                          time.perf_counter() - start)
+
+
+def _render(slide, plan, thumbnail_px: int):
+    from nic.tiling.overview import render_overview
+
+    return render_overview(slide, plan, thumbnail_px)

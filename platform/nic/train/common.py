@@ -1,0 +1,287 @@
+"""Pieces every Ray Train loop in nic shares: devices, checkpoints, early stopping, progress lines,
+config hashes, and the few collectives a loop needs to keep its workers in agreement.
+
+Nothing here is specific to encoders; the downstream training loop uses the same helpers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nic.artifacts import atomic_path
+
+CHECKPOINT_FILE = "state.pt"
+
+
+# ---------------------------------------------------------------------------- devices
+
+
+def resolve_device(use_gpu: bool = False) -> torch.device:
+    """The device of this process: the Ray Train worker's device inside a run, else CUDA when asked
+    for and present. Asking for a GPU that is not there is an error, not a silent CPU run."""
+    if in_train_worker():
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        return device[0] if isinstance(device, list) else device
+    if use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("use_gpu is set but CUDA is not available on this machine")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def in_train_worker() -> bool:
+    """True inside a Ray Train worker (where ray.train.get_context() works)."""
+    try:
+        import ray.train
+
+        ray.train.get_context().get_world_rank()
+        return True
+    except Exception:  # not in a Train worker: the API raises different errors outside one
+        return False
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(directory: str | Path, state: Mapping[str, Any], filename: str = CHECKPOINT_FILE) -> Path:
+    """torch.save `state` into `directory/filename` atomically; returns the file's path."""
+    path = Path(directory) / filename
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
+    return path
+
+
+def load_checkpoint(source: Any, filename: str = CHECKPOINT_FILE, map_location: str | torch.device = "cpu") -> dict:
+    """The state saved by `save_checkpoint`, from a folder or a `ray.train.Checkpoint`."""
+    if hasattr(source, "as_directory"):
+        with source.as_directory() as folder:
+            return load_checkpoint(folder, filename, map_location)
+    path = Path(source) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    # Our own checkpoints hold optimiser states and plain Python values: full unpickling is needed.
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+@contextmanager
+def checkpoint_dir() -> Iterator[Path]:
+    """A temporary folder to build a checkpoint in before `ray.train.report` persists it."""
+    with tempfile.TemporaryDirectory(prefix="nic-ckpt-") as folder:
+        yield Path(folder)
+
+
+# ---------------------------------------------------------------------------- early stopping
+
+
+class EarlyStopping:
+    """Stop when the monitored value has not improved by `min_delta` for `patience` epochs."""
+
+    def __init__(self, patience: int, mode: str = "min", min_delta: float = 0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.patience = patience
+        self.mode = mode
+        self.min_delta = min_delta
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.bad_epochs = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; True if it is the best so far."""
+        if value is None or not math.isfinite(value):
+            self.bad_epochs += 1
+            return False
+        better = self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        )
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
+        else:
+            self.bad_epochs += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "nan"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def epoch_line(stage: str, epoch: int, epochs: int, metrics: Mapping[str, Any], seconds: float | None = None,
+               note: str = "") -> str:
+    """'[stage] epoch 3/10 loss 0.41 val_loss 0.38 tissue_type acc 0.93 (12.3 s)': task metrics
+    written 'task/metric' are shown as 'task metric'."""
+    parts = [f"[{stage}] epoch {epoch}/{epochs}"]
+    for key, value in metrics.items():
+        parts.append(f"{key.replace('/', ' ')} {_fmt(value)}")
+    if seconds is not None:
+        parts.append(f"({seconds:.1f} s)")
+    if note:
+        parts.append(note)
+    return " ".join(parts)
+
+
+class ProgressRelay:
+    """Lines printed by a Train worker, shown on the driver's stderr as they happen.
+
+    Workers' stdout does not reach the driver when Ray runs quietly, so rank 0 puts its epoch
+    lines on a small Ray queue (an actor needing no CPU) and a driver thread prints them.
+    """
+
+    def __init__(self) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True, name="nic-progress")
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                line = self.queue.get(timeout=0.5)
+            except Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            except Exception:  # the queue actor is gone (Ray shutting down): nothing more to print
+                return
+            print(line, file=sys.stderr, flush=True)
+
+    def __enter__(self) -> ProgressRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        import ray
+
+        try:
+            ray.kill(self.queue.actor)
+        except Exception:  # already gone
+            pass
+
+
+def send_progress(queue: Any, line: str) -> None:
+    """From a worker: put a line on the relay's queue, or print it if there is none."""
+    if queue is None:
+        print(line, file=sys.stderr, flush=True)
+        return
+    try:
+        queue.put_nowait(line)
+    except Exception:  # the driver went away; progress is not worth failing a run for
+        print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- hashing
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj` (keys sorted, paths and other values as strings)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def path_fingerprint(path: str | Path | None) -> Any:
+    """A cheap fingerprint of a data file or folder (names, sizes, modification times), so a stage
+    notices that the data behind an unchanged config has changed without reading every byte."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        st = path.stat()
+        return [path.name, st.st_size, st.st_mtime_ns]
+    if path.is_dir():
+        count, size, latest = 0, 0, 0
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                st = os.stat(os.path.join(root, name))
+                count, size, latest = count + 1, size + st.st_size, max(latest, st.st_mtime_ns)
+        return [path.name, count, size, latest]
+    return [path.name, "missing"]
+
+
+# ---------------------------------------------------------------------------- collectives
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_worker(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every worker if it is True on any (e.g. 'out of time'), so all stop at the same step."""
+    if not _distributed():
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_workers(values: Mapping[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Average scalar metrics over workers (each worker's value weighted equally)."""
+    if not values or not _distributed():
+        return dict(values)
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def gather_columns(columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Concatenate per-sample arrays from all workers (rank order), for exact whole-set metrics."""
+    if not _distributed():
+        return dict(columns)
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dict(columns))
+    keys = list(columns)
+    return {k: np.concatenate([p[k] for p in parts if p is not None and k in p]) for k in keys}
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every worker rank 0's buffers (BatchNorm statistics drift apart in the last steps)."""
+    if not _distributed():
+        return
+    import torch.distributed as dist
+
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)

@@ -1,0 +1,433 @@
+"""`nic train-downstream`: cross-validated slide-level models on feature grids, on Ray Train.
+
+Flow: validate the labels against the grid store -> grouped, stratified folds (plus an optional
+fixed test set) -> one TorchTrainer run per fold (folds run side by side when the cluster holds
+more than one fold's workers) -> each fold's best model predicts its held-out slides (and the test
+set) with test-time averaging -> pooled out-of-fold metrics with bootstrap CIs, plots, and
+predictions.parquet.
+
+Folds are launched from Ray tasks (zero CPUs: they only drive a trainer), at most as many at a time
+as the cluster has resources for, because a TorchTrainer waits for its workers' resources and
+launching more would only queue them. On a 2-CPU machine with 1 worker per fold that is 2 folds at
+once. Every finished fold leaves out/folds/fold_<k>/ (model.pt, predictions.parquet, fold.json,
+written last); a re-run skips those and resumes unfinished folds from their Ray Train checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from nic.artifacts import (
+    STATUS_FAILED,
+    STATUS_OK,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from nic.config.base import dump_config
+from nic.config.downstream import TrainDownstreamConfig
+from nic.downstream.labels import LabelError, Labels, load_labels
+from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
+from nic.downstream.splits import TEST_FOLD, make_splits, train_val_split
+from nic.grids.reader import list_slides, read_grid_meta
+from nic.grids.schema import GridError
+from nic.train.downstream_loop import FoldSpec
+
+STAGE = "train-downstream"
+MAX_AUTO_CROP = 400
+# Settings that do not change what a fold learns or predicts; changing them keeps a run resumable.
+_RUNTIME_FIELDS = {"ray", "verbose", "bootstrap", "max_parallel_folds", "max_failures", "loader_workers",
+                   "cache_grids", "overwrite", "risk_groups", "num_workers", "cpus_per_worker", "use_gpu",
+                   "storage_path", "run_name", "out"}
+
+
+def _say(message: str) -> None:
+    print(f"[{STAGE}] {message}", file=sys.stderr, flush=True)
+
+
+def _grid_info(grids: Path, slide_ids: list[str]) -> dict:
+    """C, encoder and the largest grid side of the slides used; a mix of encoders is an error."""
+    dims, encoders, side = {}, {}, 1
+    for s in slide_ids:
+        meta = read_grid_meta(grids, s)
+        dims.setdefault(meta.embedding_dim, []).append(s)
+        encoders.setdefault(meta.encoder_hash, []).append(s)
+        side = max(side, meta.rows, meta.cols)
+    if len(dims) > 1 or len(encoders) > 1:
+        detail = "; ".join(f"C={d}: {v[:3]}" for d, v in dims.items()) if len(dims) > 1 else \
+            "; ".join(f"encoder {h[:12]}: {v[:3]}" for h, v in encoders.items())
+        raise GridError(f"{grids}: the grids come from different encoders ({detail}); compress all slides "
+                        "with one encoder")
+    return {"in_channels": next(iter(dims)), "encoder_hash": next(iter(encoders)), "max_side": side}
+
+
+def _run_hash(config: TrainDownstreamConfig, encoder_hash: str, slide_ids: list[str]) -> str:
+    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _RUNTIME_FIELDS}
+    data["encoder_hash"] = encoder_hash
+    data["slides"] = sorted(slide_ids)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _targets_of(labels: Labels, ids: pd.Index) -> dict[str, list]:
+    frame = labels.frame.set_index("slide_id").loc[ids]
+    if labels.kind == "survival":
+        return {"time": frame["time"].astype(float).tolist(), "event": frame["event"].astype(int).tolist()}
+    return {"target": frame["target"].tolist()}
+
+
+def build_fold_specs(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFrame, info: dict,
+                     crop_size: int) -> list[tuple[FoldSpec, list[str]]]:
+    """(spec, held-out slide ids) of every fold: train = the other CV folds minus a grouped,
+    stratified validation part."""
+    frame = labels.frame.merge(splits[["slide_id", "fold"]], on="slide_id")
+    strata_col = {"binary": "target", "multiclass": "target", "survival": "event"}.get(labels.kind)
+    out = []
+    for k in range(config.folds):
+        train = frame[(frame["fold"] != k) & (frame["fold"] != TEST_FOLD)]
+        held = frame[frame["fold"] == k]["slide_id"].tolist()
+        strata = None if strata_col is None else train[strata_col].to_numpy().astype(int)
+        val_mask = train_val_split(train["patient_id"].to_numpy(), strata, config.val_fraction, config.seed + k)
+        fit, val = train[~val_mask], train[val_mask]
+        mean, std = 0.0, 1.0
+        if labels.kind == "regression":
+            mean = float(fit["target"].mean())
+            std = float(fit["target"].std(ddof=0)) or 1.0
+        spec = FoldSpec(
+            fold=k, grids=str(Path(config.grids).resolve()), kind=labels.kind, model=config.model,
+            in_channels=info["in_channels"], outputs=labels.num_outputs, crop_size=crop_size,
+            train_ids=fit["slide_id"].tolist(), train_targets=_targets_of(labels, fit["slide_id"]),
+            val_ids=val["slide_id"].tolist(), val_targets=_targets_of(labels, val["slide_id"]),
+            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, min_lr=config.min_lr,
+            lr_patience=config.lr_patience, patience=config.patience, l2=config.l2, dropout=config.dropout,
+            dihedral=config.dihedral, balanced=config.balanced, ties=config.ties, target_mean=mean,
+            target_std=std, seed=config.seed + 101 * k, cache_grids=config.cache_grids,
+            loader_workers=config.loader_workers,
+        )
+        out.append((spec, held))
+    return out
+
+
+def _prediction_columns(kind: str, pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    if kind == "multiclass":
+        cols = {f"prob_{c}": pred[:, i] for i, c in enumerate(classes)}
+        cols["prediction"] = pred.argmax(axis=1).astype(float)
+        return cols
+    cols = {"prediction": pred.astype(float)}
+    if kind == "binary":
+        cols["predicted_class"] = (pred >= 0.5).astype(int)
+    return cols
+
+
+def evaluate_fold(spec_dict: dict, best_state: dict, held_ids: list[str], test_ids: list[str], crop_size: int,
+                  tta_crops: int, dihedral: bool, seed: int, classes: list[str], fold_dir: str,
+                  use_gpu: bool = False) -> str:
+    """Save the fold's best model and its test-time averaged predictions; returns the predictions path."""
+    import torch
+
+    from nic.downstream.evaluate import predict_slides
+    from nic.downstream.models import build_model, save_model
+
+    spec = FoldSpec(**spec_dict)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    model = build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout)
+    model.load_state_dict(best_state)
+    model.to(device).eval()
+    folder = Path(fold_dir)
+    save_model(folder / "model.pt", model, {
+        "model": spec.model, "in_channels": spec.in_channels, "outputs": spec.outputs, "kind": spec.kind,
+        "dropout": spec.dropout, "crop_size": crop_size, "target_mean": spec.target_mean,
+        "target_std": spec.target_std, "classes": classes, "fold": spec.fold,
+    })
+    rows = []
+    for split, ids in (("cv", held_ids), ("test", test_ids)):
+        if not ids:
+            continue
+        pred = predict_slides(model, spec.grids, ids, spec.kind, crop_size, tta_crops, dihedral, seed, device,
+                              spec.target_mean, spec.target_std)
+        frame = pd.DataFrame({"slide_id": ids, "split": split, "fold": spec.fold,
+                              **_prediction_columns(spec.kind, pred, classes)})
+        rows.append(frame)
+    table = pa.Table.from_pandas(pd.concat(rows, ignore_index=True), preserve_index=False)
+    path = folder / "predictions.parquet"
+    write_parquet_atomic(path, table)
+    return str(path)
+
+
+def run_fold(spec_dict: dict, held_ids: list[str], test_ids: list[str], run: dict) -> dict:
+    """Ray task: train (or resume) one fold, then evaluate its best model in a task of its own
+    (so evaluation reserves the CPUs it uses). Returns the fold's record (also fold.json)."""
+    import ray
+
+    from nic.train.downstream_loop import fit_fold, read_checkpoint
+
+    spec = FoldSpec(**spec_dict)
+    fold_dir = Path(run["fold_dir"])
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    record: dict[str, Any] = {"fold": spec.fold, "run_hash": run["run_hash"], "train_slides": len(spec.train_ids),
+                              "val_slides": len(spec.val_ids), "held_out_slides": len(held_ids)}
+    try:
+        result = fit_fold(spec, run["storage_path"], run["name"], run["num_workers"], run["use_gpu"],
+                          run["cpus_per_worker"], run["max_failures"])
+        if result.checkpoint is None:
+            raise RuntimeError("training reported no checkpoint")
+        state = read_checkpoint(result.checkpoint)
+        options = {"num_cpus": run["cpus_per_worker"], "num_gpus": 1 if run["use_gpu"] else 0}
+        ray.get(ray.remote(evaluate_fold).options(**options).remote(
+            spec_dict, state["best_state"], held_ids, test_ids, run["crop_size"], run["tta_crops"],
+            run["dihedral"], run["seed"], run["classes"], str(fold_dir), run["use_gpu"]))
+        record.update(status=STATUS_OK, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
+                      best_loss=state["best_loss"], stopped_early=bool(state["stopped"]),
+                      history=state["history"], reason="")
+    except Exception as exc:  # a failed fold is recorded; the other folds still finish
+        record.update(status=STATUS_FAILED, reason=f"{type(exc).__name__}: {exc}")
+    record["seconds"] = round(time.monotonic() - started, 2)
+    write_json_atomic(fold_dir / "fold.json", record)
+    return record
+
+
+def _load_done_fold(fold_dir: Path, run_hash: str) -> dict | None:
+    marker = fold_dir / "fold.json"
+    if not (marker.exists() and (fold_dir / "predictions.parquet").exists() and (fold_dir / "model.pt").exists()):
+        return None
+    try:
+        record = read_json(marker)
+    except (OSError, ValueError):
+        return None
+    return record if record.get("status") == STATUS_OK and record.get("run_hash") == run_hash else None
+
+
+def _parallel_folds(config: TrainDownstreamConfig) -> int:
+    if config.max_parallel_folds:
+        return config.max_parallel_folds
+    import ray
+
+    res = ray.cluster_resources()
+    per_fold_cpu = config.num_workers * config.cpus_per_worker
+    n = int(res.get("CPU", 1) // per_fold_cpu)
+    if config.use_gpu:
+        n = min(n, int(res.get("GPU", 0) // config.num_workers))
+    return max(1, min(n, config.folds))
+
+
+def _run_all_folds(config: TrainDownstreamConfig, specs: list[tuple[FoldSpec, list[str]]], test_ids: list[str],
+                   run: dict, run_hash: str) -> list[dict]:
+    import ray
+
+    from nic.runtime import Progress
+
+    records: dict[int, dict] = {}
+    queue = []
+    for spec, held in specs:
+        fold_dir = Path(config.out) / "folds" / f"fold_{spec.fold}"
+        done = _load_done_fold(fold_dir, run_hash)
+        if done is not None:
+            records[spec.fold] = done
+        else:
+            queue.append((spec, held, fold_dir))
+    if records:
+        _say(f"{len(records)} fold(s) already complete, skipping: {sorted(records)}")
+    progress = Progress(STAGE, total=len(specs), unit="folds")
+    progress.update(len(records), force=True)
+    limit = _parallel_folds(config)
+    task = ray.remote(run_fold).options(num_cpus=0, max_retries=0)
+    pending: dict = {}
+    while queue or pending:
+        while queue and len(pending) < limit:
+            spec, held, fold_dir = queue.pop(0)
+            fold_run = dict(run, fold_dir=str(fold_dir), name=f"{run['name_prefix']}-fold{spec.fold}")
+            pending[task.remote(spec.to_dict(), held, test_ids, fold_run)] = spec.fold
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            fold = pending.pop(ref)
+            try:
+                records[fold] = ray.get(ref)
+            except Exception as exc:  # the task itself died (node lost); fold.json may be missing
+                records[fold] = {"fold": fold, "status": STATUS_FAILED, "reason": f"{type(exc).__name__}: {exc}"}
+            rec = records[fold]
+            extra = f"fold {fold} {rec['status']}"
+            if rec["status"] == STATUS_OK:
+                extra += f" (best epoch {rec['best_epoch']}/{rec['epochs_run']})"
+            else:
+                extra += f": {rec['reason'][:300]}"
+            progress.update(len(records), extra=extra, force=True)
+    return [records[k] for k in sorted(records)]
+
+
+def _aggregate_predictions(config: TrainDownstreamConfig, labels: Labels, records: list[dict]) -> pd.DataFrame:
+    """Out-of-fold predictions (split 'cv') and the test set averaged over the fold models ('test')."""
+    parts = [pd.read_parquet(Path(config.out) / "folds" / f"fold_{r['fold']}" / "predictions.parquet")
+             for r in records if r["status"] == STATUS_OK]
+    if not parts:
+        return pd.DataFrame()
+    frame = pd.concat(parts, ignore_index=True)
+    cv = frame[frame["split"] == "cv"]
+    test = frame[frame["split"] == "test"]
+    if len(test):
+        value_cols = [c for c in test.columns if c.startswith("prob_")] or ["prediction"]
+        test = test.groupby("slide_id", sort=False)[value_cols].mean().reset_index()
+        test["split"], test["fold"] = "test", TEST_FOLD
+        if labels.kind == "multiclass":
+            test["prediction"] = test[value_cols].to_numpy().argmax(axis=1).astype(float)
+        if labels.kind == "binary":
+            test["predicted_class"] = (test["prediction"] >= 0.5).astype(int)
+    frame = pd.concat([cv, test], ignore_index=True)
+    truth = labels.frame.drop(columns=["row"])
+    if "target" in truth and labels.classes:
+        truth["target_label"] = [labels.classes[i] for i in truth["target"]]
+    frame = frame.merge(truth, on="slide_id", how="left")
+    lead = ["slide_id", "patient_id", "split", "fold"]
+    return frame[lead + [c for c in frame.columns if c not in lead]]
+
+
+def _split_metrics(kind: str, part: pd.DataFrame, labels: Labels, bootstrap: int, seed: int) -> dict:
+    if kind == "survival":
+        return compute_metrics(kind, time=part["time"].to_numpy(), event=part["event"].to_numpy(),
+                               prediction=part["prediction"].to_numpy(), n_bootstrap=bootstrap, seed=seed)
+    if kind == "multiclass":
+        pred = part[[f"prob_{c}" for c in labels.classes]].to_numpy()
+    else:
+        pred = part["prediction"].to_numpy()
+    return compute_metrics(kind, target=part["target"].to_numpy(), prediction=pred, n_bootstrap=bootstrap, seed=seed)
+
+
+def _plots(config: TrainDownstreamConfig, labels: Labels, part: pd.DataFrame, split: str, metrics: dict) -> dict:
+    from nic.downstream.plots import plot_kaplan_meier, plot_roc, plot_scatter
+
+    out = Path(config.out)
+    name = config.target or labels.kind
+    title_tail = f"{name}, {'out-of-fold' if split == 'cv' else 'test set'}"
+    written: dict[str, Any] = {}
+    if labels.kind in ("binary", "multiclass"):
+        scores = part[[f"prob_{c}" for c in labels.classes]].to_numpy() if labels.kind == "multiclass" \
+            else part["prediction"].to_numpy()
+        written["roc"] = plot_roc(part["target"].to_numpy(), scores, out / f"{split}_roc.png",
+                                  classes=labels.classes, title=f"ROC ({title_tail})").name
+    if labels.kind == "regression":
+        sp = metrics.get("spearman", {}).get("value")
+        note = f"Spearman {sp:.3f}" if sp is not None else ""
+        written["scatter"] = plot_scatter(part["target"].to_numpy(), part["prediction"].to_numpy(),
+                                          out / f"{split}_scatter.png", title=f"predicted vs true ({title_tail})",
+                                          annotation=note).name
+    if labels.kind == "multiclass":
+        written["scatter"] = plot_scatter(part["target"].to_numpy(), part["prediction"].to_numpy(),
+                                          out / f"{split}_scatter.png", title=f"predicted vs true class ({title_tail})").name
+    if labels.kind == "survival":
+        path, p = plot_kaplan_meier(part["time"].to_numpy(), part["event"].to_numpy(), part["prediction"].to_numpy(),
+                                    out / f"{split}_kaplan_meier.png", groups=config.risk_groups,
+                                    title=f"Kaplan-Meier by predicted risk ({title_tail})")
+        written["kaplan_meier"] = path.name
+        written["logrank_p"] = None if not np.isfinite(p) else p
+    return written
+
+
+def _prepare_out(config: TrainDownstreamConfig, run_hash: str, storage: Path, name_prefix: str) -> None:
+    """Refuse to mix runs with different settings in one folder unless overwrite is set."""
+    out = Path(config.out)
+    marker = out / "run.json"
+    if marker.exists():
+        previous = read_json(marker).get("run_hash")
+        if previous != run_hash:
+            if not config.overwrite:
+                raise ValueError(
+                    f"{out} holds a run made with different settings (run hash {previous}, now {run_hash}); "
+                    "choose another out folder or set overwrite: true to discard it")
+            shutil.rmtree(out / "folds", ignore_errors=True)
+            for old in storage.glob(f"{name_prefix}-fold*"):
+                shutil.rmtree(old, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {"run_hash": run_hash, "stage": STAGE})
+
+
+def run_train_downstream(config: TrainDownstreamConfig) -> int:
+    """Train and evaluate; 0 when every fold succeeded, 1 when some failed, 2 on bad input."""
+    from nic.runtime import connect
+
+    started = time.monotonic()
+    out = Path(config.out)
+    grids = Path(config.grids)
+    try:
+        available = list_slides(grids)
+        if not available:
+            raise GridError(f"{grids}: the grid store holds no complete grid; run `nic compress` first")
+        labels = load_labels(
+            config.labels, config.kind, target=config.target, time_column=config.time_column,
+            event_column=config.event_column, patient_column=config.patient_column,
+            slide_column=config.slide_column, available_slides=available, missing_grids=config.missing_grids,
+            min_per_class=config.folds,
+        )
+        info = _grid_info(grids, labels.slide_ids)
+        crop_size = config.crop_size or min(MAX_AUTO_CROP, info["max_side"])
+        splits = make_splits(labels, config.folds, config.test_fraction, config.seed)
+        run_hash = _run_hash(config, info["encoder_hash"], labels.slide_ids)
+        storage = Path(config.storage_path or out / "ray").resolve()
+        name_prefix = config.run_name or out.resolve().name
+        _prepare_out(config, run_hash, storage, name_prefix)
+    except (LabelError, GridError, ValueError) as exc:
+        print(f"nic {STAGE}: {exc}", file=sys.stderr)
+        return 2
+
+    if labels.unlabelled_grids:
+        shown = ", ".join(labels.unlabelled_grids[:10]) + (" ..." if len(labels.unlabelled_grids) > 10 else "")
+        _say(f"{len(labels.unlabelled_grids)} grid(s) have no label and are not used: {shown}")
+    if labels.dropped_without_grid:
+        _say(f"dropped {len(labels.dropped_without_grid)} labelled slide(s) without a grid: "
+             f"{', '.join(labels.dropped_without_grid[:10])}")
+    write_bytes_atomic(out / "config.yaml", dump_config(config).encode())
+    write_parquet_atomic(out / "splits.parquet", pa.Table.from_pandas(splits, preserve_index=False))
+
+    connect(config.ray, config.verbose)
+    specs = build_fold_specs(config, labels, splits, info, crop_size)
+    test_ids = splits.loc[splits["fold"] == TEST_FOLD, "slide_id"].tolist()
+    _say(f"{labels.kind} '{config.target or 'survival'}': {len(labels.frame)} slides, {config.folds} folds"
+         f"{f', {len(test_ids)} test slides' if test_ids else ''}, model {config.model}, crop {crop_size}")
+    run = {"run_hash": run_hash, "storage_path": str(storage), "name_prefix": name_prefix,
+           "num_workers": config.num_workers, "use_gpu": config.use_gpu, "cpus_per_worker": config.cpus_per_worker,
+           "max_failures": config.max_failures, "crop_size": crop_size, "tta_crops": config.tta_crops,
+           "dihedral": config.dihedral, "seed": config.seed, "classes": labels.classes}
+    records = _run_all_folds(config, specs, test_ids, run, run_hash)
+    failed = [r for r in records if r["status"] != STATUS_OK]
+
+    predictions = _aggregate_predictions(config, labels, records)
+    result: dict[str, Any] = {
+        "stage": STAGE, "kind": labels.kind, "target": config.target, "model": config.model,
+        "encoder_hash": info["encoder_hash"], "crop_size": crop_size, "tta_views": config.tta_crops * (8 if config.dihedral else 1),
+        "primary_metric": PRIMARY_METRIC[labels.kind], "labels": labels.summary(),
+        "unlabelled_grids": labels.unlabelled_grids, "run_hash": run_hash,
+        "folds": [{k: v for k, v in r.items() if k != "history"} for r in records],
+    }
+    if len(predictions):
+        for split in ("cv", "test"):
+            part = predictions[predictions["split"] == split]
+            if not len(part):
+                continue
+            metrics = _split_metrics(labels.kind, part, labels, config.bootstrap, config.seed)
+            result[split] = {"metrics": metrics, "slides": int(len(part)),
+                             "plots": _plots(config, labels, part, split, metrics)}
+        write_parquet_atomic(out / "predictions.parquet", pa.Table.from_pandas(predictions, preserve_index=False))
+    result["seconds"] = round(time.monotonic() - started, 2)
+    write_json_atomic(out / "metrics.json", result)
+
+    primary = PRIMARY_METRIC[labels.kind]
+    for split in ("cv", "test"):
+        if split in result:
+            m = result[split]["metrics"][primary]
+            ci = "" if m["ci_low"] is None else f" (95 % CI {m['ci_low']:.3f}-{m['ci_high']:.3f})"
+            value = "n/a" if m["value"] is None else f"{m['value']:.3f}"
+            _say(f"{'cross-validation' if split == 'cv' else 'test set'} {primary} = {value}{ci}, n={m['n']}")
+    if failed:
+        _say(f"{len(failed)} of {len(records)} fold(s) failed: " + "; ".join(f"fold {r['fold']}: {r['reason'][:200]}" for r in failed))
+        return 1
+    _say(f"done in {result['seconds']:.0f} s: {out / 'metrics.json'}, {out / 'predictions.parquet'}")
+    return 0

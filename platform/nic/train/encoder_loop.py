@@ -1,0 +1,309 @@
+"""The encoder training loop on Ray Train (Train V2): one function per worker, one driver call.
+
+Each worker gets the patch arrays from the object store (read once by the driver), takes its
+stride of every epoch's shared, seeded sample order, and trains the DDP-wrapped objective.
+Every epoch ends with a validation over the whole validation set (sharded, then gathered), an
+early-stopping decision that all workers compute identically, and `ray.train.report` with a
+checkpoint (model, optimisers, early-stopping state, the best encoder so far, the history).
+
+Resuming needs nothing from the caller: Ray Train V2 keeps a snapshot of the reported
+checkpoints under storage_path/run_name, so a restarted worker group (FailureConfig) or a new
+driver run with the same storage path and run name gets the latest checkpoint from
+`ray.train.get_checkpoint()` and continues with the next epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nic.train.common import (
+    EarlyStopping,
+    any_worker,
+    broadcast_buffers,
+    checkpoint_dir,
+    epoch_line,
+    gather_columns,
+    load_checkpoint,
+    mean_over_workers,
+    save_checkpoint,
+    send_progress,
+)
+
+STAGE = "train-encoder"
+EpochHook = Callable[[int, int], None]
+
+
+@dataclass
+class LoopSettings:
+    """Everything a worker needs besides the data: plain values, cheap to ship to every worker."""
+
+    kind: str
+    architecture: str
+    embedding_dim: int
+    tile_px: int
+    objective: dict  # asdict(ObjectiveSpec)
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    seed: int
+    augment: dict  # AugmentOptions.model_dump()
+    samples_per_task: int | None = None
+    max_steps_per_epoch: int | None = None
+    max_minutes_per_epoch: float | None = None
+    gan_lr_factor: float = 1.0
+
+
+def _objective_spec(d: dict):
+    from nic.encoders.objectives import ObjectiveSpec, TaskHeadSpec
+
+    d = dict(d)
+    d["tasks"] = [TaskHeadSpec(**t) for t in d.get("tasks", [])]
+    return ObjectiveSpec(**d)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _views(x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor], num_views: int) -> torch.Tensor:
+    return augment(x) if num_views == 1 else torch.cat([augment(x) for _ in range(num_views)])
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A detached CPU copy of nested dicts/lists of tensors (snapshots of the best weights)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu_copy(v) for v in obj]
+    return obj
+
+
+def _repeat(t: torch.Tensor, num_views: int) -> torch.Tensor:
+    return t if num_views == 1 else t.repeat(num_views)
+
+
+def train_encoder_loop(config: dict) -> None:
+    """`train_loop_per_worker` of the encoder TorchTrainer."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from nic.config.encoder import AugmentOptions
+    from nic.encoders.encoder import build_encoder
+    from nic.encoders.objectives import build_objective
+    from nic.patches.augment import Augmenter, to_float01
+    from nic.patches.sampling import MixedTaskSampler, eval_batches
+
+    s = LoopSettings(**config["settings"])
+    hook: EpochHook | None = config.get("epoch_hook")
+    progress = config.get("progress")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    data = ray.get(config["data"])
+
+    spec = _objective_spec(s.objective)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)  # identical initialisation on every worker (DDP also broadcasts it)
+        objective = build_objective(spec, build_encoder(s.architecture, s.embedding_dim, s.tile_px))
+    objective.to(device)
+    optimizers = {
+        phase: torch.optim.Adam(objective.phase_parameters(phase),
+                                lr=s.lr * (s.gan_lr_factor if phase == "d" else 1.0),
+                                weight_decay=s.weight_decay, betas=(0.5, 0.999) if len(objective.phases) > 1 else
+                                (0.9, 0.999))
+        for phase in objective.phases
+    }
+    early = EarlyStopping(s.patience)
+    history: list[dict] = []
+    best_encoder: dict | None = None
+    best_extra: dict = {}
+    best_metrics: dict = {}
+    start_epoch = 1
+    resumed_from: int | None = None
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        objective.load_state_dict(state["objective"])
+        for phase, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][phase])
+        early.load_state_dict(state["early"])
+        history, best_encoder, best_metrics = state["history"], state["best_encoder"], state["best_metrics"]
+        best_extra = state["best_extra"]
+        start_epoch = state["epoch"] + 1
+        resumed_from = state["epoch"]
+        if state.get("stopped"):
+            start_epoch = s.epochs + 1  # early-stopped before: nothing left to do
+
+    model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
+    torch.manual_seed(s.seed * 1009 + rank * 7 + start_epoch)  # dropout, VAE noise, BiGAN z: per worker
+
+    sampler = MixedTaskSampler(data["train_tasks"], s.samples_per_task, s.seed, rank, world)
+    augment_options = AugmentOptions(**s.augment)
+    crop = min(augment_options.crop_scale, 0.5) if spec.kind == "contrastive" else None
+    views = objective.num_views
+    n_val = len(data["val_tasks"])
+
+    if rank == 0 and resumed_from is not None and start_epoch <= s.epochs:
+        send_progress(progress, f"[{STAGE}] resuming from the epoch-{resumed_from} checkpoint")
+
+    for epoch in range(start_epoch, s.epochs + 1):
+        if hook is not None:
+            hook(epoch, rank)
+        started = time.monotonic()
+        augment = Augmenter(augment_options, device, seed=s.seed * 100003 + epoch * 101 + rank, crop_scale=crop)
+        model.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        for idx in sampler.batches(epoch, s.batch_size):
+            if s.max_steps_per_epoch is not None and steps >= s.max_steps_per_epoch:
+                break
+            if s.max_minutes_per_epoch is not None and any_worker(
+                    time.monotonic() - started > 60 * s.max_minutes_per_epoch, device):
+                break
+            x = _views(to_float01(data["train_images"][idx], device), augment, views)
+            t = _repeat(torch.as_tensor(data["train_tasks"][idx], device=device), views)
+            y = _repeat(torch.as_tensor(data["train_labels"][idx], device=device), views)
+            for phase, opt in optimizers.items():
+                out = model(x, t, y, phase=phase)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                opt.step()
+                parts = out if len(optimizers) == 1 else {f"loss/{phase}": out["loss"]}
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+            steps += 1
+        train_metrics = mean_over_workers({k: v / max(steps, 1) for k, v in sums.items()}, device)
+        if len(optimizers) > 1:
+            train_metrics.setdefault("loss", sum(v for k, v in train_metrics.items() if k.startswith("loss/")))
+
+        # Validation over the whole validation set, sharded across workers then gathered.
+        core = _unwrap(model)
+        broadcast_buffers(core)
+        core.eval()
+        val_augment = Augmenter(augment_options, device, seed=s.seed + 17 + rank, crop_scale=crop)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(s.seed + 31 + rank)
+        columns: dict[str, list[np.ndarray]] = {}
+        with torch.no_grad():
+            for idx in eval_batches(n_val, s.batch_size, rank, world):
+                x = to_float01(data["val_images"][idx], device)
+                if views > 1:
+                    x = _views(x, val_augment, views)
+                t = _repeat(torch.as_tensor(data["val_tasks"][idx], device=device), views)
+                y = _repeat(torch.as_tensor(data["val_labels"][idx], device=device), views)
+                for key, value in core.validation_step(x, t, y, generator).items():
+                    columns.setdefault(key, []).append(value)
+        local = {k: np.concatenate(v) for k, v in columns.items()}
+        gathered = gather_columns(local)
+        val_metrics = core.validation_metrics(gathered) if gathered else {"val_loss": float("nan")}
+
+        improved = early.update(val_metrics["val_loss"], epoch) if objective.early_stopping else True
+        if improved or best_encoder is None:
+            best_encoder = _cpu_copy(core.encoder.state_dict())
+            best_extra = _cpu_copy(core.extra_state())
+            best_metrics = dict(val_metrics, epoch=epoch)
+        stop = objective.early_stopping and early.should_stop
+        seconds = time.monotonic() - started
+        metrics = {"epoch": epoch, "steps": steps, "seconds": seconds, **train_metrics, **val_metrics}
+        history.append(metrics)
+
+        if rank == 0:
+            shown = {"loss": train_metrics.get("loss", float("nan")), "val_loss": val_metrics["val_loss"]}
+            shown.update({k: v for k, v in val_metrics.items() if "/" in k and not k.endswith("/loss")})
+            note = "(best)" if improved and objective.early_stopping else ""
+            if stop:
+                note = f"early stop: no better val_loss for {early.patience} epochs"
+            send_progress(progress, epoch_line(STAGE, epoch, s.epochs, shown, seconds, note))
+            state = {
+                "epoch": epoch, "objective": core.state_dict(),
+                "optimizers": {p: o.state_dict() for p, o in optimizers.items()},
+                "early": early.state_dict(), "history": history, "best_encoder": best_encoder,
+                "best_metrics": best_metrics, "stopped": stop, "best_extra": best_extra,
+            }
+            with checkpoint_dir() as folder:
+                save_checkpoint(folder, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        else:
+            ray.train.report(metrics)
+        if stop:
+            break
+
+
+@dataclass
+class FitResult:
+    """What the driver gets back: the best encoder's weights and the run's record."""
+
+    best_encoder: dict
+    best_metrics: dict
+    history: list[dict]
+    extra_state: dict
+    epochs_run: int
+    stopped_early: bool
+    run_path: Path
+
+
+def fit_encoder(
+    settings: LoopSettings,
+    data: dict[str, np.ndarray],
+    storage_path: Path,
+    run_name: str,
+    num_workers: int = 1,
+    cpus_per_worker: int = 1,
+    use_gpu: bool = False,
+    max_failures: int = 1,
+    epoch_hook: EpochHook | None = None,
+    show_progress: bool = True,
+) -> FitResult:
+    """Run the TorchTrainer on an already connected Ray and return the best encoder's weights.
+
+    `data` holds train_images/train_labels/train_tasks and val_* arrays (uint8 tiles (N, P, P, 3),
+    float32 labels, int64 task indices). `epoch_hook(epoch, rank)` runs at the start of every
+    epoch on every worker (for fault-injection tests and instrumentation).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from nic.train.common import ProgressRelay
+
+    storage_path = Path(storage_path).resolve()
+    storage_path.mkdir(parents=True, exist_ok=True)
+    data_ref = ray.put(data)
+    loop_config: dict[str, Any] = {"settings": asdict(settings), "data": data_ref, "epoch_hook": epoch_hook}
+    scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
+    run_config = RunConfig(
+        name=run_name, storage_path=str(storage_path),
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+    relay = ProgressRelay() if show_progress else None
+    loop_config["progress"] = relay.queue if relay else None
+    trainer = TorchTrainer(train_encoder_loop, train_loop_config=loop_config, scaling_config=scaling,
+                           run_config=run_config)
+    if relay:
+        with relay:
+            result = trainer.fit()
+    else:
+        result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {storage_path / run_name} reported no checkpoint")
+    state = load_checkpoint(result.checkpoint)
+    return FitResult(
+        best_encoder=state["best_encoder"], best_metrics=state["best_metrics"], history=state["history"],
+        extra_state=state.get("best_extra") or {}, epochs_run=state["epoch"],
+        stopped_early=bool(state.get("stopped")), run_path=storage_path / run_name,
+    )
