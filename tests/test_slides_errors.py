@@ -118,9 +118,15 @@ def test_error_pickles_with_its_fields():
     assert (str(back), back.kind, back.path, back.problem) == (str(err), "empty", "/x/a.svs", err.problem)
 
 
-def test_ready_message_form_and_unknown_kind():
-    err = SlideError("/x/a.svs: no tissue", kind="no_tissue")
-    assert str(err) == "/x/a.svs: no tissue" and err.kind == "no_tissue"
+def test_construction_forms_and_unknown_kind():
+    for err in (SlideError("/x/a.svs: no tissue", kind="no_tissue"), SlideError("/x/a.svs: no tissue", "no_tissue")):
+        assert str(err) == "/x/a.svs: no tissue" and err.kind == "no_tissue"
+    for err in (SlideError("/x/a.svs", "no tissue", "no_tissue"), SlideError("/x/a.svs", "no tissue", kind="no_tissue"),
+                SlideError.about("/x/a.svs", "no tissue", "no_tissue")):
+        assert (str(err), err.kind, err.path, err.problem) == ("/x/a.svs: no tissue", "no_tissue", "/x/a.svs",
+                                                               "no tissue")
+    with pytest.raises(TypeError, match="SlideError"):
+        SlideError("just a message")
     assert set(KINDS) >= {"missing", "empty", "directory", "unopenable", "no_mpp", "bad_mpp", "too_small",
                           "unreadable", "no_tissue"}
     with pytest.raises(ValueError, match="unknown SlideError kind"):

@@ -120,7 +120,7 @@ def test_region_path_equals_direct_path_when_exact(slides):
         res, grid = _setup(path)
         rows, cols = grid.all_cells()
         direct = read_tiles(path, res, grid, rows, cols)
-        with TileReader(path, res, grid, direct=False, max_region_px=300) as reader:  # several runs per row
+        with TileReader(path, res, grid, direct=False, max_region_px=300) as reader:  # many small blocks
             assert reader.mode == "region"
             region = reader.read(rows, cols)
         assert np.array_equal(direct, region), name
@@ -164,7 +164,9 @@ def test_region_path_matches_a_resize_of_openslides_region(slides, name, level, 
             ref = np.asarray(region.resize((P, P), resample, box=(margin, margin, margin + span, margin + span)))
             diffs.append(np.abs(tiles[i] - ref.astype(np.int32)))
     diffs = np.stack(diffs)
-    assert diffs.max() == 0, (diffs.max(), diffs.mean())
+    # same pixels, same filter; PIL's float coefficients depend slightly on where the box sits in the
+    # region it cuts from, so a value may round the other way (measured: max 1, mean < 0.02)
+    assert diffs.max() <= 1 and diffs.mean() < 0.05, (diffs.max(), diffs.mean())
 
 
 def test_order_is_the_callers_and_duplicates_work(slides):
@@ -202,6 +204,14 @@ def test_direct_required_but_impossible(slides):
     res, grid = _setup(path)
     with pytest.raises(ValueError, match="direct tile reading not possible: the level is not at the target"):
         TileReader(path, res, grid, direct=True)
+
+
+def test_grid_and_resolution_must_agree(slides):
+    path = slides["straddle"]
+    res, grid = _setup(path)
+    other = TileGrid(grid.width, grid.height, 0.5, res.target_mpp, P)
+    with pytest.raises(ValueError, match="disagree"):
+        TileReader(path, res, other)
 
 
 def test_bad_requests(slides):

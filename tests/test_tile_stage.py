@@ -41,8 +41,8 @@ def test_tile_real_and_bad_slides(shared_slides, bad_inputs, tmp_path):
                          "empty", "text", "x", "missing"}
     good = rows["small_HE"]
     assert good["status"] == "ok" and good["reason"] == ""
-    # 2967 x 2220 px at 0.499 um/px in 128 px tiles at 0.5 um/px (128.26 level-0 px each)
-    assert (good["rows"], good["cols"]) == (17, 23)
+    # 2220 px wide, 2967 px tall at 0.499 um/px, in 128 px tiles at 0.5 um/px (128.26 level-0 px each)
+    assert (good["rows"], good["cols"]) == (23, 17)
     assert 20 < good["tiles"] < 17 * 23
     assert abs(good["mpp"] - 0.5) < 1e-9 and abs(good["base_mpp"] - 0.499) < 1e-3 and good["level"] == 0
 

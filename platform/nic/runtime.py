@@ -105,6 +105,8 @@ def _quiet_ray_data(verbose: bool) -> None:
         ctx.print_on_execution_start = verbose
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # "Progress bars disabled" is what quiet means here; stages print their own progress.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 class Progress:

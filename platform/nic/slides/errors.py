@@ -28,23 +28,39 @@ KINDS: dict[str, str] = {
 class SlideError(Exception):
     """A slide that cannot be used: `str(err)` names the file and the problem; `kind` is one of KINDS.
 
-    Build it with `SlideError.about(path, problem, kind)` so the message is always "<path>: <problem>";
-    `SlideError(message, kind=...)` with a ready message works too (callers outside this package).
+    Three ways to build one, all giving `path`, `problem`, `kind` attributes:
+    - `SlideError(path, problem, kind)` or `SlideError.about(path, problem, kind)`: message "<path>: <problem>";
+    - `SlideError(message, kind=...)` (or `SlideError(message, kind)`): a ready message that already names the file.
     """
 
-    def __init__(self, message: str, kind: str, *, path: str | Path | None = None, problem: str | None = None):
+    def __init__(self, *args: object, kind: str | None = None, path: str | Path | None = None,
+                 problem: str | None = None):
+        if len(args) == 3 and kind is None:
+            path, problem, kind = args  # type: ignore[assignment]
+            message = f"{path}: {problem}" if path is not None else str(problem)
+        elif len(args) == 2 and kind is not None:
+            path, problem = args  # type: ignore[assignment]
+            message = f"{path}: {problem}" if path is not None else str(problem)
+        elif len(args) == 2 and args[1] in KINDS:
+            message, kind = str(args[0]), str(args[1])
+        elif len(args) == 1 and kind is not None:
+            message = str(args[0])
+        else:
+            raise TypeError(
+                "SlideError(path, problem, kind) or SlideError(message, kind=...), got "
+                f"{len(args)} positional argument(s) and kind={kind!r}"
+            )
         if kind not in KINDS:
             raise ValueError(f"unknown SlideError kind {kind!r}; expected one of {sorted(KINDS)}")
         super().__init__(message)
-        self.kind = kind
+        self.kind: str = kind
         self.path = str(path) if path is not None else None
-        self.problem = problem if problem is not None else message
+        self.problem = str(problem) if problem is not None else message
 
     @classmethod
     def about(cls, path: str | Path | None, problem: str, kind: str) -> SlideError:
         """The error for `path`: message "<path>: <problem>"."""
-        message = f"{path}: {problem}" if path is not None else problem
-        return cls(message, kind, path=path, problem=problem)
+        return cls(path, problem, kind)
 
     def __reduce__(self):
         # Ray ships exceptions between processes by pickling; keep every field.
@@ -52,4 +68,4 @@ class SlideError(Exception):
 
 
 def _rebuild(message: str, kind: str, path: str | None, problem: str | None) -> SlideError:
-    return SlideError(message, kind, path=path, problem=problem)
+    return SlideError(message, kind=kind, path=path, problem=problem)

@@ -5,9 +5,9 @@ Two paths, same pixels:
   ourselves (tiled JPEG/lossless TIFF or SVS), file tiles are decoded once each and NIC tiles are
   cut out with numpy (see tiffdirect). This is the common case and several times faster than
   OpenSlide's read_region per tile.
-- region: otherwise, consecutive tiles of a row are read with ONE OpenSlide read_region (fewer
-  calls, each file tile decoded once) and split; when the level is not at the target resolution
-  each tile is resampled with PIL (box filter = area average when shrinking).
+- region: otherwise, requested tiles are grouped into square blocks, each read with ONE OpenSlide
+  read_region (fewer calls, each file tile decoded once) and split; when the level is not at the
+  target resolution each tile is resampled with PIL (box filter = area average when shrinking).
 Background (alpha 0 in OpenSlide) is white on both paths.
 
 Tile positions come from TileGrid (level-0 origins). On a level at the target, the tile's
@@ -32,8 +32,8 @@ from nic.slides.tiffdirect import DirectLevel, open_direct_level
 __all__ = ["TileReader", "composite_on_white", "read_region_rgb"]
 
 DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
-#: Widest OpenSlide region (level pixels) read at once on the region path.
-DEFAULT_MAX_REGION_PX = 4096
+#: Side (level pixels) of the square OpenSlide regions read at once on the region path.
+DEFAULT_MAX_REGION_PX = 1024
 #: Extra level pixels around a resampled region, so filters never see a cut edge.
 _RESAMPLE_MARGIN = 4
 
@@ -44,6 +44,8 @@ def _round_half_up(values: np.ndarray) -> np.ndarray:
 
 class TileReader:
     """Reads tiles of one slide; use as a context manager or call close(). Not thread-safe.
+
+    `mode` says which path it uses ("direct" or "region"), `direct_reason` why not direct.
 
     `direct`: None = use the direct path when possible; False = always OpenSlide regions;
     True = require the direct path (ValueError saying why when it is not possible).
@@ -60,31 +62,47 @@ class TileReader:
         max_region_px: int = DEFAULT_MAX_REGION_PX,
     ):
         self.path = str(path)
+        if not (
+            math.isclose(grid.base_mpp, resolution.base_mpp, rel_tol=1e-9)
+            and math.isclose(grid.target_mpp, resolution.target_mpp, rel_tol=1e-9)
+        ):
+            raise ValueError(
+                f"{self.path}: grid ({grid.base_mpp} -> {grid.target_mpp} um/px) and resolution plan "
+                f"({resolution.base_mpp} -> {resolution.target_mpp} um/px) disagree"
+            )
         self.resolution = resolution
         self.grid = grid
         self.tile_px = grid.tile_px
         self.max_region_px = max_region_px
-        self._slide = open_slide(path)
-        if not 0 <= resolution.level < self._slide.level_count:
-            self._slide.close()
-            raise ValueError(
-                f"{self.path}: resolution plan reads level {resolution.level}, "
-                f"the slide has {self._slide.level_count} level(s)"
-            )
+        self._closed = False
         self._direct: DirectLevel | None = None
-        self.direct_reason = ""
-        if direct is not False:
-            if resolution.exact:
-                self._direct, self.direct_reason = open_direct_level(
-                    self.path, self._slide, resolution.level, cache_bytes
+        self.direct_reason = "disabled"
+        slide = open_slide(path)
+        try:
+            levels = slide.level_count
+            if not 0 <= resolution.level < levels:
+                raise ValueError(
+                    f"{self.path}: resolution plan reads level {resolution.level}, the slide has {levels} level(s)"
                 )
-            else:
-                self.direct_reason = "the level is not at the target resolution (resampling needed)"
-            if direct is True and self._direct is None:
-                self._slide.close()
-                raise ValueError(f"{self.path}: direct tile reading not possible: {self.direct_reason}")
+            if direct is not False:
+                if resolution.exact:
+                    self._direct, self.direct_reason = open_direct_level(
+                        self.path, slide, resolution.level, cache_bytes
+                    )
+                else:
+                    self.direct_reason = "the level is not at the target resolution (resampling needed)"
+                if direct is True and self._direct is None:
+                    raise ValueError(f"{self.path}: direct tile reading not possible: {self.direct_reason}")
+        except BaseException:
+            slide.close()
+            raise
+        # The direct path never needs OpenSlide again: free its handle and tile cache.
+        if self._direct is not None:
+            slide.close()
+            self._slide = None
         else:
-            self.direct_reason = "disabled"
+            self._slide = slide
+        self.mode = "direct" if self._direct is not None else "region"
 
     @classmethod
     def from_plan(cls, plan, **kwargs) -> TileReader:
@@ -92,19 +110,15 @@ class TileReader:
         return cls(plan.path, plan.resolution, plan.grid, **kwargs)
 
     @property
-    def mode(self) -> str:
-        """"direct" (own decoding of file tiles) or "region" (OpenSlide read_region)."""
-        return "direct" if self._direct is not None else "region"
-
-    @property
     def stats(self):
         """Decode/cache counters of the direct path (None on the region path)."""
         return self._direct.stats if self._direct is not None else None
 
     def close(self) -> None:
+        """Release file handles and caches; reading afterwards raises."""
+        self._closed = True
         if self._direct is not None:
             self._direct.close()
-            self._direct = None
         if self._slide is not None:
             self._slide.close()
             self._slide = None
@@ -120,7 +134,7 @@ class TileReader:
 
         Raises SlideError(kind="unreadable") naming the file when pixels cannot be decoded.
         """
-        if self._slide is None:
+        if self._closed:
             raise RuntimeError(f"{self.path}: TileReader is closed")
         rows = np.asarray(rows, dtype=np.int64).ravel()
         cols = np.asarray(cols, dtype=np.int64).ravel()
@@ -147,8 +161,7 @@ class TileReader:
     def _read_regions(self, rows, cols, x, y, out: np.ndarray) -> None:
         res = self.resolution
         ds = res.level_downsample
-        size = self.tile_px
-        span = size * res.scale  # level pixels per tile
+        span = self.tile_px * res.scale  # level pixels per tile
         if res.exact:
             fx = _round_half_up(x / ds).astype(np.float64)
             fy = _round_half_up(y / ds).astype(np.float64)
@@ -156,41 +169,39 @@ class TileReader:
         else:
             fx, fy = x / ds, y / ds
             margin = _RESAMPLE_MARGIN
-        max_run = max(1, int(self.max_region_px // max(span, 1.0)))
-        order = np.lexsort((cols, rows))
-        srows, scols = rows[order], cols[order]
-        breaks = np.flatnonzero((np.diff(srows) != 0) | (np.diff(scols) != 1)) + 1
-        for run in np.split(order, breaks):
-            for start in range(0, run.size, max_run):
-                self._read_run(run[start : start + max_run], fx, fy, span, margin, out)
+        # Square blocks of k x k grid cells: one OpenSlide call each. Square regions decode each
+        # file tile once per call; rows of tiles would decode each file tile row twice or more.
+        k = max(1, int(self.max_region_px // max(span, 1.0)))
+        block = (rows // k) * (self.grid.cols // k + 1) + cols // k
+        order = np.argsort(block, kind="stable")
+        breaks = np.flatnonzero(np.diff(block[order])) + 1
+        for group in np.split(order, breaks):
+            self._read_block(group, fx, fy, span, margin, out)
 
-    def _read_run(self, idx: np.ndarray, fx, fy, span: float, margin: int, out: np.ndarray) -> None:
-        """One OpenSlide region for tiles of one row with consecutive columns, split into tiles."""
+    def _read_block(self, idx: np.ndarray, fx, fy, span: float, margin: int, out: np.ndarray) -> None:
+        """One OpenSlide region over the bounding box of some tiles, split (and resampled) into them."""
         res = self.resolution
         ds = res.level_downsample
         size = self.tile_px
-        xs = fx[idx]
-        top = float(fy[idx[0]])
+        xs, ys = fx[idx], fy[idx]
         rx0 = math.floor(xs.min()) - margin
-        ry0 = math.floor(top) - margin
+        ry0 = math.floor(ys.min()) - margin
         rx1 = math.ceil(xs.max() + span) + margin
-        ry1 = math.ceil(top + span) + margin
+        ry1 = math.ceil(ys.max() + span) + margin
         loc = (round(rx0 * ds), round(ry0 * ds))
         # OpenSlide starts the region at level pixel loc / ds (fractional for odd downsamples).
         bx, by = loc[0] / ds, loc[1] / ds
         region = read_region_rgb(self._slide, loc, res.level, (rx1 - rx0, ry1 - ry0), self.path)
         if res.exact:
-            oy = int(round(top - by))
             for j, i in enumerate(idx.tolist()):
-                ox = int(round(xs[j] - bx))
+                ox, oy = int(round(xs[j] - bx)), int(round(ys[j] - by))
                 out[i] = region[oy : oy + size, ox : ox + size]
             return
         image = Image.fromarray(region)
         resample = Image.Resampling.BOX if res.scale > 1 else Image.Resampling.BICUBIC
         for j, i in enumerate(idx.tolist()):
-            left, upper = xs[j] - bx, top - by
-            box = (left, upper, left + span, upper + span)
-            out[i] = np.asarray(image.resize((size, size), resample, box=box))
+            left, upper = xs[j] - bx, ys[j] - by
+            out[i] = np.asarray(image.resize((size, size), resample, box=(left, upper, left + span, upper + span)))
 
 
 def read_tiles(path: str | Path, resolution: ResolutionPlan, grid: TileGrid, rows, cols, **kwargs) -> np.ndarray:

@@ -37,8 +37,9 @@ from nic.synth.textures import periodic_noise
 MAP_UM = 8.0
 MAX_MAP_PX = 2048
 K = len(CLASSES)
-# Channels after the K class scores in `Layout.maps`.
-CH_TIL, CH_STROMA_DENSITY, CH_FOLD, CH_BLUR, CH_PEN = range(K, K + 5)
+# Channels after the K class scores in `Layout.maps` (rendering reads the first K + 3 only).
+CH_STROMA_DENSITY, CH_FOLD, CH_TIL, CH_BLUR, CH_PEN = range(K, K + 5)
+N_MAIN = K + 3
 PEN_INKS = {
     # optical density per unit ink in R, G, B
     "blue": (0.9, 0.55, 0.12),
@@ -232,8 +233,8 @@ def build_layout(p: SlideParams) -> Layout:
     onehot = np.stack([(classes == k).astype(np.float32) for k in range(K)], axis=-1)
     scores = ndimage.gaussian_filter(onehot, sigma=(0.7, 0.7, 0), mode="nearest")
     extra = np.zeros((mh, mw, 5), np.float32)
-    extra[..., 0] = til
-    extra[..., 1] = ndimage.gaussian_filter(density, 1.0)
+    extra[..., CH_TIL - K] = til
+    extra[..., CH_STROMA_DENSITY - K] = ndimage.gaussian_filter(density, 1.0)
 
     fold = blur = pen = None
     blur_box = pen_box = None
@@ -247,13 +248,13 @@ def build_layout(p: SlideParams) -> Layout:
         d = ndimage.distance_transform_edt(~_line_mask(shape, curve)) * map_um
         width = art_rng.uniform(50.0, 130.0)
         fold = np.clip((width / 2 - d) / 12.0 + 0.5, 0, 1) * tissue
-        extra[..., 2] = ndimage.gaussian_filter(fold.astype(np.float32), 0.7)
+        extra[..., CH_FOLD - K] = ndimage.gaussian_filter(fold.astype(np.float32), 0.7)
     if p.artefacts.blur and tissue.any():
         cy, cx = np.argwhere(tissue)[art_rng.integers(tissue.sum())] * map_um
         r = size * art_rng.uniform(0.12, 0.25)
         d = np.hypot(yy - cy, xx - cx) / r
         blur = np.clip((1.0 - d) * 4.0, 0, 1) * (1 + 0.0 * yy)
-        extra[..., 3] = blur
+        extra[..., CH_BLUR - K] = blur
         blur_box = (cy - r, cx - r, cy + r, cx + r)
     if p.artefacts.pen:
         side = art_rng.integers(4)
@@ -270,7 +271,7 @@ def build_layout(p: SlideParams) -> Layout:
         width = size * art_rng.uniform(0.02, 0.045)
         pen = np.clip((width / 2 - d) / (0.15 * width) + 0.5, 0, 1).astype(np.float32)
         pen *= np.clip(0.85 + 0.15 * _noise(art_rng, shape, 40.0, map_um), 0.5, 1.0)
-        extra[..., 4] = pen
+        extra[..., CH_PEN - K] = pen
         ys, xs = np.nonzero(pen > 0)
         if len(ys):
             pen_box = (ys.min() * map_um - map_um, xs.min() * map_um - map_um,

@@ -36,7 +36,7 @@ class Artefacts:
 class Appearance:
     """Per-slide staining intensity of each tissue compartment (lab and section-thickness variation)."""
 
-    stroma_e: float = 0.62
+    stroma_e: float = 0.5
     tumour_e: float = 0.42
     tumour_h: float = 0.22
     necrosis_e: float = 0.5

@@ -92,9 +92,9 @@ def _size_px(um: float, mpp: float) -> float:
 
 
 def _tumour(rng: np.random.Generator, mpp: float, size: int) -> np.ndarray:
-    a = _size_px(rng.uniform(4.2, 6.8), mpp)
-    b = a * rng.uniform(0.62, 0.95)
-    inside, r = _blob(rng, size, a, b, rng.uniform(0, np.pi), rng.uniform(0.08, 0.2))
+    a = _size_px(rng.uniform(3.6, 5.6), mpp)
+    b = a * rng.uniform(0.65, 0.95)
+    inside, r = _blob(rng, size, a, b, rng.uniform(0, np.pi), rng.uniform(0.05, 0.14))
     chrom = _chromatin(rng, size, 0.45 / mpp)
     base = rng.uniform(1.0, 1.45)
     rim = rng.uniform(0.25, 0.6) * np.clip(r, 0, 1) ** 4  # vesicular: chromatin along the membrane

@@ -67,7 +67,8 @@ class Stain:
         c_e = np.linspace(0.0, E_MAX, 256)
         od = self.od(c_h[:, None], c_e[None, :])
         rgb = np.asarray(self.glass_rgb) * np.exp(-od)
-        return np.clip(np.round(rgb), 0, 255).astype(np.uint8).reshape(256 * 256, 3)
+        # floor of 8: the renderer subtracts up to 4 of glass noise in uint8
+        return np.clip(np.round(rgb), 8, 255).astype(np.uint8).reshape(256 * 256, 3)
 
 
 def sample_stain(rng: np.random.Generator, variation: float = 1.0) -> Stain:
@@ -91,12 +92,3 @@ def sample_stain(rng: np.random.Generator, variation: float = 1.0) -> Stain:
         e_strength=e_strength,
         glass_rgb=tuple(float(x) for x in glass),
     )
-
-
-def quantise(c_h: np.ndarray, c_e: np.ndarray) -> np.ndarray:
-    """Lookup-table index (int32) of concentration maps: H * 256 + E, each clipped to its range."""
-    qh = np.clip(c_h * (255.0 / H_MAX) + 0.5, 0, 255).astype(np.int32)
-    qe = np.clip(c_e * (255.0 / E_MAX) + 0.5, 0, 255).astype(np.int32)
-    qh <<= 8
-    qh |= qe
-    return qh

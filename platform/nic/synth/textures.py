@@ -82,8 +82,8 @@ def _fibres(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
 
 def _shape_fibres(fib: np.ndarray) -> np.ndarray:
     """Eosin multiplier of stroma: bright bundles, paler matrix, and thin clefts between bundles."""
-    out = np.clip(0.9 + 0.3 * fib, 0.3, 1.6)
-    out *= np.where(fib < -1.5, 0.3, 1.0)  # clefts (retraction spaces) between bundles
+    out = np.clip(0.9 + 0.22 * fib, 0.35, 1.4)
+    out *= np.where(fib < -1.8, 0.45, 1.0)  # clefts (retraction spaces) between bundles
     return out.astype(np.float32)
 
 
@@ -152,7 +152,7 @@ class TextureBank:
     fibre_angle: np.ndarray  # int16 per cell: index of the local fibre direction (ANGLES bins)
     granular: np.ndarray
     fat_walls: np.ndarray
-    glass_noise: np.ndarray  # int16, added to RGB
+    glass_noise: np.ndarray  # uint8 0..4, subtracted from RGB
     warp_y: np.ndarray  # at cell resolution (period // cell), in map px units
     warp_x: np.ndarray
 
@@ -164,7 +164,8 @@ def texture_bank(mpp: float) -> TextureBank:
     size = period_px(mpp)
     cell = cell_px(mpp)
     ncell = size // cell
-    glass = np.round(periodic_noise(rng, size, 0.5) * 1.3).astype(np.int16)
+    # subtracted from RGB (uint8), so non-negative: 0..4, mean ~2
+    glass = np.clip(np.round(periodic_noise(rng, size, 0.5) * 1.2 + 2.0), 0, 4).astype(np.uint8)
     warp_scale = 14.0 / CELL_UM  # boundaries wander on a ~14 um scale
     fib = _fibres(rng, size, mpp)
     return TextureBank(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -80,7 +81,12 @@ def _tile_on_ray(config: TileConfig, todo: list[SlideInput], out: Path, options_
 
     ds = ray.data.from_items(
         [{"slide_id": s.slide_id, "path": s.path} for s in todo], override_num_blocks=len(todo)
-    ).map(tile, num_cpus=1, max_retries=2)
+    )
+    with warnings.catch_warnings():
+        # Ray Data retries tasks forever by default; a slide that crashes its worker every time
+        # would hang the job. `max_retries` has no named parameter yet (deprecated route until 2.64).
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        ds = ds.map(tile, num_cpus=1, max_retries=2)
 
     progress = Progress("tile", total=len(todo), unit="slides")
     tiles = 0

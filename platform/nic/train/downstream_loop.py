@@ -11,7 +11,7 @@ run name resumes from the latest checkpoint: Ray Train V2 restores it from the r
 from __future__ import annotations
 
 import math
-import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,20 @@ from nic.downstream.evaluate import outputs_to_prediction
 from nic.downstream.losses import loss_for
 from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
 from nic.downstream.models import build_model
+from nic.train.common import (
+    EarlyStopping,
+    broadcast_buffers,
+    checkpoint_dir,
+    epoch_line,
+    gather_columns,
+    load_checkpoint,
+    mean_over_workers,
+    resolve_device,
+    save_checkpoint,
+    send_progress,
+)
 
+STAGE = "train-downstream"
 STATE_FILE = "state.pt"
 
 
@@ -78,34 +91,25 @@ def _targets(spec_targets: dict[str, list], kind: str, mean: float, std: float) 
     return out
 
 
-def _gather(obj: Any, world: int) -> list:
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def _validate(model, dataset: GridDataset, loss_fn, spec: FoldSpec, device, rank: int, world: int) -> dict:
     """Loss and primary metric on centred crops of every validation slide (sharded over ranks,
-    gathered, so the Cox loss sees the whole validation set's risk sets)."""
+    gathered, so the Cox loss sees the whole validation set's risk sets and every rank agrees)."""
     model.eval()
     outs, idxs = [], []
     with torch.no_grad():
-        for start in range(rank, len(dataset), world * spec.batch_size):
-            items = [dataset[i] for i in range(start, min(len(dataset), start + world * spec.batch_size), world)]
+        mine = list(range(rank, len(dataset), world))
+        for start in range(0, len(mine), spec.batch_size):
+            items = [dataset[i] for i in mine[start:start + spec.batch_size]]
             grid = torch.stack([it["grid"] for it in items]).to(device)
             mask = torch.stack([it["mask"] for it in items]).to(device)
-            outs.append(model(grid, mask).cpu())
+            outs.append(model(grid, mask).float().cpu().numpy())
             idxs.extend(it["index"] for it in items)
-    local = (torch.cat(outs) if outs else torch.zeros((0, spec.outputs)), idxs)
-    parts = _gather(local, world)
-    out = torch.cat([p[0] for p in parts])
-    index = np.concatenate([np.asarray(p[1], dtype=int) for p in parts])
-    order = np.argsort(index, kind="stable")
-    out, index = out[order], index[order]
+    local = {"out": np.concatenate(outs) if outs else np.zeros((0, spec.outputs), dtype=np.float32),
+             "index": np.asarray(idxs, dtype=np.int64)}
+    gathered = gather_columns(local)
+    order = np.argsort(gathered["index"], kind="stable")
+    out = torch.from_numpy(gathered["out"][order])
+    index = gathered["index"][order]
     batch = {name: torch.as_tensor(values[index]) for name, values in dataset.targets.items()}
     loss = float(loss_fn(out, batch))
     pred = outputs_to_prediction(spec.kind, out, spec.target_mean, spec.target_std)
@@ -122,36 +126,43 @@ def _validate(model, dataset: GridDataset, loss_fn, spec: FoldSpec, device, rank
     return {"val_loss": loss, f"val_{primary}": math.nan if value is None else value}
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
 def train_fold(config: dict) -> None:
-    """train_loop_per_worker of a fold's TorchTrainer (config = FoldSpec.to_dict())."""
+    """train_loop_per_worker of a fold's TorchTrainer (config = FoldSpec.to_dict() + 'progress')."""
     import ray.train
     import ray.train.torch
 
+    config = dict(config)
+    progress = config.pop("progress", None)
     spec = FoldSpec(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(spec.seed * 1000 + rank)
-    device = ray.train.torch.get_device()
+    device = resolve_device()
 
     model = build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout)
     model = ray.train.torch.prepare_model(model)
-    module = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.l2)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.1, patience=spec.lr_patience, min_lr=spec.min_lr)
+    stopper = EarlyStopping(spec.patience, mode="min", min_delta=1e-6)
     loss_fn = loss_for(spec.kind, ties=spec.ties)  # type: ignore[arg-type]
-    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0, "stopped": False,
-             "best_state": None, "history": []}
+    epoch, best_state, history = 0, None, []
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            saved = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-        module.load_state_dict(saved["model"])
+        saved = load_checkpoint(checkpoint, STATE_FILE)
+        _unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
+        stopper.load_state_dict(saved["early_stopping"])
+        epoch, best_state, history = saved["epoch"], saved["best_state"], saved["history"]
         torch.set_rng_state(saved["torch_rng"])
+        if rank == 0:
+            send_progress(progress, f"[{STAGE}] fold {spec.fold}: resuming after epoch {epoch}")
 
     train_targets = _targets(spec.train_targets, spec.kind, spec.target_mean, spec.target_std)
     train_ds = GridDataset(spec.grids, spec.train_ids, train_targets, spec.crop_size, train=True,
@@ -164,8 +175,8 @@ def train_fold(config: dict) -> None:
     sampler = EpochSampler(len(train_ds), rank=rank, world_size=world, seed=spec.seed, weights=weights)
     loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.loader_workers)
 
-    while state["epoch"] < spec.epochs and not state["stopped"]:
-        epoch = state["epoch"]
+    while epoch < spec.epochs and not stopper.should_stop:
+        started = time.monotonic()
         sampler.set_epoch(epoch)
         model.train()
         total, count = 0.0, 0
@@ -181,49 +192,44 @@ def train_fold(config: dict) -> None:
             optimizer.step()
             total += float(loss.detach()) * grid.shape[0]
             count += grid.shape[0]
-        train_loss = total / max(count, 1)
-        metrics: dict[str, Any] = {"fold": spec.fold, "epoch": epoch + 1, "train_loss": train_loss}
+        broadcast_buffers(_unwrap(model))  # every rank validates and saves rank 0's BatchNorm statistics
+        metrics: dict[str, Any] = {"train_loss": mean_over_workers({"loss": total / max(count, 1)})["loss"]}
         if val_ds is not None:
             metrics.update(_validate(model, val_ds, loss_fn, spec, device, rank, world))
             monitored = metrics["val_loss"]
         else:
-            monitored = train_loss
+            monitored = metrics["train_loss"]
         scheduler.step(monitored)
-        if monitored < state["best_loss"] - 1e-6:
-            state.update(best_loss=monitored, best_epoch=epoch + 1, bad_epochs=0,
-                         best_state={k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+        epoch += 1
+        if stopper.update(monitored, epoch):
+            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        metrics.update(lr=optimizer.param_groups[0]["lr"], seconds=round(time.monotonic() - started, 2))
+        record = {"fold": spec.fold, "epoch": epoch, **metrics, "best_epoch": stopper.best_epoch,
+                  "best_loss": stopper.best, "stopped": stopper.should_stop}
+        history.append(record)
+        if rank == 0:
+            shown = {k: v for k, v in metrics.items() if k != "seconds"}
+            note = "early stop" if stopper.should_stop else ("best" if stopper.best_epoch == epoch else "")
+            send_progress(progress, epoch_line(f"{STAGE} fold {spec.fold}", epoch, spec.epochs, shown,
+                                               metrics["seconds"], note))
+            with checkpoint_dir() as folder:
+                save_checkpoint(folder, {
+                    "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "early_stopping": stopper.state_dict(), "epoch": epoch,
+                    "best_state": best_state, "history": history, "torch_rng": torch.get_rng_state(),
+                }, STATE_FILE)
+                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        state["stopped"] = state["bad_epochs"] >= spec.patience
-        metrics.update(lr=optimizer.param_groups[0]["lr"], best_epoch=state["best_epoch"],
-                       best_loss=state["best_loss"], stopped=state["stopped"])
-        state["history"].append(dict(metrics))
-        _report(metrics, rank, module, optimizer, scheduler, state)
-
-
-def _report(metrics: dict, rank: int, module, optimizer, scheduler, state: dict) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint (last state + best weights)."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="nic-ckpt-") as folder:
-        torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "state": state, "torch_rng": torch.get_rng_state()},
-                   Path(folder) / STATE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            ray.train.report(record)
 
 
 def read_checkpoint(checkpoint) -> dict:
-    """The saved state of a fold's checkpoint: best weights ('best_state'), 'history', 'best_epoch'..."""
-    with checkpoint.as_directory() as folder:
-        saved = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-    state = saved["state"]
-    if state.get("best_state") is None:
-        state["best_state"] = saved["model"]
-    return state
+    """What a fold's checkpoint holds: 'best_state' (weights of the best epoch), 'history',
+    'epoch', 'early_stopping' (best value, best epoch, bad epochs)."""
+    saved = load_checkpoint(checkpoint, STATE_FILE)
+    if saved.get("best_state") is None:
+        saved["best_state"] = saved["model"]
+    return saved
 
 
 def fit_fold(
@@ -234,8 +240,10 @@ def fit_fold(
     use_gpu: bool = False,
     cpus_per_worker: float = 1.0,
     max_failures: int = 2,
+    progress: Any = None,
 ):
-    """Run (or resume) one fold's TorchTrainer; returns the Ray Train Result."""
+    """Run (or resume) one fold's TorchTrainer; returns the Ray Train Result. `progress` is a
+    ProgressRelay queue (nic.train.common) that rank 0's epoch lines go to, or None to print them."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -244,7 +252,7 @@ def fit_fold(
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_fold,
-        train_loop_config=spec.to_dict(),
+        train_loop_config={**spec.to_dict(), "progress": progress},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,

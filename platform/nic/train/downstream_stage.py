@@ -15,8 +15,6 @@ written last); a re-run skips those and resumes unfinished folds from their Ray 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import sys
 import time
@@ -42,6 +40,7 @@ from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
 from nic.downstream.splits import TEST_FOLD, make_splits, train_val_split
 from nic.grids.reader import list_slides, read_grid_meta
 from nic.grids.schema import GridError
+from nic.train.common import ProgressRelay, stable_hash
 from nic.train.downstream_loop import FoldSpec
 
 STAGE = "train-downstream"
@@ -72,11 +71,12 @@ def _grid_info(grids: Path, slide_ids: list[str]) -> dict:
     return {"in_channels": next(iter(dims)), "encoder_hash": next(iter(encoders)), "max_side": side}
 
 
-def _run_hash(config: TrainDownstreamConfig, encoder_hash: str, slide_ids: list[str]) -> str:
+def _run_hash(config: TrainDownstreamConfig, encoder_hash: str, labels: Labels) -> str:
+    """Identity of what the folds learn: settings, encoder, and the labels themselves."""
     data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _RUNTIME_FIELDS}
     data["encoder_hash"] = encoder_hash
-    data["slides"] = sorted(slide_ids)
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    data["labels"] = labels.frame.drop(columns=["row"]).sort_values("slide_id").to_dict(orient="list")
+    return stable_hash(data)[:16]
 
 
 def _targets_of(labels: Labels, ids: pd.Index) -> dict[str, list]:
@@ -179,7 +179,7 @@ def run_fold(spec_dict: dict, held_ids: list[str], test_ids: list[str], run: dic
                               "val_slides": len(spec.val_ids), "held_out_slides": len(held_ids)}
     try:
         result = fit_fold(spec, run["storage_path"], run["name"], run["num_workers"], run["use_gpu"],
-                          run["cpus_per_worker"], run["max_failures"])
+                          run["cpus_per_worker"], run["max_failures"], progress=run.get("progress"))
         if result.checkpoint is None:
             raise RuntimeError("training reported no checkpoint")
         state = read_checkpoint(result.checkpoint)
@@ -187,8 +187,9 @@ def run_fold(spec_dict: dict, held_ids: list[str], test_ids: list[str], run: dic
         ray.get(ray.remote(evaluate_fold).options(**options).remote(
             spec_dict, state["best_state"], held_ids, test_ids, run["crop_size"], run["tta_crops"],
             run["dihedral"], run["seed"], run["classes"], str(fold_dir), run["use_gpu"]))
-        record.update(status=STATUS_OK, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
-                      best_loss=state["best_loss"], stopped_early=bool(state["stopped"]),
+        stopping = state["early_stopping"]
+        record.update(status=STATUS_OK, best_epoch=stopping["best_epoch"], epochs_run=state["epoch"],
+                      best_loss=stopping["best"], stopped_early=state["epoch"] < spec.epochs,
                       history=state["history"], reason="")
     except Exception as exc:  # a failed fold is recorded; the other folds still finish
         record.update(status=STATUS_FAILED, reason=f"{type(exc).__name__}: {exc}")
@@ -370,7 +371,7 @@ def run_train_downstream(config: TrainDownstreamConfig) -> int:
         info = _grid_info(grids, labels.slide_ids)
         crop_size = config.crop_size or min(MAX_AUTO_CROP, info["max_side"])
         splits = make_splits(labels, config.folds, config.test_fraction, config.seed)
-        run_hash = _run_hash(config, info["encoder_hash"], labels.slide_ids)
+        run_hash = _run_hash(config, info["encoder_hash"], labels)
         storage = Path(config.storage_path or out / "ray").resolve()
         name_prefix = config.run_name or out.resolve().name
         _prepare_out(config, run_hash, storage, name_prefix)
@@ -396,7 +397,9 @@ def run_train_downstream(config: TrainDownstreamConfig) -> int:
            "num_workers": config.num_workers, "use_gpu": config.use_gpu, "cpus_per_worker": config.cpus_per_worker,
            "max_failures": config.max_failures, "crop_size": crop_size, "tta_crops": config.tta_crops,
            "dihedral": config.dihedral, "seed": config.seed, "classes": labels.classes}
-    records = _run_all_folds(config, specs, test_ids, run, run_hash)
+    with ProgressRelay() as relay:
+        run["progress"] = relay.queue
+        records = _run_all_folds(config, specs, test_ids, run, run_hash)
     failed = [r for r in records if r["status"] != STATUS_OK]
 
     predictions = _aggregate_predictions(config, labels, records)
