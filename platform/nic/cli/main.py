@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from nic.config.base import ConfigError, unwrap_model, load_config
+from nic.config.base import ConfigError, load_config, unwrap_model
 
 
 @dataclass(frozen=True)
