@@ -19,8 +19,8 @@ from nic.encoders.objectives import (
     multitask_metrics,
     nt_xent,
 )
-from nic.patches.augment import Augmenter
 from nic.config.encoder import AugmentOptions
+from nic.patches.augment import Augmenter
 
 TASKS = [
     TaskHeadSpec("tissue", "multiclass", 3, weight=1.0, classes=["a", "b", "c"]),
@@ -90,7 +90,7 @@ def test_validation_step_reports_predictions_in_label_units() -> None:
     cols = model.validation_step(x, torch.tensor([0, 1, 2]), torch.tensor([1.0, 1.0, 12.0]))
     assert cols["score"][0] in (0.0, 1.0, 2.0) and 0 <= cols["score"][1] <= 1
     emb = model.encoder.trunk(model.encoder.normalise(x[2:]))
-    assert cols["score"][2] == pytest.approx(float(model.heads["cells"](emb)[0, 0]) * 5 + 10, rel=1e-4)
+    assert cols["score"][2] == pytest.approx(float(model.heads["cells"](emb)[0, 0].detach()) * 5 + 10, rel=1e-4)
 
 
 def test_nt_xent_matches_a_direct_computation() -> None:
@@ -120,32 +120,32 @@ def _fit_steps(objective, steps: int, x: torch.Tensor, views: int = 1, lr: float
             opts[p].zero_grad()
             out["loss"].backward()
             opts[p].step()
-            total += float(out["loss"])
+            total += float(out["loss"].detach())
         losses.append(total)
     return losses
 
 
 @pytest.fixture()
 def textured() -> torch.Tensor:
-    """16 tiles of 4 kinds (colour + stripe period): structure for the objectives to pick up."""
+    """8 tiles of 4 kinds (colour + stripe period): structure for the objectives to pick up."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_patches_data import synthetic_tiles
 
-    tiles = synthetic_tiles(np.repeat(np.arange(4), 4), px=64, seed=0)
+    tiles = synthetic_tiles(np.repeat(np.arange(4), 2), px=64, seed=0)
     return torch.as_tensor(tiles).permute(0, 3, 1, 2).float() / 255
 
 
 def test_vae_loss_decreases(textured: torch.Tensor) -> None:
     torch.manual_seed(0)
     vae = VAEObjective(build_encoder("reference", 16, tile_px=64), beta=1.0)
-    losses = _fit_steps(vae, 25, textured)
-    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
+    losses = _fit_steps(vae, 12, textured, lr=3e-3)
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
     vae.eval()
     cols = vae.validation_step(textured, None, None)
-    assert cols["loss"].shape == (16,) and vae.validation_metrics(cols)["recon_mse"] > 0
+    assert cols["loss"].shape == (8,) and vae.validation_metrics(cols)["recon_mse"] > 0
 
 
 def test_contrastive_loss_decreases(textured: torch.Tensor) -> None:
@@ -155,7 +155,7 @@ def test_contrastive_loss_decreases(textured: torch.Tensor) -> None:
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.2
     obj.eval()
     cols = obj.validation_step(torch.cat([textured, textured]), None, None)
-    assert cols["loss"].shape == (16,)
+    assert cols["loss"].shape == (8,)
 
 
 def test_bigan_trains_both_players(textured: torch.Tensor) -> None:
@@ -172,13 +172,7 @@ def test_bigan_trains_both_players(textured: torch.Tensor) -> None:
     opt_d.step()
     assert torch.equal(obj.encoder.trunk.fc.weight, enc_before)
     assert not torch.equal(obj.discriminator.joint[-1].weight, d_before)
-    d_losses = []
-    for _ in range(15):
-        for p in obj.phases:
-            out = obj(textured, None, None, phase=p)
-            if p == "d":
-                d_losses.append(float(out["loss"]))
-    losses = _fit_steps(obj, 15, textured)
+    losses = _fit_steps(obj, 8, textured)
     assert all(np.isfinite(losses))
     assert not torch.equal(obj.encoder.trunk.fc.weight, enc_before)
     obj.eval()

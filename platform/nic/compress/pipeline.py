@@ -1,12 +1,20 @@
 """The Ray Data pipeline of `nic compress` and how it is sized to the cluster.
 
     slides (one row each)
-      -> map_batches(plan_slides)        tasks: tissue detection, one light row per tissue tile
-      -> repartition(batch_size rows)    streaming: blocks of one batch, so every actor gets work
+      -> map_batches(plan_slides)        tasks: tissue detection, one light row per tissue tile,
+                                         emitted in blocks of about one batch
       -> map_batches(EncoderActor)       actor pool: read pixels, encode, float16 embeddings
       -> driver (iter_batches)           SlideCollector writes each slide once all its tiles are in
 
 No row ever holds pixels, so the object store carries coordinates and embeddings only.
+
+Block size matters here: Ray Data hands an actor one bundle of blocks per task, so a 100,000 px
+slide planned into one 600,000-row block would be encoded by one actor while the others idle (and a
+killed actor would redo all of it). The dataset is therefore built with a target block size of
+about one batch of light rows, so the planning task streams out small blocks that the whole pool
+shares. (`Dataset.repartition(target_num_rows_per_block=...)` would do the same, but in Ray 2.60
+it runs as separate 1-CPU tasks that cannot fuse with fractional-CPU planning, and on a 2-CPU
+machine those deadlock against the encoder actor's reservation.)
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ SMALL_PLAN_CPUS = 0.5
 #: scaling with threads well before that).
 MAX_CPUS_PER_ACTOR = 8.0
 CPUS_PER_ACTOR_LARGE = 4.0
+#: Bytes of one light tile row in Arrow (ids, coordinates, per-slide facts), to size blocks.
+LIGHT_ROW_BYTES = 120
 #: Retries of an encoder task whose actor died (the actor itself is restarted without limit): a
 #: batch that kills its actor every time is given up on, and its slide reported as failed.
 ACTOR_TASK_RETRIES = 3
@@ -99,6 +109,19 @@ def max_node_cpus() -> float:
 def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan,
                   transforms: tuple[int, ...]):
     """The lazy Dataset of encoded tile rows for slides `todo` ((slide_id, path) pairs)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved_block_size = ctx.target_max_block_size
+    # Sealed into the dataset when it is created (see the module docstring), restored right after.
+    ctx.target_max_block_size = max(16 * 1024, pool.batch_size * LIGHT_ROW_BYTES)
+    try:
+        return _pipeline(config, todo, pool, transforms)
+    finally:
+        ctx.target_max_block_size = saved_block_size
+
+
+def _pipeline(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan, transforms: tuple[int, ...]):
     import warnings
 
     import ray
@@ -108,12 +131,10 @@ def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: Poo
 
     slides = ray.data.from_items([{"slide_id": sid, "path": path} for sid, path in todo],
                                  override_num_blocks=max(1, len(todo)))
-    planned = slides.map_batches(
+    chunks = slides.map_batches(
         plan_slides, batch_size=1, fn_kwargs={"options": config.slide}, num_cpus=pool.plan_cpus,
         compute=TaskPoolStrategy(size=pool.plan_concurrency), batch_format="numpy",
     )
-    # A big slide is planned into one large block; cut it so the pool shares it batch by batch.
-    chunks = planned.repartition(target_num_rows_per_block=pool.batch_size)
     compute = ActorPoolStrategy(
         size=pool.pool_size,
         max_tasks_in_flight_per_actor=pool.read_parallelism + 1,
@@ -124,7 +145,7 @@ def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: Poo
         # max_task_retries has no named parameter in Ray 2.60's map_batches; the kwargs route
         # warns that it is deprecated but is the only way to bound retries of a poison batch.
         warnings.simplefilter("ignore")
-        encoded = chunks.map_batches(
+        return chunks.map_batches(
             EncoderActor,
             fn_constructor_kwargs={
                 "encoder": config.encoder, "options": config.slide, "paths": dict(todo),
@@ -135,7 +156,6 @@ def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: Poo
             num_cpus=pool.cpus_per_actor, num_gpus=1 if pool.use_gpu else None,
             max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES,
         )
-    return encoded
 
 
 def iter_encoded(dataset) -> Iterator[dict[str, np.ndarray]]:

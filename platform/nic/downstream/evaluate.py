@@ -85,3 +85,16 @@ def predict_slides(
         for s in slide_ids
     ]
     return np.stack(out) if out else np.zeros((0,))
+
+
+def prediction_columns(kind: str, pred: np.ndarray, classes: Sequence[str]) -> dict[str, np.ndarray]:
+    """Named prediction columns of predictions.parquet: 'prediction' (P(class 1), the value, the
+    log-risk, or the argmax class), plus 'predicted_class' (binary) or 'prob_<class>' (multiclass)."""
+    if kind == "multiclass":
+        cols = {f"prob_{c}": pred[:, i] for i, c in enumerate(classes)}
+        cols["prediction"] = pred.argmax(axis=1).astype(float)
+        return cols
+    cols = {"prediction": np.asarray(pred, dtype=float)}
+    if kind == "binary":
+        cols["predicted_class"] = (cols["prediction"] >= 0.5).astype(int)
+    return cols

@@ -65,6 +65,18 @@ class NicGridCNN(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.pool = pool
         self.head = nn.Sequential(nn.Linear(width, width), nn.LeakyReLU(0.2), nn.Dropout(dropout), nn.Linear(width, outputs))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He initialisation for LeakyReLU. PyTorch's default shrinks each separable layer's output
+        variance about 9x; BatchNorm hides that in training, but in eval mode its running statistics
+        start at var 1 and lag behind, so early in training (and on small cohorts with few steps)
+        eight such layers squash every slide to the same prediction."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, a=0.2, mode="fan_in", nonlinearity="leaky_relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, grid: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.features(grid)

@@ -209,21 +209,21 @@ def multitask_metrics(tasks: list[TaskHeadSpec], columns: dict[str, np.ndarray])
 
 
 class ImageDecoder(nn.Module):
-    """z (N, C) -> image (N, 3, 64, 64) in [-1, 1]: a dense layer to 4 x 4 then 4 upsamplings."""
+    """z (N, C) -> image (N, 3, 64, 64) in [-1, 1]: a dense layer to 128 x 4 x 4, then four
+    transposed convs that double the size and halve the channels (DCGAN style)."""
 
-    def __init__(self, latent_dim: int, width: int = 64):
+    def __init__(self, latent_dim: int, widths: tuple[int, ...] = (128, 64, 32, 16, 16)):
         super().__init__()
-        self.width = width
-        self.fc = nn.Linear(latent_dim, width * 4 * 4)
+        self.first = widths[0]
+        self.fc = nn.Linear(latent_dim, widths[0] * 4 * 4)
         layers: list[nn.Module] = []
-        for _ in range(4):
-            layers += [nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), nn.BatchNorm2d(width),
-                       nn.LeakyReLU(0.2)]
-        layers += [nn.Conv2d(width, 3, 3, padding=1), nn.Tanh()]
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            layers += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
+        layers += [nn.Conv2d(widths[-1], 3, 3, padding=1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(F.leaky_relu(self.fc(z), 0.2).view(-1, self.width, 4, 4))
+        return self.net(F.leaky_relu(self.fc(z), 0.2).view(-1, self.first, 4, 4))
 
 
 class VAEObjective(Objective):
@@ -268,16 +268,16 @@ class VAEObjective(Objective):
 class JointDiscriminator(nn.Module):
     """D(x, z): a small conv net on the 64 x 64 image joined with a dense net on z."""
 
-    def __init__(self, latent_dim: int, width: int = 64):
+    def __init__(self, latent_dim: int, widths: tuple[int, ...] = (32, 64, 64, 64)):
         super().__init__()
         layers: list[nn.Module] = []
         cin = 3
-        for _ in range(4):  # 64 -> 4
+        for width in widths:  # 64 -> 4
             layers += [nn.Conv2d(cin, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
             cin = width
         self.image = nn.Sequential(*layers, nn.Flatten())
         self.latent = nn.Sequential(nn.Linear(latent_dim, 256), nn.LeakyReLU(0.2))
-        self.joint = nn.Sequential(nn.Linear(width * 16 + 256, 256), nn.LeakyReLU(0.2), nn.Dropout(0.2),
+        self.joint = nn.Sequential(nn.Linear(cin * 16 + 256, 256), nn.LeakyReLU(0.2), nn.Dropout(0.2),
                                    nn.Linear(256, 1))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

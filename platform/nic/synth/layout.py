@@ -192,7 +192,7 @@ def build_layout(p: SlideParams) -> Layout:
             rim_um = rng.uniform(110.0, 190.0)
             rim = tissue & ~tumour & (d_out <= rim_um)
             classes[rim] = STROMA
-            density[rim] = 1.3 + 0.1 * np.clip(lymph_noise[rim], -1, 1)
+            density[rim] = 1.15 + 0.1 * np.clip(lymph_noise[rim], -1, 1)
             band = tissue & ~tumour & (d_out > 0.45 * rim_um) & (d_out <= 1.05 * rim_um)
             coverage = 0.35 + 0.6 * p.til_density
             lymph_band = band & (lymph_noise > _quantile_threshold(lymph_noise, band, coverage))

@@ -36,12 +36,13 @@ class Artefacts:
 class Appearance:
     """Per-slide staining intensity of each tissue compartment (lab and section-thickness variation)."""
 
-    stroma_e: float = 0.5
-    tumour_e: float = 0.42
-    tumour_h: float = 0.22
+    stroma_e: float = 0.4
+    tumour_e: float = 0.34
+    tumour_h: float = 0.34
     necrosis_e: float = 0.5
     fat_wall_e: float = 0.75
     nuclear_scale: float = 1.0
+    glands: float = 0.7  # 0..1: how much of the tumour forms gland lumens (differentiation)
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ class NucleusSpec:
 
 NUCLEI = (
     NucleusSpec(KIND_TUMOUR, 10.5, 0.0, (0, 0, 0.88, 0, 0, 0)),
-    NucleusSpec(KIND_LYMPHOCYTE, 6.6, 0.0, (0, 0.006, 0.0, 0.8, 0.01, 0.002), (0, 0.35, 0.16, 0, 0, 0.02)),
+    NucleusSpec(KIND_LYMPHOCYTE, 6.6, 0.0, (0, 0.006, 0.0, 0.8, 0.01, 0.002), (0, 0.2, 0.16, 0, 0, 0.02)),
     NucleusSpec(KIND_FIBROBLAST, None, 1500.0, (0, 0.9, 0, 0.15, 0, 0)),
     NucleusSpec(KIND_FAT, None, 90.0, (0, 0, 0, 0, 0, 1.0)),
     NucleusSpec(KIND_DEBRIS, None, 7000.0, (0, 0, 0, 0, 1.0, 0)),
@@ -87,7 +87,8 @@ def _class_coefficients(p: SlideParams) -> dict[str, np.ndarray]:
     """Per-class stain coefficients: E = fib*FIB + gran*GRAN + fat*WALL + e0, H = hgran*GRAN + h0."""
     a = p.appearance
     z = np.zeros(K, np.float32)
-    co = {name: z.copy() for name in ("fib", "gran", "fat", "e0", "hgran", "h0")}
+    co = {name: z.copy() for name in ("fib", "gran", "fat", "e0", "hgran", "h0", "lumen")}
+    co["lumen"][TUMOUR] = 0.92 * a.glands
     co["fib"][STROMA] = a.stroma_e
     co["gran"][STROMA] = 0.03
     co["h0"][STROMA] = 0.05
@@ -141,8 +142,9 @@ class Scene:
         self.halves = [b.half for b in self.banks]
         self.sizes = [b.size for b in self.banks]
         self.block = max(c, int(round(BLOCK_UM / self.mpp)))
+        units = {"h0": 255.0 / H_MAX, "hgran": 255.0 / H_MAX, "lumen": 1.0}
         self.coef = {
-            name: (v * (255.0 / (H_MAX if name.startswith("h") else E_MAX))).astype(np.float32)
+            name: (v * units.get(name, 255.0 / E_MAX)).astype(np.float32)
             for name, v in _class_coefficients(params).items()
         }
         self.extra = (
@@ -167,6 +169,15 @@ class Scene:
         """(class, continuous maps) at global cell indices (any matching shapes).
 
         The continuous maps are (density, fold, til) channels, or (blur, pen) with `artefacts`.
+        """
+        values = self.cell_values(cy, cx, artefacts)
+        if artefacts:
+            return None, values
+        return values[..., :K].argmax(axis=-1).astype(np.uint8), values[..., K:]
+
+    def cell_values(self, cy: np.ndarray, cx: np.ndarray, artefacts: bool = False) -> np.ndarray:
+        """Layout channels (K class scores, density, fold, til) at the warped centres of cells.
+
         Bilinear interpolation on flattened maps with np.take: 2-D fancy indexing is ~3x slower.
         """
         nc = self.tex.warp_y.shape[0]
@@ -199,19 +210,41 @@ class Scene:
         v10 -= v00
         v10 *= fy
         v00 += v10
-        if artefacts:
-            return None, v00
-        return v00[..., :K].argmax(axis=-1).astype(np.uint8), v00[..., K:]
+        return v00
+
+    def _ring_values(self, cy0: int, cx0: int, hc: int, wc: int) -> np.ndarray:
+        """Cell values of the cell block [cy0, cy0 + hc) x [cx0, cx0 + wc) plus a 1-cell ring."""
+        cy, cx = np.meshgrid(
+            np.arange(cy0 - 1, cy0 + hc + 1), np.arange(cx0 - 1, cx0 + wc + 1), indexing="ij"
+        )
+        return self.cell_values(cy, cx)
+
+    def _pixel_classes(self, ring: np.ndarray, py: np.ndarray, px: np.ndarray) -> np.ndarray:
+        """Class of pixels (local coordinates of the ring's cell block): argmax of cell scores
+        interpolated bilinearly between cell centres, so borders are smooth curves, not 2 um steps.
+        Inside a uniform neighbourhood this equals the cell's class (argmax survives averaging)."""
+        c = self.cell
+        u = (py + 0.5) / c + 0.5  # ring coordinates of the pixel centre (cell centres at i + 0.5 - 1)
+        v = (px + 0.5) / c + 0.5
+        iu = np.floor(u - 0.5).astype(np.int64)
+        iv = np.floor(v - 0.5).astype(np.int64)
+        tu = (u - 0.5 - iu).astype(np.float32)[:, None]
+        tv = (v - 0.5 - iv).astype(np.float32)[:, None]
+        s = ring[..., :K]
+        score = (s[iu, iv] * (1 - tv) + s[iu, iv + 1] * tv) * (1 - tu) + (
+            s[iu + 1, iv] * (1 - tv) + s[iu + 1, iv + 1] * tv
+        ) * tu
+        return score.argmax(axis=-1).astype(np.uint8)
 
     def classes(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """Tissue class (uint8, see params.CLASSES) of every pixel of a region."""
+        """Tissue class (uint8, see params.CLASSES) of every pixel of a region, as rendered."""
         c = self.cell
         cy0, cx0 = y0 // c, x0 // c
         cy1, cx1 = -(-(y0 + h) // c), -(-(x0 + w) // c)
-        cy, cx = np.meshgrid(np.arange(cy0, cy1), np.arange(cx0, cx1), indexing="ij")
-        cls, _ = self.classify_cells(cy, cx)
-        full = np.repeat(np.repeat(cls, c, axis=0), c, axis=1)
-        return full[y0 - cy0 * c : y0 - cy0 * c + h, x0 - cx0 * c : x0 - cx0 * c + w]
+        ring = self._ring_values(cy0, cx0, cy1 - cy0, cx1 - cx0)
+        py, px = np.meshgrid(np.arange(y0 - cy0 * c, y0 - cy0 * c + h), np.arange(x0 - cx0 * c, x0 - cx0 * c + w),
+                             indexing="ij")
+        return self._pixel_classes(ring, py.ravel(), px.ravel()).reshape(h, w)
 
     # ------------------------------------------------------------------ nuclei
     def _make_block(self, by: int, bx: int) -> np.ndarray:
@@ -251,7 +284,11 @@ class Scene:
         prob = _ACCEPT[si, cls] + _TIL_ACCEPT[si, cls] * extra[:, CH_TIL - K]
         prob = np.where(_KIND[si] == KIND_FIBROBLAST, prob * extra[:, CH_STROMA_DENSITY - K], prob)
         kind = _KIND[si].copy()
-        kind[(kind == KIND_TUMOUR) & mitotic] = KIND_MITOSIS
+        tum = kind == KIND_TUMOUR
+        if tum.any() and p.appearance.glands > 0:  # no epithelial nuclei inside gland lumens
+            lum = self.tex.lumens[(yi[tum] + self.offset[0]) % self.period, (xi[tum] + self.offset[1]) % self.period]
+            prob[tum] *= 1.0 - np.minimum(1.0, 1.3 * p.appearance.glands * lum)
+        kind[tum & mitotic] = KIND_MITOSIS
         oriented = (kind == KIND_FIBROBLAST) | (kind == KIND_FAT)
         if oriented.any():
             per = VARIANTS // ANGLES
@@ -317,8 +354,10 @@ class Scene:
         """
         c = self.cell
         hc, wc = h // c, w // c
-        cy, cx = np.meshgrid(np.arange(y0 // c, y0 // c + hc), np.arange(x0 // c, x0 // c + wc), indexing="ij")
-        cls, extra = self.classify_cells(cy, cx)
+        ring = self._ring_values(y0 // c, x0 // c, hc, wc)
+        ring_cls = ring[..., :K].argmax(axis=-1).astype(np.uint8)
+        cls = ring_cls[1:-1, 1:-1]
+        extra = ring[1:-1, 1:-1, K:]
         ty, tx = y0 + self.offset[0], x0 + self.offset[1]
         glass_noise = wrap_view(self.tex.glass_noise, ty, tx, h, w)[..., None]
         present = np.bincount(cls.ravel(), minlength=K) > 0
@@ -351,14 +390,28 @@ class Scene:
         e += cellwise("e0")
         hm = np.multiply(gran, cellwise("hgran"))
         hm += cellwise("h0")
+        if present[TUMOUR] and self.params.appearance.glands > 0:
+            # gland lumens: clear spaces inside the tumour epithelium
+            lum = wrap_view(self.tex.lumens, ty, tx, h, w).reshape(shape)
+            np.multiply(lum, cellwise("lumen"), out=tmp)
+            np.subtract(1.0, tmp, out=tmp)
+            e *= tmp
+            hm *= tmp
         if self.layout.has_fold:
             fold = extra[..., CH_FOLD - K]
-            if fold.max() > 0.01:
+            if fold.max() > 0:  # exact no-op otherwise: chunk-level choices must not change pixels
                 gain = np.repeat((1.0 + FOLD_GAIN * fold).astype(np.float32), c, axis=1).reshape(hc, 1, w)
                 e *= gain
                 hm *= gain
         e = e.reshape(h, w)
         hm = hm.reshape(h, w)
+        boundary = np.zeros((hc, wc), bool)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                if dy != 1 or dx != 1:
+                    boundary |= ring_cls[dy : dy + hc, dx : dx + wc] != cls
+        if boundary.any():
+            self._refine_borders(e, hm, boundary, ring, ty, tx)
         if len(nuc_near):
             gain_map = None
             if self.layout.has_fold:
@@ -372,6 +425,47 @@ class Scene:
         packed = np.take(self._lut32, idx)
         out[...] = packed.view(np.uint8).reshape(h, w, 4)[..., :3]
         out -= glass_noise
+
+    def _refine_borders(
+        self, e: np.ndarray, hm: np.ndarray, boundary: np.ndarray, ring: np.ndarray, ty: int, tx: int
+    ) -> None:
+        """Repaint the pixels of cells on a class border with per-pixel classes (smooth borders).
+
+        Same stain formula as the per-cell path in `_chunk`, evaluated per pixel with gathers;
+        border cells are a small fraction of a region, so this costs little.
+        """
+        c = self.cell
+        h, w = e.shape
+        bi, bj = np.nonzero(boundary)
+        dy, dx = np.divmod(np.arange(c * c), c)
+        py = (bi[:, None] * c + dy[None, :]).ravel()
+        px = (bj[:, None] * c + dx[None, :]).ravel()
+        k = self._pixel_classes(ring, py, px)
+        cell_extra = ring[1:-1, 1:-1, K:][bi, bj]  # per border cell
+        per_pixel = np.repeat(np.arange(len(bi)), c * c)
+        co = self.coef
+
+        def tex(t: np.ndarray) -> np.ndarray:
+            return wrap_view(t, ty, tx, h, w)[py, px]
+
+        gran = tex(self.tex.granular)
+        density = cell_extra[per_pixel, CH_STROMA_DENSITY - K]
+        ev = co["fib"][k] * density * tex(self.tex.fibres) + co["gran"][k] * gran + co["e0"][k]
+        fat = co["fat"][k]
+        if fat.any():
+            ev += fat * tex(self.tex.fat_walls)
+        hv = co["hgran"][k] * gran + co["h0"][k]
+        lumen = co["lumen"][k]
+        if lumen.any():
+            factor = 1.0 - lumen * tex(self.tex.lumens)
+            ev *= factor
+            hv *= factor
+        if self.layout.has_fold:
+            gain = 1.0 + FOLD_GAIN * cell_extra[per_pixel, CH_FOLD - K]
+            ev *= gain
+            hv *= gain
+        e[py, px] = ev
+        hm[py, px] = hv
 
     def _stamp_list(
         self, hmap: np.ndarray, y0: int, x0: int, nuc: np.ndarray, gain: np.ndarray | None = None
@@ -457,9 +551,9 @@ class Scene:
             if weight.max() > 0.001:
                 # an out-of-focus area: the blurred pixels need their neighbours, so render a margin
                 sigma = self.params.artefacts.blur_sigma_um / self.mpp
-                m = int(np.ceil(3 * sigma)) + 1
+                m = int(3.0 * sigma + 0.5) + 1  # >= scipy's kernel radius for truncate=3
                 big = self._render_sharp(ya - m, xa - m, yb - ya + 2 * m, xb - xa + 2 * m)
-                soft = ndimage.gaussian_filter(big, (sigma, sigma, 0), output=np.float32)[m:-m, m:-m]
+                soft = ndimage.gaussian_filter(big, (sigma, sigma, 0), output=np.float32, truncate=3.0)[m:-m, m:-m]
                 sharp = rgb[ya - y0 : yb - y0, xa - x0 : xb - x0]
                 wgt = weight[..., None]
                 sharp[...] = np.clip(sharp * (1 - wgt) + soft * wgt + 0.5, 0, 255)

@@ -96,8 +96,8 @@ def _tumour(rng: np.random.Generator, mpp: float, size: int) -> np.ndarray:
     b = a * rng.uniform(0.65, 0.95)
     inside, r = _blob(rng, size, a, b, rng.uniform(0, np.pi), rng.uniform(0.05, 0.14))
     chrom = _chromatin(rng, size, 0.45 / mpp)
-    base = rng.uniform(1.0, 1.45)
-    rim = rng.uniform(0.25, 0.6) * np.clip(r, 0, 1) ** 4  # vesicular: chromatin along the membrane
+    base = rng.uniform(0.85, 1.25)
+    rim = rng.uniform(0.2, 0.5) * np.clip(r, 0, 1) ** 4  # vesicular: chromatin along the membrane
     val = base * (1.0 + 0.22 * chrom + rim)
     yy, xx = _grid(size)
     for _ in range(rng.integers(1, 3)):  # nucleoli
@@ -153,8 +153,8 @@ def _mitosis(rng: np.random.Generator, mpp: float, size: int, snr: float) -> np.
     as dark as a normal tumour nucleus, i.e. hard to tell apart.
     """
     yy, xx = _grid(size)
-    scale = 0.6 + 0.5 * snr
-    dark = 1.7 + 1.4 * snr
+    scale = 0.6 + 0.55 * snr
+    dark = 1.8 + 1.6 * snr
     length = _size_px(rng.uniform(5.5, 9.0) * scale, mpp)
     width = _size_px(rng.uniform(1.4, 2.6) * scale, mpp)
     angle = rng.uniform(0, np.pi)

@@ -22,6 +22,8 @@ PERIOD_UM = 512.0
 CELL_UM = 2.0
 """Side of the cells on which tissue class is decided (pixels are painted per cell)."""
 TEXTURE_SEED = 20240517
+JITTER = 0.2
+"""Per-cell jitter of the border warp, relative to its smooth amplitude."""
 """Textures are the same for every slide (slides differ by lookup offsets and stains)."""
 
 
@@ -65,9 +67,13 @@ def periodic_noise(
 
 def _fibres(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
     """Wavy collagen bundles: streaky noise at 4 orientations, blended by slow fields, warped."""
-    thin = 1.6 / mpp
-    long = 28.0 / mpp
-    layers = [periodic_noise(rng, size, thin, long, a) for a in np.linspace(0, np.pi, 4, endpoint=False)]
+    angles = np.linspace(0, np.pi, 4, endpoint=False)
+    # bundles (~3 um wide) with fine fibrils (~1 um) running along them
+    layers = [
+        0.8 * periodic_noise(rng, size, 1.4 / mpp, 24.0 / mpp, a)
+        + 0.6 * periodic_noise(rng, size, 0.5 / mpp, 9.0 / mpp, a)
+        for a in angles
+    ]
     weights = np.stack([periodic_noise(rng, size, 60.0 / mpp) for _ in layers])
     weights = np.exp(2.5 * weights)
     weights /= weights.sum(axis=0, keepdims=True)
@@ -141,6 +147,13 @@ def _fat_walls(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
     return np.clip(wall * 1.6, 0.0, 1.0).astype(np.float32)
 
 
+def _lumens(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
+    """Gland lumens of an adenocarcinoma: rounded clear spaces of ~20-50 um, 0..1 (1 = lumen)."""
+    field = periodic_noise(rng, size, 9.0 / mpp) + 0.25 * periodic_noise(rng, size, 2.5 / mpp)
+    threshold = np.quantile(field, 0.86)
+    return np.clip((field - threshold) * 6.0, 0.0, 1.0).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class TextureBank:
     """Every texture at one resolution. All share period `period` px."""
@@ -152,6 +165,7 @@ class TextureBank:
     fibre_angle: np.ndarray  # int16 per cell: index of the local fibre direction (ANGLES bins)
     granular: np.ndarray
     fat_walls: np.ndarray
+    lumens: np.ndarray  # 0..1, gland lumens inside tumour
     glass_noise: np.ndarray  # uint8 0..4, subtracted from RGB
     warp_y: np.ndarray  # at cell resolution (period // cell), in map px units
     warp_x: np.ndarray
@@ -176,9 +190,11 @@ def texture_bank(mpp: float) -> TextureBank:
         fibre_angle=_fibre_angles(fib, cell, mpp, ANGLES),
         granular=_granular(rng, size, mpp),
         fat_walls=_fat_walls(rng, size, mpp),
+        lumens=_lumens(rng, size, mpp),
         glass_noise=glass,
-        warp_y=periodic_noise(rng, ncell, warp_scale),
-        warp_x=periodic_noise(rng, ncell, warp_scale),
+        # smooth wander plus a per-cell jitter, so class borders are ragged rather than stepped
+        warp_y=periodic_noise(rng, ncell, warp_scale) + JITTER * rng.standard_normal((ncell, ncell), np.float32),
+        warp_x=periodic_noise(rng, ncell, warp_scale) + JITTER * rng.standard_normal((ncell, ncell), np.float32),
     )
 
 

@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
+from nic.artifacts import write_parquet_atomic
 from nic.downstream.dataset import EpochSampler, GridDataset, balanced_weights
-from nic.downstream.evaluate import outputs_to_prediction
+from nic.downstream.evaluate import outputs_to_prediction, predict_slides, prediction_columns
 from nic.downstream.losses import loss_for
 from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
-from nic.downstream.models import build_model
+from nic.downstream.models import build_model, save_model
 from nic.train.common import (
     EarlyStopping,
     broadcast_buffers,
@@ -40,6 +43,8 @@ from nic.train.common import (
 
 STAGE = "train-downstream"
 STATE_FILE = "state.pt"
+PREDICTIONS_FILE = "predictions.parquet"
+MODEL_FILE = "model.pt"
 
 
 @dataclass
@@ -73,6 +78,11 @@ class FoldSpec:
     seed: int = 0
     cache_grids: int = 8
     loader_workers: int = 0
+    # Evaluation of the best model at the end of training (held-out fold and test slides).
+    eval_ids: list[str] = field(default_factory=list)
+    eval_splits: list[str] = field(default_factory=list)  # "cv" or "test", one per eval id
+    tta_crops: int = 10
+    classes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,7 +160,7 @@ def train_fold(config: dict) -> None:
         optimizer, mode="min", factor=0.1, patience=spec.lr_patience, min_lr=spec.min_lr)
     stopper = EarlyStopping(spec.patience, mode="min", min_delta=1e-6)
     loss_fn = loss_for(spec.kind, ties=spec.ties)  # type: ignore[arg-type]
-    epoch, best_state, history = 0, None, []
+    epoch, best_state, history, evaluated = 0, None, [], False
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -160,9 +170,16 @@ def train_fold(config: dict) -> None:
         scheduler.load_state_dict(saved["scheduler"])
         stopper.load_state_dict(saved["early_stopping"])
         epoch, best_state, history = saved["epoch"], saved["best_state"], saved["history"]
+        evaluated = bool(saved.get("evaluated"))
         torch.set_rng_state(saved["torch_rng"])
         if rank == 0:
             send_progress(progress, f"[{STAGE}] fold {spec.fold}: resuming after epoch {epoch}")
+
+    def snapshot(done: bool) -> dict:
+        """Everything needed to resume: last state, best weights so far, history; done = evaluated."""
+        return {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "early_stopping": stopper.state_dict(), "epoch": epoch,
+                "best_state": best_state, "history": history, "torch_rng": torch.get_rng_state(), "evaluated": done}
 
     train_targets = _targets(spec.train_targets, spec.kind, spec.target_mean, spec.target_std)
     train_ds = GridDataset(spec.grids, spec.train_ids, train_targets, spec.crop_size, train=True,
@@ -213,23 +230,53 @@ def train_fold(config: dict) -> None:
             send_progress(progress, epoch_line(f"{STAGE} fold {spec.fold}", epoch, spec.epochs, shown,
                                                metrics["seconds"], note))
             with checkpoint_dir() as folder:
-                save_checkpoint(folder, {
-                    "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "early_stopping": stopper.state_dict(), "epoch": epoch,
-                    "best_state": best_state, "history": history, "torch_rng": torch.get_rng_state(),
-                }, STATE_FILE)
+                save_checkpoint(folder, snapshot(False), STATE_FILE)
                 ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         else:
             ray.train.report(record)
 
+    if evaluated:
+        return
+    # Evaluate the best model once, on rank 0 (within this fold's reserved resources), and report it
+    # as the final checkpoint so the driver gets predictions and weights from Ray's storage.
+    final = {"fold": spec.fold, "epoch": epoch, "evaluated": True}
+    if rank != 0:
+        ray.train.report(final)
+        return
+    started = time.monotonic()
+    best = build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout)
+    best.load_state_dict(best_state if best_state is not None else _unwrap(model).state_dict())
+    best.to(device).eval()
+    with checkpoint_dir() as folder:
+        folder = Path(folder)
+        save_model(folder / MODEL_FILE, best, {
+            "model": spec.model, "in_channels": spec.in_channels, "outputs": spec.outputs, "kind": spec.kind,
+            "dropout": spec.dropout, "crop_size": spec.crop_size, "target_mean": spec.target_mean,
+            "target_std": spec.target_std, "classes": spec.classes, "fold": spec.fold,
+            "best_epoch": stopper.best_epoch,
+        })
+        pred = predict_slides(best, spec.grids, spec.eval_ids, spec.kind, spec.crop_size, spec.tta_crops,
+                              spec.dihedral, spec.seed, device, spec.target_mean, spec.target_std)
+        frame = pd.DataFrame({"slide_id": spec.eval_ids, "split": spec.eval_splits, "fold": spec.fold,
+                              **prediction_columns(spec.kind, pred, spec.classes)})
+        write_parquet_atomic(folder / PREDICTIONS_FILE, pa.Table.from_pandas(frame, preserve_index=False))
+        save_checkpoint(folder, snapshot(True), STATE_FILE)
+        final["eval_seconds"] = round(time.monotonic() - started, 2)
+        send_progress(progress, f"[{STAGE} fold {spec.fold}] evaluated {len(spec.eval_ids)} slides x "
+                      f"{spec.tta_crops * (8 if spec.dihedral else 1)} views ({final['eval_seconds']:.1f} s)")
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
 
-def read_checkpoint(checkpoint) -> dict:
-    """What a fold's checkpoint holds: 'best_state' (weights of the best epoch), 'history',
-    'epoch', 'early_stopping' (best value, best epoch, bad epochs)."""
-    saved = load_checkpoint(checkpoint, STATE_FILE)
-    if saved.get("best_state") is None:
-        saved["best_state"] = saved["model"]
-    return saved
+
+def read_fold_result(checkpoint) -> dict:
+    """What a finished fold's final checkpoint holds: 'state' (history, epoch, early_stopping...),
+    'predictions' (DataFrame of the held-out and test slides) and 'model' (the bytes of model.pt)."""
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        state = load_checkpoint(folder, STATE_FILE)
+        if not state.get("evaluated") or not (folder / PREDICTIONS_FILE).exists():
+            raise RuntimeError("the fold's last checkpoint has no evaluation (training did not finish)")
+        return {"state": state, "predictions": pd.read_parquet(folder / PREDICTIONS_FILE),
+                "model": (folder / MODEL_FILE).read_bytes()}
 
 
 def fit_fold(

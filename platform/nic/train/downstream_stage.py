@@ -6,11 +6,18 @@ more than one fold's workers) -> each fold's best model predicts its held-out sl
 set) with test-time averaging -> pooled out-of-fold metrics with bootstrap CIs, plots, and
 predictions.parquet.
 
-Folds are launched from Ray tasks (zero CPUs: they only drive a trainer), at most as many at a time
-as the cluster has resources for, because a TorchTrainer waits for its workers' resources and
-launching more would only queue them. On a 2-CPU machine with 1 worker per fold that is 2 folds at
-once. Every finished fold leaves out/folds/fold_<k>/ (model.pt, predictions.parquet, fold.json,
-written last); a re-run skips those and resumes unfinished folds from their Ray Train checkpoints.
+Folds are launched from driver threads (TorchTrainer.fit() only waits on its controller actor, so a
+thread per fold costs neither a process nor a CPU; Ray Tune launches trainers the same way from its
+trials), at most as many at a time as the cluster has resources for, because a trainer waits for
+its workers' resources and launching more would only queue them. On a 2-CPU machine with 1 worker
+per fold that is 2 folds at once. A fold's rank-0 worker evaluates the best model when training ends (inside the fold's own
+resource reservation, with torch already loaded) and reports predictions and weights as the final
+checkpoint; the driver writes out/folds/fold_<k>/ (model.pt, predictions.parquet, then fold.json).
+A re-run skips complete folds and resumes the others from their Ray Train checkpoints (a fold that
+finished training but not its evaluation only evaluates).
+
+Pooled out-of-fold metrics are the headline (every slide predicted by a model that never saw its
+patient); per-fold values of the primary metric are in each fold's record too.
 """
 
 from __future__ import annotations
@@ -87,18 +94,22 @@ def _targets_of(labels: Labels, ids: pd.Index) -> dict[str, list]:
 
 
 def build_fold_specs(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFrame, info: dict,
-                     crop_size: int) -> list[tuple[FoldSpec, list[str]]]:
-    """(spec, held-out slide ids) of every fold: train = the other CV folds minus a grouped,
-    stratified validation part."""
+                     crop_size: int) -> list[FoldSpec]:
+    """The spec of every fold: train = the other CV folds minus a grouped, stratified validation
+    part; evaluated = the held-out fold and the fixed test set. A survival validation part without
+    events cannot rank anything, so such a fold monitors its training loss instead."""
     frame = labels.frame.merge(splits[["slide_id", "fold"]], on="slide_id")
     strata_col = {"binary": "target", "multiclass": "target", "survival": "event"}.get(labels.kind)
     out = []
     for k in range(config.folds):
         train = frame[(frame["fold"] != k) & (frame["fold"] != TEST_FOLD)]
         held = frame[frame["fold"] == k]["slide_id"].tolist()
+        test = frame[frame["fold"] == TEST_FOLD]["slide_id"].tolist()
         strata = None if strata_col is None else train[strata_col].to_numpy().astype(int)
         val_mask = train_val_split(train["patient_id"].to_numpy(), strata, config.val_fraction, config.seed + k)
         fit, val = train[~val_mask], train[val_mask]
+        if labels.kind == "survival" and len(val) and val["event"].sum() == 0:
+            fit, val = train, train.iloc[:0]
         mean, std = 0.0, 1.0
         if labels.kind == "regression":
             mean = float(fit["target"].mean())
@@ -112,81 +123,32 @@ def build_fold_specs(config: TrainDownstreamConfig, labels: Labels, splits: pd.D
             lr_patience=config.lr_patience, patience=config.patience, l2=config.l2, dropout=config.dropout,
             dihedral=config.dihedral, balanced=config.balanced, ties=config.ties, target_mean=mean,
             target_std=std, seed=config.seed + 101 * k, cache_grids=config.cache_grids,
-            loader_workers=config.loader_workers,
+            loader_workers=config.loader_workers, eval_ids=held + test,
+            eval_splits=["cv"] * len(held) + ["test"] * len(test), tta_crops=config.tta_crops,
+            classes=labels.classes,
         )
-        out.append((spec, held))
+        out.append(spec)
     return out
 
 
-def _prediction_columns(kind: str, pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    if kind == "multiclass":
-        cols = {f"prob_{c}": pred[:, i] for i, c in enumerate(classes)}
-        cols["prediction"] = pred.argmax(axis=1).astype(float)
-        return cols
-    cols = {"prediction": pred.astype(float)}
-    if kind == "binary":
-        cols["predicted_class"] = (pred >= 0.5).astype(int)
-    return cols
-
-
-def evaluate_fold(spec_dict: dict, best_state: dict, held_ids: list[str], test_ids: list[str], crop_size: int,
-                  tta_crops: int, dihedral: bool, seed: int, classes: list[str], fold_dir: str,
-                  use_gpu: bool = False) -> str:
-    """Save the fold's best model and its test-time averaged predictions; returns the predictions path."""
-    import torch
-
-    from nic.downstream.evaluate import predict_slides
-    from nic.downstream.models import build_model, save_model
+def run_fold(spec_dict: dict, run: dict) -> dict:
+    """Train or resume one fold (a TorchTrainer run); its workers evaluate the best model at the
+    end. Returns the fold's record, predictions and model bytes (the driver writes them); errors
+    are recorded in the record, not raised, so the other folds finish."""
+    from nic.train.downstream_loop import fit_fold, read_fold_result
 
     spec = FoldSpec(**spec_dict)
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    model = build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout)
-    model.load_state_dict(best_state)
-    model.to(device).eval()
-    folder = Path(fold_dir)
-    save_model(folder / "model.pt", model, {
-        "model": spec.model, "in_channels": spec.in_channels, "outputs": spec.outputs, "kind": spec.kind,
-        "dropout": spec.dropout, "crop_size": crop_size, "target_mean": spec.target_mean,
-        "target_std": spec.target_std, "classes": classes, "fold": spec.fold,
-    })
-    rows = []
-    for split, ids in (("cv", held_ids), ("test", test_ids)):
-        if not ids:
-            continue
-        pred = predict_slides(model, spec.grids, ids, spec.kind, crop_size, tta_crops, dihedral, seed, device,
-                              spec.target_mean, spec.target_std)
-        frame = pd.DataFrame({"slide_id": ids, "split": split, "fold": spec.fold,
-                              **_prediction_columns(spec.kind, pred, classes)})
-        rows.append(frame)
-    table = pa.Table.from_pandas(pd.concat(rows, ignore_index=True), preserve_index=False)
-    path = folder / "predictions.parquet"
-    write_parquet_atomic(path, table)
-    return str(path)
-
-
-def run_fold(spec_dict: dict, held_ids: list[str], test_ids: list[str], run: dict) -> dict:
-    """Ray task: train (or resume) one fold, then evaluate its best model in a task of its own
-    (so evaluation reserves the CPUs it uses). Returns the fold's record (also fold.json)."""
-    import ray
-
-    from nic.train.downstream_loop import fit_fold, read_checkpoint
-
-    spec = FoldSpec(**spec_dict)
-    fold_dir = Path(run["fold_dir"])
-    fold_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     record: dict[str, Any] = {"fold": spec.fold, "run_hash": run["run_hash"], "train_slides": len(spec.train_ids),
-                              "val_slides": len(spec.val_ids), "held_out_slides": len(held_ids)}
+                              "val_slides": len(spec.val_ids), "held_out_slides": spec.eval_splits.count("cv")}
+    predictions, model = None, None
     try:
         result = fit_fold(spec, run["storage_path"], run["name"], run["num_workers"], run["use_gpu"],
                           run["cpus_per_worker"], run["max_failures"], progress=run.get("progress"))
         if result.checkpoint is None:
             raise RuntimeError("training reported no checkpoint")
-        state = read_checkpoint(result.checkpoint)
-        options = {"num_cpus": run["cpus_per_worker"], "num_gpus": 1 if run["use_gpu"] else 0}
-        ray.get(ray.remote(evaluate_fold).options(**options).remote(
-            spec_dict, state["best_state"], held_ids, test_ids, run["crop_size"], run["tta_crops"],
-            run["dihedral"], run["seed"], run["classes"], str(fold_dir), run["use_gpu"]))
+        fold = read_fold_result(result.checkpoint)
+        state, predictions, model = fold["state"], fold["predictions"], fold["model"]
         stopping = state["early_stopping"]
         record.update(status=STATUS_OK, best_epoch=stopping["best_epoch"], epochs_run=state["epoch"],
                       best_loss=stopping["best"], stopped_early=state["epoch"] < spec.epochs,
@@ -194,6 +156,16 @@ def run_fold(spec_dict: dict, held_ids: list[str], test_ids: list[str], run: dic
     except Exception as exc:  # a failed fold is recorded; the other folds still finish
         record.update(status=STATUS_FAILED, reason=f"{type(exc).__name__}: {exc}")
     record["seconds"] = round(time.monotonic() - started, 2)
+    return {"record": record, "predictions": predictions, "model": model}
+
+
+def _write_fold(fold_dir: Path, outcome: dict) -> dict:
+    """model.pt and predictions.parquet first, fold.json last: a fold folder with fold.json is complete."""
+    record = outcome["record"]
+    if record["status"] == STATUS_OK:
+        write_bytes_atomic(fold_dir / "model.pt", outcome["model"])
+        write_parquet_atomic(fold_dir / "predictions.parquet",
+                             pa.Table.from_pandas(outcome["predictions"], preserve_index=False))
     write_json_atomic(fold_dir / "fold.json", record)
     return record
 
@@ -222,47 +194,46 @@ def _parallel_folds(config: TrainDownstreamConfig) -> int:
     return max(1, min(n, config.folds))
 
 
-def _run_all_folds(config: TrainDownstreamConfig, specs: list[tuple[FoldSpec, list[str]]], test_ids: list[str],
-                   run: dict, run_hash: str) -> list[dict]:
-    import ray
+def _run_all_folds(config: TrainDownstreamConfig, specs: list[FoldSpec], run: dict, run_hash: str) -> list[dict]:
+    """Run the unfinished folds, `_parallel_folds` at a time, from driver threads: fit() only waits
+    on its trainer's controller actor, so a thread per fold costs no process and no CPU."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from nic.runtime import Progress
 
     records: dict[int, dict] = {}
     queue = []
-    for spec, held in specs:
+    for spec in specs:
         fold_dir = Path(config.out) / "folds" / f"fold_{spec.fold}"
         done = _load_done_fold(fold_dir, run_hash)
         if done is not None:
             records[spec.fold] = done
         else:
-            queue.append((spec, held, fold_dir))
+            queue.append((spec, fold_dir))
     if records:
         _say(f"{len(records)} fold(s) already complete, skipping: {sorted(records)}")
+    if not queue:
+        return [records[k] for k in sorted(records)]
     progress = Progress(STAGE, total=len(specs), unit="folds")
     progress.update(len(records), force=True)
     limit = _parallel_folds(config)
-    task = ray.remote(run_fold).options(num_cpus=0, max_retries=0)
-    pending: dict = {}
-    while queue or pending:
-        while queue and len(pending) < limit:
-            spec, held, fold_dir = queue.pop(0)
-            fold_run = dict(run, fold_dir=str(fold_dir), name=f"{run['name_prefix']}-fold{spec.fold}")
-            pending[task.remote(spec.to_dict(), held, test_ids, fold_run)] = spec.fold
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            fold = pending.pop(ref)
-            try:
-                records[fold] = ray.get(ref)
-            except Exception as exc:  # the task itself died (node lost); fold.json may be missing
-                records[fold] = {"fold": fold, "status": STATUS_FAILED, "reason": f"{type(exc).__name__}: {exc}"}
-            rec = records[fold]
-            extra = f"fold {fold} {rec['status']}"
-            if rec["status"] == STATUS_OK:
-                extra += f" (best epoch {rec['best_epoch']}/{rec['epochs_run']})"
-            else:
-                extra += f": {rec['reason'][:300]}"
-            progress.update(len(records), extra=extra, force=True)
+    with ThreadPoolExecutor(max_workers=limit, thread_name_prefix="nic-fold") as pool:
+        pending = {}
+        for spec, fold_dir in queue:
+            fold_run = dict(run, name=f"{run['name_prefix']}-fold{spec.fold}")
+            pending[pool.submit(run_fold, spec.to_dict(), fold_run)] = (spec.fold, fold_dir)
+        while pending:
+            finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for future in finished:
+                fold, fold_dir = pending.pop(future)
+                records[fold] = _write_fold(fold_dir, future.result())  # run_fold records its own errors
+                rec = records[fold]
+                extra = f"fold {fold} {rec['status']}"
+                if rec["status"] == STATUS_OK:
+                    extra += f" (best epoch {rec['best_epoch']}/{rec['epochs_run']})"
+                else:
+                    extra += f": {rec['reason'][:300]}"
+                progress.update(len(records), extra=extra, force=True)
     return [records[k] for k in sorted(records)]
 
 
@@ -395,11 +366,10 @@ def run_train_downstream(config: TrainDownstreamConfig) -> int:
          f"{f', {len(test_ids)} test slides' if test_ids else ''}, model {config.model}, crop {crop_size}")
     run = {"run_hash": run_hash, "storage_path": str(storage), "name_prefix": name_prefix,
            "num_workers": config.num_workers, "use_gpu": config.use_gpu, "cpus_per_worker": config.cpus_per_worker,
-           "max_failures": config.max_failures, "crop_size": crop_size, "tta_crops": config.tta_crops,
-           "dihedral": config.dihedral, "seed": config.seed, "classes": labels.classes}
+           "max_failures": config.max_failures}
     with ProgressRelay() as relay:
         run["progress"] = relay.queue
-        records = _run_all_folds(config, specs, test_ids, run, run_hash)
+        records = _run_all_folds(config, specs, run, run_hash)
     failed = [r for r in records if r["status"] != STATUS_OK]
 
     predictions = _aggregate_predictions(config, labels, records)
@@ -411,6 +381,12 @@ def run_train_downstream(config: TrainDownstreamConfig) -> int:
         "folds": [{k: v for k, v in r.items() if k != "history"} for r in records],
     }
     if len(predictions):
+        primary_name = PRIMARY_METRIC[labels.kind]
+        for rec in result["folds"]:
+            part = predictions[(predictions["split"] == "cv") & (predictions["fold"] == rec["fold"])]
+            if rec["status"] == STATUS_OK and len(part):
+                value = _split_metrics(labels.kind, part, labels, 0, config.seed)[primary_name]["value"]
+                rec[f"cv_{primary_name}"] = value
         for split in ("cv", "test"):
             part = predictions[predictions["split"] == split]
             if not len(part):

@@ -1,0 +1,454 @@
+"""`nic synth`: generate a synthetic cohort on Ray, one task per slide and per patch chunk.
+
+Cohort folder:
+
+    slides/S0000.tiff ...   pyramidal tiled-JPEG TIFFs (OpenSlide generic-tiff, mpp in the file)
+    slides/S0000.json ...   per-slide sidecar written after its TIFF: spec hash, sha256, statistics
+    labels.csv              slide_id, patient_id, path, proliferation, growth_pattern, time, event, ...
+    truth.json              every hidden parameter, the hazard model, the generator version and seed
+    tasks.yaml              the patch tasks for `nic.patches`
+    patches/...             one dataset per task (folders of PNG, HDF5, CSV manifest)
+    config.yaml             the resolved config
+    cohort.json             written last: what was made, per slide and task status
+
+Deterministic: every slide and patch chunk has its own seed derived from the master seed, so
+outputs do not depend on which worker runs what, and the same seed gives byte-identical slides,
+labels and patches. Re-running skips slides whose sidecar matches their spec and whose file is
+intact, and patch tasks whose sidecar matches.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from nic.artifacts import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    atomic_path,
+    clean_stale_temporaries,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from nic.config.base import dump_config
+from nic.config.synth import SynthConfig
+from nic.synth.labels import (
+    NECROSIS_MEAN,
+    NECROSIS_SD,
+    TIL_MEAN,
+    TIL_SD,
+    covariates,
+    hazard_coefficients,
+    plan_cohort,
+    targets,
+)
+from nic.synth.params import CLASSES, GENERATOR_VERSION, SlideParams
+from nic.synth.patches import SPLITS, TASKS, Chunk, plan_chunks, render_chunk, write_pngs
+
+SLIDES_DIR = "slides"
+PATCHES_DIR = "patches"
+LABEL_COLUMNS = (
+    "slide_id", "patient_id", "path", "proliferation", "growth_pattern", "growth_pattern_name",
+    "time", "event", "width", "height", "mpp",
+)
+
+
+def spec_hash(obj: Any) -> str:
+    """Hash of what determines an output (its parameters and the generator version)."""
+    text = json.dumps({"generator": GENERATOR_VERSION, "spec": obj}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _slide_spec(params: SlideParams, config: SynthConfig) -> dict:
+    return {"params": params.to_dict(), "tile_size": config.render.tile_size, "quality": config.render.quality}
+
+
+def render_slide(params_dict: dict, out: str, tile_size: int, quality: int, spec: str) -> dict:
+    """Render one slide to slides/<id>.tiff, then its sidecar; return the sidecar (Ray task body)."""
+    from nic.synth.render import Scene
+    from nic.synth.tiff_writer import write_pyramidal_tiff
+
+    start = time.monotonic()
+    params = SlideParams.from_dict(params_dict)
+    scene = Scene(params)
+    path = Path(out) / SLIDES_DIR / f"{params.slide_id}.tiff"
+    with atomic_path(path) as tmp:
+        dims = write_pyramidal_tiff(
+            tmp, params.width, params.height, scene.render, mpp=params.mpp, tile_size=tile_size, quality=quality
+        )
+    counts = scene.count_nuclei()
+    fractions = scene.layout.fractions()
+    tumour_area_mm2 = fractions["tumour"] * (1 - fractions["background"]) * params.width * params.height * (
+        params.mpp / 1000.0
+    ) ** 2
+    sidecar = {
+        "slide_id": params.slide_id,
+        "spec": spec,
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+        "levels": [list(d) for d in dims],
+        "seconds": round(time.monotonic() - start, 3),
+        "realised": {
+            "class_fractions": {k: round(float(v), 6) for k, v in fractions.items()},
+            "nuclei": counts,
+            "mitoses_per_mm2_tumour": round(counts["mitosis"] / tumour_area_mm2, 4) if tumour_area_mm2 else 0.0,
+            "mitotic_fraction": round(counts["mitosis"] / max(1, counts["mitosis"] + counts["tumour"]), 6),
+        },
+    }
+    write_json_atomic(path.with_suffix(".json"), sidecar)
+    return sidecar
+
+
+def render_patch_chunk(config_dict: dict, chunk: Chunk, staging: str) -> dict:
+    """Render one chunk of patches; image formats are written here, arrays returned for HDF5."""
+    config = SynthConfig.model_validate(config_dict)
+    x, y = render_chunk(config, chunk)
+    spec = TASKS[chunk.task]
+    if spec.format == "hdf5":
+        return {"x": x, "y": y}
+    folder = Path(staging) / (chunk.split if spec.format == "folder" else "")
+    names = write_pngs(folder, chunk.task, chunk.split, chunk.first_patch, x, y)
+    return {"names": names, "y": y}
+
+
+def _slide_is_complete(out: Path, slide_id: str, spec: str) -> dict | None:
+    """The sidecar of a slide if it matches `spec` and its TIFF is intact, else None."""
+    tiff = out / SLIDES_DIR / f"{slide_id}.tiff"
+    sidecar_path = tiff.with_suffix(".json")
+    if not (tiff.exists() and sidecar_path.exists()):
+        return None
+    try:
+        sidecar = read_json(sidecar_path)
+    except (OSError, ValueError):
+        return None
+    if sidecar.get("spec") != spec or sidecar.get("bytes") != tiff.stat().st_size:
+        return None
+    if sidecar.get("sha256") != file_sha256(tiff):
+        return None
+    return sidecar
+
+
+def _patch_spec(config: SynthConfig, task: str) -> str:
+    return spec_hash(
+        {
+            "task": task,
+            "seed": config.seed,
+            "patches": config.patches.model_dump(mode="json", exclude={"tasks"}),
+            "signal": config.signal.model_dump(mode="json"),
+            "stain_variation": config.render.stain_variation,
+        }
+    )
+
+
+def _task_is_complete(out: Path, task: str, spec: str) -> bool:
+    sidecar = out / PATCHES_DIR / f"{task}.json"
+    if not sidecar.exists():
+        return False
+    try:
+        data = read_json(sidecar)
+    except (OSError, ValueError):
+        return False
+    return data.get("spec") == spec and all((out / p).exists() for p in (TASKS[task].path, TASKS[task].val_path))
+
+
+def _write_h5(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """PCam layout: `x` (N, px, px, 3) uint8, `y` (N, 1, 1, 1) uint8; no timestamps (determinism)."""
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", libver="earliest") as f:
+            f.create_dataset("x", data=x, dtype="uint8", chunks=(min(len(x), 32), *x.shape[1:]) if len(x) else None,
+                             compression="gzip", compression_opts=4, track_times=False)
+            f.create_dataset("y", data=y.astype(np.uint8).reshape(-1, 1, 1, 1), track_times=False)
+
+
+def _csv_text(rows: list[dict], columns: tuple[str, ...] | list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row[k] for k in columns})
+    return buf.getvalue()
+
+
+def _finish_patch_task(out: Path, task: str, results: dict[str, list[dict]], spec: str) -> dict:
+    """Move a task's staged files into place, write its HDF5/manifest, then its sidecar (last)."""
+    tspec = TASKS[task]
+    patches = out / PATCHES_DIR
+    staging = patches / f".{task}.staging"
+    counts = {}
+    for split in SPLITS:
+        parts = results.get(split, [])
+        y = np.concatenate([p["y"] for p in parts]) if parts else np.zeros(0, np.float32)
+        counts[split] = int(len(y))
+        target = out / (tspec.path if split == "train" else tspec.val_path)
+        if tspec.format == "hdf5":
+            x = np.concatenate([p["x"] for p in parts]) if parts else np.zeros((0, 0, 0, 3), np.uint8)
+            _write_h5(target, x, y)
+        elif tspec.format == "folder":
+            source = staging / split
+            source.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+        else:  # manifest: images/ next to the CSVs, paths relative to the manifest
+            names = [n for p in parts for n in p["names"]]
+            rows = [{"path": n, "label": repr(float(v))} for n, v in zip(names, y)]
+            write_bytes_atomic(staging / f"{split}.csv", _csv_text(rows, ("path", "label")).encode())
+    if tspec.format == "manifest":
+        target_dir = out / Path(tspec.path).parent
+        if target_dir.exists():
+            shutil.rmtree(target_dir)
+        os.replace(staging, target_dir)
+    elif staging.exists():
+        shutil.rmtree(staging)
+    summary = {"name": task, "spec": spec, "format": tspec.format, "train": counts["train"], "val": counts["val"]}
+    if tspec.kind != "regression":
+        summary["class_counts"] = {
+            split: np.bincount(
+                np.concatenate([p["y"] for p in results.get(split, [])]).astype(int)
+                if results.get(split) else np.zeros(0, int),
+                minlength=len(tspec.classes),
+            ).tolist()
+            for split in SPLITS
+        }
+    write_json_atomic(patches / f"{task}.json", summary)
+    return summary
+
+
+def _tasks_yaml(config: SynthConfig) -> str:
+    tasks = [TASKS[name].to_yaml_dict() for name in config.patches.tasks]
+    return yaml.safe_dump({"tasks": tasks}, sort_keys=False)
+
+
+def _remove_stale_slides(out: Path, keep: set[str]) -> None:
+    """Slides of an earlier, larger run with another plan would be picked up downstream: drop them."""
+    folder = out / SLIDES_DIR
+    if not folder.exists():
+        return
+    for path in folder.glob("S*.tiff"):
+        if path.stem not in keep:
+            path.unlink()
+            path.with_suffix(".json").unlink(missing_ok=True)
+
+
+def run_synth(config: SynthConfig) -> int:
+    """Generate (or complete) the cohort in `config.out`; 0 on success."""
+    import ray
+
+    from nic.runtime import Progress, connect
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out)
+    for stale in (out / PATCHES_DIR).glob(".*.staging") if (out / PATCHES_DIR).exists() else []:
+        shutil.rmtree(stale)
+    write_bytes_atomic(out / "config.yaml", dump_config(config).encode())
+
+    slides, patients = plan_cohort(config)
+    _remove_stale_slides(out, {s.slide_id for s in slides})
+    specs = {s.slide_id: spec_hash(_slide_spec(s, config)) for s in slides}
+    sidecars: dict[str, dict] = {}
+    status: dict[str, dict] = {}
+    todo: list[SlideParams] = []
+    for s in slides:
+        done = _slide_is_complete(out, s.slide_id, specs[s.slide_id])
+        if done is not None:
+            sidecars[s.slide_id] = done
+            status[s.slide_id] = {"status": STATUS_SKIPPED, "reason": "already complete and verified"}
+        else:
+            todo.append(s)
+
+    task_specs = {t: _patch_spec(config, t) for t in config.patches.tasks}
+    patch_todo = [t for t in config.patches.tasks if not _task_is_complete(out, t, task_specs[t])]
+    chunks = [c for c in plan_chunks(config) if c.task in patch_todo]
+    total = len(todo) + len(chunks)
+    progress = Progress("synth", total=total, unit="tasks")
+    task_status: dict[str, dict] = {
+        t: {"status": STATUS_SKIPPED, "reason": "already complete"} for t in config.patches.tasks if t not in patch_todo
+    }
+
+    if total:
+        connect(config.ray, config.verbose)
+        remote_slide = ray.remote(num_cpus=1, max_retries=0)(render_slide)
+        remote_chunk = ray.remote(num_cpus=1, max_retries=0)(render_patch_chunk)
+        config_dict = config.model_dump(mode="json")
+        pending: dict[Any, tuple[str, Any]] = {}
+        # biggest slides first, so the tail of the run is short tasks
+        for s in sorted(todo, key=lambda p: -p.width * p.height):
+            ref = remote_slide.remote(
+                s.to_dict(), str(out), config.render.tile_size, config.render.quality, specs[s.slide_id]
+            )
+            pending[ref] = ("slide", s.slide_id)
+        for task in patch_todo:
+            staging = out / PATCHES_DIR / f".{task}.staging"
+            staging.mkdir(parents=True, exist_ok=True)
+        for c in chunks:
+            staging = out / PATCHES_DIR / f".{c.task}.staging"
+            pending[remote_chunk.remote(config_dict, c, str(staging))] = ("chunk", c)
+        chunk_results: dict[str, dict[str, dict[int, dict]]] = {t: {s: {} for s in SPLITS} for t in patch_todo}
+        failed_tasks: set[str] = set()
+        done_slides = done_chunks = processed = 0
+        refs = list(pending)
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=1)
+            kind, item = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except Exception as exc:  # a task failed: record why, keep going
+                reason = _short_error(exc)
+                if kind == "slide":
+                    status[item] = {"status": STATUS_FAILED, "reason": reason}
+                else:
+                    failed_tasks.add(item.task)
+                    task_status[item.task] = {"status": STATUS_FAILED, "reason": reason}
+                result = None
+            if result is not None:
+                if kind == "slide":
+                    sidecars[item] = result
+                    status[item] = {"status": STATUS_OK, "reason": ""}
+                    done_slides += 1
+                else:
+                    chunk_results[item.task][item.split][item.index] = result
+                    done_chunks += 1
+            processed += 1
+            progress.update(
+                processed,
+                extra=f"slides {done_slides}/{len(todo)}, patch chunks {done_chunks}/{len(chunks)}",
+            )
+        for task in patch_todo:
+            if task in failed_tasks:
+                continue
+            ordered = {split: [chunk_results[task][split][i] for i in sorted(chunk_results[task][split])]
+                       for split in SPLITS}
+            summary = _finish_patch_task(out, task, ordered, task_specs[task])
+            task_status[task] = {"status": STATUS_OK, "reason": "", "train": summary["train"], "val": summary["val"]}
+        progress.finish(extra=f"slides {done_slides}/{len(todo)}, patch chunks {done_chunks}/{len(chunks)}")
+
+    _write_labels_and_truth(out, config, slides, patients, sidecars)
+    write_bytes_atomic(out / "tasks.yaml", _tasks_yaml(config).encode())
+    ok_slides = [s.slide_id for s in slides if status[s.slide_id]["status"] != STATUS_FAILED]
+    cohort = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": config.seed,
+        "config_hash": spec_hash(config.model_dump(mode="json", exclude={"ray", "verbose", "out", "strict"})),
+        "slides": [
+            {
+                "slide_id": s.slide_id,
+                "patient_id": s.patient_id,
+                "path": f"{SLIDES_DIR}/{s.slide_id}.tiff",
+                "width": s.width,
+                "height": s.height,
+                "mpp": s.mpp,
+                **status[s.slide_id],
+                **({k: sidecars[s.slide_id][k] for k in ("bytes", "sha256", "levels", "seconds")}
+                   if s.slide_id in sidecars else {}),
+            }
+            for s in slides
+        ],
+        "patch_tasks": [{"name": t, **task_status.get(t, {})} for t in config.patches.tasks],
+        "files": {"labels": "labels.csv", "truth": "truth.json", "tasks": "tasks.yaml", "config": "config.yaml"},
+    }
+    write_json_atomic(out / "cohort.json", cohort)
+    n_failed = len(slides) - len(ok_slides) + sum(1 for v in task_status.values() if v["status"] == STATUS_FAILED)
+    for s in slides:
+        if status[s.slide_id]["status"] == STATUS_FAILED:
+            print(f"[synth] slide {s.slide_id} failed: {status[s.slide_id]['reason']}", flush=True)
+    print(f"[synth] cohort in {out}: {len(ok_slides)}/{len(slides)} slides, "
+          f"{sum(1 for v in task_status.values() if v['status'] != STATUS_FAILED)}/{len(config.patches.tasks)} "
+          f"patch tasks", flush=True)
+    if not ok_slides or (config.strict and n_failed):
+        return 1
+    return 0
+
+
+def _short_error(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    text = f"{type(cause).__name__}: {cause}"
+    if len(text) > 500:
+        text = text[:500] + "..."
+    if os.environ.get("NIC_DEBUG"):
+        traceback.print_exception(exc)
+    return text
+
+
+def _write_labels_and_truth(
+    out: Path, config: SynthConfig, slides: list[SlideParams], patients: dict, sidecars: dict[str, dict]
+) -> None:
+    rows, truth_slides = [], []
+    for s in slides:
+        patient = patients[s.patient_id]
+        t = targets(patient, config)
+        rows.append(
+            {
+                "slide_id": s.slide_id,
+                "patient_id": s.patient_id,
+                "path": f"{SLIDES_DIR}/{s.slide_id}.tiff",
+                "proliferation": repr(round(t["proliferation"], 6)),
+                "growth_pattern": t["growth_pattern"],
+                "growth_pattern_name": t["growth_pattern_name"],
+                "time": repr(round(t["time"], 4)),
+                "event": t["event"],
+                "width": s.width,
+                "height": s.height,
+                "mpp": s.mpp,
+            }
+        )
+        realised = sidecars.get(s.slide_id, {}).get("realised")
+        truth_slides.append(
+            {"params": s.to_dict(), "targets": t, "covariates": covariates(patient), "realised": realised}
+        )
+    write_bytes_atomic(out / "labels.csv", _csv_text(rows, LABEL_COLUMNS).encode())
+    truth = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": config.seed,
+        "config": config.model_dump(mode="json", exclude={"ray", "verbose", "out"}),
+        "classes": list(CLASSES),
+        "proliferation": {
+            "definition": "proliferation = log_mitotic_z + proliferation_noise_sd * proliferation_noise; "
+            "mitotic_fraction = median * exp(spread * log_mitotic_z) * (0.3 + 0.7 * snr)",
+            "median_mitotic_fraction": config.signal.mitotic_fraction,
+            "spread": config.signal.mitotic_spread,
+            "proliferation_noise_sd": config.signal.proliferation_noise,
+        },
+        "survival": {
+            "model": "Weibull proportional hazards: S(t|x) = exp(-(t / scale)^shape * exp(beta . x)); "
+            "event_time = scale * (-log(event_u) / exp(beta . x))^(1 / shape); "
+            "time = min(event_time, min(follow_up, dropout)); event = event_time <= min(follow_up, dropout)",
+            "coefficients": hazard_coefficients(config),
+            "shape": config.survival.weibull_shape,
+            "scale_months": config.survival.weibull_scale_months,
+            "follow_up_months": config.survival.follow_up_months,
+            "covariates": {
+                "proliferation": "log_mitotic_z (standard normal)",
+                "desmoplastic": "1 if growth_pattern == desmoplastic else 0",
+                "til": f"(til_density - {TIL_MEAN}) / {TIL_SD}",
+                "necrosis": f"(necrosis_fraction - {NECROSIS_MEAN:.6g}) / {NECROSIS_SD:.6g}",
+            },
+        },
+        "patients": [patients[k].to_dict() for k in sorted(patients)],
+        "slides": truth_slides,
+    }
+    write_json_atomic(out / "truth.json", truth)

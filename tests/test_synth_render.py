@@ -1,0 +1,149 @@
+"""The slide renderer: pixels are a pure function of position, tissue is detectable, colours are H&E."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.color import rgb2hsv
+from skimage.filters import threshold_otsu
+
+from nic.synth.layout import build_layout
+from nic.synth.params import (
+    BACKGROUND,
+    CLASSES,
+    LYMPHOCYTES,
+    STROMA,
+    TUMOUR,
+    Artefacts,
+    SlideParams,
+)
+from nic.synth.render import KIND_LYMPHOCYTE, KIND_MITOSIS, KIND_TUMOUR, KINDS, Scene
+from nic.synth.stain import E_REF, H_REF, Stain, sample_stain
+from nic.synth.textures import period_px
+
+
+def make_params(**overrides) -> SlideParams:
+    values = dict(
+        slide_id="T",
+        patient_id="P",
+        seed=11,
+        width=1400,
+        height=1200,
+        mpp=0.5,
+        stain=sample_stain(np.random.default_rng(5)),
+        growth_pattern="desmoplastic",
+        mitotic_fraction=0.02,
+        til_density=0.5,
+        texture_offset=(37.0, 101.0),
+    )
+    values.update(overrides)
+    return SlideParams(**values)
+
+
+@pytest.fixture(scope="module")
+def scene_with_artefacts() -> Scene:
+    return Scene(make_params(artefacts=Artefacts(pen=True, fold=True, blur=True, blur_sigma_um=1.5)))
+
+
+def test_region_pixels_do_not_depend_on_how_the_slide_is_cut(scene_with_artefacts):
+    scene = scene_with_artefacts
+    assert scene.layout.has_pen and scene.layout.has_fold and scene.layout.has_blur
+    whole = scene.render(0, 0, scene.height, scene.width)
+    # odd cuts that cross cells, texture periods, nucleus blocks and artefact boxes
+    ys = [0, 77, 301, 640, 1001, scene.height]
+    xs = [0, 130, 555, 999, 1203, scene.width]
+    pieces = np.zeros_like(whole)
+    for y0, y1 in zip(ys[:-1], ys[1:]):
+        for x0, x1 in zip(xs[:-1], xs[1:]):
+            pieces[y0:y1, x0:x1] = scene.render(y0, x0, y1 - y0, x1 - x0)
+    assert np.array_equal(whole, pieces)
+
+
+def test_same_params_same_pixels_and_other_seed_differs():
+    a = Scene(make_params()).render(200, 300, 256, 256)
+    b = Scene(make_params()).render(200, 300, 256, 256)
+    c = Scene(make_params(seed=12)).render(200, 300, 256, 256)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_tissue_is_found_by_a_saturation_otsu_mask():
+    scene = Scene(make_params())
+    image = scene.render(0, 0, scene.height, scene.width)[::4, ::4]
+    classes = scene.classes(0, 0, scene.height, scene.width)[::4, ::4]
+    saturation = rgb2hsv(image)[..., 1]
+    mask = saturation > max(threshold_otsu(saturation), 0.05)
+    tissue = classes != BACKGROUND
+    assert 0.15 < tissue.mean() < 0.85
+    agreement = (mask == tissue).mean()
+    assert agreement > 0.9, f"saturation mask agrees with the tissue map on only {agreement:.2%}"
+    # background is near-white glass
+    assert image[~tissue].mean() > 225
+    assert image[tissue].mean() < image[~tissue].mean() - 20
+
+
+def test_classes_and_nuclei_follow_the_layout():
+    scene = Scene(make_params())
+    classes = scene.classes(0, 0, scene.height, scene.width)
+    fractions = np.bincount(classes.ravel(), minlength=len(CLASSES)) / classes.size
+    assert fractions[TUMOUR] > 0.05 and fractions[STROMA] > 0.05
+    nuclei = scene.nuclei(0, 0, scene.height, scene.width)
+    assert len(nuclei) > 500
+    at = classes[nuclei[:, 0], nuclei[:, 1]]
+    tumour_nuclei = nuclei[:, 2] == KIND_TUMOUR
+    # nuclei are placed by the class under their centre (up to the sub-cell border refinement)
+    assert (at[tumour_nuclei] == TUMOUR).mean() > 0.95
+    assert (nuclei[:, 2] == KIND_MITOSIS).sum() > 0
+    lymph = nuclei[:, 2] == KIND_LYMPHOCYTE
+    assert (at[lymph] != BACKGROUND).all()
+    counts = scene.count_nuclei()
+    assert set(counts) == set(KINDS)
+    assert counts["tumour"] + counts["mitosis"] >= tumour_nuclei.sum() + (nuclei[:, 2] == KIND_MITOSIS).sum()
+
+
+def test_nuclei_are_dark_and_purple_stroma_pink():
+    p = make_params(layout="uniform", uniform_class=LYMPHOCYTES, width=512, height=512, stain=sample_stain(
+        np.random.default_rng(0), variation=0.0))
+    lymph = Scene(p).render(0, 0, 512, 512).astype(float)
+    stroma = Scene(make_params(layout="uniform", uniform_class=STROMA, width=512, height=512,
+                               stain=p.stain)).render(0, 0, 512, 512).astype(float)
+    # stroma: eosin pink (red > blue > green); lymphocyte-rich tissue much darker and bluer
+    r, g, b = stroma.reshape(-1, 3).mean(axis=0)
+    assert r > b > g
+    assert lymph.mean() < stroma.mean() - 30
+    assert (lymph[..., 2] - lymph[..., 0]).mean() > (stroma[..., 2] - stroma[..., 0]).mean()
+
+
+def test_stain_lut_is_beer_lambert():
+    stain = Stain(tuple(H_REF / np.linalg.norm(H_REF)), tuple(E_REF / np.linalg.norm(E_REF)), 1.0, 1.0,
+                  (250.0, 250.0, 250.0))
+    lut = stain.lut().reshape(256, 256, 3).astype(float)
+    assert np.allclose(lut[0, 0], 250, atol=0.5)  # no stain: the glass
+    # optical density is additive: OD(h + e) = OD(h) + OD(e)
+    od = -np.log(np.clip(lut, 1, None) / 250.0)
+    assert np.allclose(od[100, 80], od[100, 0] + od[0, 80], atol=0.02)
+    assert (np.diff(lut[:, 0].sum(axis=1)) <= 0).all()  # more haematoxylin, darker
+
+
+def test_layout_growth_patterns_differ_in_the_tumour_rim():
+    def rim_stroma(pattern: str) -> float:
+        from scipy import ndimage
+
+        layout = build_layout(make_params(growth_pattern=pattern, width=3000, height=3000, til_density=0.6))
+        tumour = layout.classes == TUMOUR
+        ring = ndimage.binary_dilation(tumour, iterations=8) & ~tumour & (layout.classes != BACKGROUND)
+        return float(np.isin(layout.classes[ring], [STROMA, LYMPHOCYTES]).mean())
+
+    # desmoplastic nests sit in a fibrotic, lymphocyte-rich rim; replacement tumour touches fat directly
+    assert rim_stroma("desmoplastic") > rim_stroma("replacement") + 0.15
+
+
+def test_quarter_micron_slides_show_the_same_cells_twice_as_large():
+    half = Scene(make_params(layout="uniform", uniform_class=TUMOUR, width=512, height=512))
+    quarter = Scene(make_params(layout="uniform", uniform_class=TUMOUR, width=1024, height=1024, mpp=0.25))
+    assert period_px(0.25) == 2 * period_px(0.5)
+    n_half = len(half.nuclei(0, 0, 512, 512))
+    n_quarter = len(quarter.nuclei(0, 0, 1024, 1024))
+    # the same tissue area (256 um square) holds about the same number of nuclei
+    assert 0.7 < n_quarter / n_half < 1.4
+    assert quarter.banks[KIND_TUMOUR].size > 1.8 * half.banks[KIND_TUMOUR].size - 2
