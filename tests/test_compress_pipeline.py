@@ -52,7 +52,7 @@ def test_mean_rgb_puts_each_tiles_colour_at_its_row_and_col(colour_slide, tmp_pa
     # level-0 corners and tissue fractions are stored with every row
     table = pq.read_table(slide_file(out, "colours")).to_pandas()
     assert ((table.x == table.col * 128) & (table.y == table.row * 128)).all()
-    assert (table.tissue >= 0.5).all() and (table.transform == 0).all()
+    assert (table["tissue"] >= 0.5).all() and (table["transform"] == 0).all()
     meta = read_grid_meta(out, "colours")
     assert (meta.tile_px, meta.mpp, meta.tiles, meta.transforms) == (128, 0.5, len(L_CELLS), (0,))
 

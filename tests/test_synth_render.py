@@ -91,11 +91,11 @@ def test_classes_and_nuclei_follow_the_layout():
     assert len(nuclei) > 500
     at = classes[nuclei[:, 0], nuclei[:, 1]]
     tumour_nuclei = nuclei[:, 2] == KIND_TUMOUR
-    # nuclei are placed by the class under their centre (up to the sub-cell border refinement)
-    assert (at[tumour_nuclei] == TUMOUR).mean() > 0.95
+    # nuclei are placed by the class painted under their centre
+    assert (at[tumour_nuclei] == TUMOUR).mean() > 0.99
     assert (nuclei[:, 2] == KIND_MITOSIS).sum() > 0
     lymph = nuclei[:, 2] == KIND_LYMPHOCYTE
-    assert (at[lymph] != BACKGROUND).all()
+    assert (at[lymph] != BACKGROUND).mean() > 0.99
     counts = scene.count_nuclei()
     assert set(counts) == set(KINDS)
     assert counts["tumour"] + counts["mitosis"] >= tumour_nuclei.sum() + (nuclei[:, 2] == KIND_MITOSIS).sum()

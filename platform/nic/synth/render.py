@@ -224,17 +224,34 @@ class Scene:
         interpolated bilinearly between cell centres, so borders are smooth curves, not 2 um steps.
         Inside a uniform neighbourhood this equals the cell's class (argmax survives averaging)."""
         c = self.cell
-        u = (py + 0.5) / c + 0.5  # ring coordinates of the pixel centre (cell centres at i + 0.5 - 1)
+        # ring coordinates of the pixel centre; ring cell r (global cell cy0 - 1 + r) is centred at r
+        u = (py + 0.5) / c + 0.5
         v = (px + 0.5) / c + 0.5
-        iu = np.floor(u - 0.5).astype(np.int64)
-        iv = np.floor(v - 0.5).astype(np.int64)
-        tu = (u - 0.5 - iu).astype(np.float32)[:, None]
-        tv = (v - 0.5 - iv).astype(np.float32)[:, None]
+        iu = np.floor(u).astype(np.int64)
+        iv = np.floor(v).astype(np.int64)
+        tu = (u - iu).astype(np.float32)[:, None]
+        tv = (v - iv).astype(np.float32)[:, None]
         s = ring[..., :K]
         score = (s[iu, iv] * (1 - tv) + s[iu, iv + 1] * tv) * (1 - tu) + (
             s[iu + 1, iv] * (1 - tv) + s[iu + 1, iv + 1] * tv
         ) * tu
         return score.argmax(axis=-1).astype(np.uint8)
+
+    def classify_points(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(class, continuous maps) at pixels (global, 1-D): the same bilinear interpolation of the
+        four surrounding cells' scores as the rendered borders, so nuclei match painted classes."""
+        c = self.cell
+        gy = (y + 0.5) / c - 0.5
+        gx = (x + 0.5) / c - 0.5
+        iy = np.floor(gy).astype(np.int64)
+        ix = np.floor(gx).astype(np.int64)
+        ty = (gy - iy).astype(np.float32)[:, None]
+        tx = (gx - ix).astype(np.float32)[:, None]
+        values = self.cell_values(
+            np.concatenate([iy, iy, iy + 1, iy + 1]), np.concatenate([ix, ix + 1, ix, ix + 1])
+        ).reshape(4, len(y), -1)
+        mixed = (values[0] * (1 - tx) + values[1] * tx) * (1 - ty) + (values[2] * (1 - tx) + values[3] * tx) * ty
+        return mixed[:, :K].argmax(axis=-1).astype(np.uint8), mixed[:, K:]
 
     def classes(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """Tissue class (uint8, see params.CLASSES) of every pixel of a region, as rendered."""
@@ -280,7 +297,7 @@ class Scene:
         u = rng.random(n)
         variant = rng.integers(0, VARIANTS, n)
         mitotic = rng.random(n) < p.mitotic_fraction
-        cls, extra = self.classify_cells(yi // self.cell, xi // self.cell)
+        cls, extra = self.classify_points(yi, xi)
         prob = _ACCEPT[si, cls] + _TIL_ACCEPT[si, cls] * extra[:, CH_TIL - K]
         prob = np.where(_KIND[si] == KIND_FIBROBLAST, prob * extra[:, CH_STROMA_DENSITY - K], prob)
         kind = _KIND[si].copy()

@@ -1,0 +1,127 @@
+"""Ray Train: a fold trains with 2 DDP workers, checkpoints each epoch, resumes where it stopped
+and evaluates its best model; `nic train-downstream` runs a survival cohort end to end, skips
+finished folds on a re-run and refuses to mix settings in one output folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from test_downstream_helpers import make_cohort
+
+from nic.cli.main import main as nic_main
+from nic.config.base import load_config
+from nic.config.downstream import TrainDownstreamConfig
+from nic.train.downstream_loop import FoldSpec, fit_fold, read_fold_result
+from nic.train.downstream_stage import run_train_downstream
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    return make_cohort(root, n=24, channels=8, size=(8, 12), seed=1)
+
+
+def test_fold_trains_with_ddp_resumes_and_evaluates(ray_session, cohort, tmp_path):
+    grids, labels_csv = cohort
+    labels = pd.read_csv(labels_csv)
+    ids = labels["slide_id"].tolist()
+    spec = FoldSpec(
+        fold=0, grids=str(grids), kind="binary", model="attention-mil", in_channels=8, outputs=1, crop_size=12,
+        train_ids=ids[:16], train_targets={"target": labels["label"].tolist()[:16]},
+        val_ids=ids[16:20], val_targets={"target": labels["label"].tolist()[16:20]},
+        epochs=2, batch_size=4, eval_ids=ids[20:], eval_splits=["cv"] * 4, tta_crops=1, classes=["0", "1"],
+    )
+    storage = tmp_path / "ray"
+    first = fit_fold(spec, storage, "resume-test", num_workers=2)
+    done = read_fold_result(first.checkpoint)
+    history = done["state"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert done["predictions"]["slide_id"].tolist() == ids[20:]
+    assert ((done["predictions"]["prediction"] > 0) & (done["predictions"]["prediction"] < 1)).all()
+
+    # Same storage and run name, more epochs: Ray Train V2 restores the latest checkpoint, the loop
+    # continues at epoch 3 (not 1) with one worker, and evaluates again.
+    spec.epochs = 3
+    second = fit_fold(spec, storage, "resume-test", num_workers=1)
+    resumed = read_fold_result(second.checkpoint)["state"]["history"]
+    assert [h["epoch"] for h in resumed] == [1, 2, 3]
+    assert resumed[:2] == history  # the first two epochs were not re-run
+    assert second.metrics["evaluated"] is True
+
+
+def _config(grids, labels_csv, out, **extra):
+    values = dict(grids=str(grids), labels=str(labels_csv), out=str(out), kind="survival", model="attention-mil",
+                  folds=2, test_fraction=0.25, epochs=3, batch_size=8, tta_crops=1, bootstrap=50, seed=0)
+    values.update(extra)
+    return load_config(TrainDownstreamConfig, values=values)
+
+
+def test_survival_end_to_end_rerun_and_settings_guard(ray_session, cohort, tmp_path, capsys):
+    grids, labels_csv = cohort
+    out = tmp_path / "model"
+    config = _config(grids, labels_csv, out)
+    assert run_train_downstream(config) == 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kind"] == "survival" and metrics["primary_metric"] == "c_index"
+    cv = metrics["cv"]["metrics"]["c_index"]
+    assert 0 <= cv["value"] <= 1 and cv["ci_low"] <= cv["value"] <= cv["ci_high"]
+    assert metrics["test"]["slides"] > 0 and "logrank_p" in metrics["cv"]["plots"]
+    assert [f["status"] for f in metrics["folds"]] == ["ok", "ok"]
+
+    pred = pd.read_parquet(out / "predictions.parquet")
+    splits = pd.read_parquet(out / "splits.parquet")
+    assert set(pred.columns) >= {"slide_id", "patient_id", "split", "fold", "prediction", "time", "event"}
+    cv_rows, test_rows = pred[pred["split"] == "cv"], pred[pred["split"] == "test"]
+    assert sorted(cv_rows["slide_id"]) == sorted(splits.loc[splits["fold"] >= 0, "slide_id"])  # each once
+    assert sorted(test_rows["slide_id"]) == sorted(splits.loc[splits["fold"] == -1, "slide_id"])
+    assert (cv_rows.merge(splits, on="slide_id")["fold_x"] == cv_rows.merge(splits, on="slide_id")["fold_y"]).all()
+    assert (pred.groupby("patient_id")["fold"].nunique() == 1).all()  # no patient in two folds
+    assert np.isfinite(pred["prediction"]).all() and pred["prediction"].std() > 0
+    for png in ("cv_kaplan_meier.png", "test_kaplan_meier.png"):
+        with Image.open(out / png) as img:
+            assert img.format == "PNG"
+    for k in (0, 1):
+        assert (out / "folds" / f"fold_{k}" / "model.pt").exists()
+    from nic.downstream.models import load_model
+
+    model, meta = load_model(out / "folds" / "fold_0" / "model.pt")
+    assert meta["kind"] == "survival" and meta["crop_size"] == 12
+
+    # A re-run with the same settings skips both folds (no training), and rewrites the same metrics.
+    stamp = (out / "folds" / "fold_0" / "fold.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_train_downstream(config) == 0
+    assert "2 fold(s) already complete" in capsys.readouterr().err
+    assert (out / "folds" / "fold_0" / "fold.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "metrics.json").read_text())["cv"]["metrics"] == metrics["cv"]["metrics"]
+
+    # Different settings in the same folder: refused with a clear message (exit 2), nothing trained.
+    assert run_train_downstream(_config(grids, labels_csv, out, epochs=4)) == 2
+    assert "holds a run made with different settings" in capsys.readouterr().err
+
+
+def test_cli_reports_label_problems_before_training(cohort, tmp_path, capsys):
+    grids, labels_csv = cohort
+    bad = pd.read_csv(labels_csv)
+    bad.loc[3, "time"] = -1.0
+    bad.loc[5, "event"] = 2
+    bad_csv = tmp_path / "bad.csv"
+    bad.to_csv(bad_csv, index=False)
+    code = nic_main(["train-downstream", "--grids", str(grids), "--labels", str(bad_csv), "--kind", "survival",
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "negative or zero 'time'" in err and "row 4 (slide_id 's003')" in err
+    assert "'event' must be 0 (censored) or 1 (event): row 6 (slide_id 's005')" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    # A kind that needs a target column without one: a config error naming the key.
+    code = nic_main(["train-downstream", "--grids", str(grids), "--labels", str(labels_csv), "--kind", "binary",
+                     "--out", str(tmp_path / "out")])
+    assert code == 2 and "needs 'target'" in capsys.readouterr().err
