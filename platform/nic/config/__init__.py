@@ -5,6 +5,7 @@ from nic.config.base import (
     NicModel,
     RayOptions,
     StageConfig,
+    build_config,
     dump_config,
     load_config,
     parse_overrides,
@@ -13,6 +14,7 @@ from nic.config.base import (
 from nic.config.slides import SlideOptions, TissueOptions
 
 __all__ = [
+    "build_config",
     "ConfigError",
     "NicModel",
     "RayOptions",

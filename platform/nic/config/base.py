@@ -163,6 +163,11 @@ def load_config(
     source = str(path) if path else "command line"
     if overrides or values:
         source += " with command-line values" if path else ""
+    return build_config(model, data, source)
+
+
+def build_config(model: type[BaseModel], data: dict, source: str) -> Any:
+    """Validate a plain dict as `model`; errors name `source` (a file, or e.g. 'pipeline.encoders[1]')."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
