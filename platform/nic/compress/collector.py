@@ -17,7 +17,7 @@ import numpy as np
 
 from nic.artifacts import STATUS_OK
 from nic.grids.manifest import failed_row, grid_row
-from nic.grids.schema import GridMeta
+from nic.grids.schema import GridError, GridMeta
 from nic.grids.writer import grid_table, remove_slide_grid, write_slide_grid
 
 
@@ -140,8 +140,12 @@ class SlideCollector:
         return True
 
     def _write(self, sid: str, buf: _SlideBuffer) -> None:
-        table = grid_table(buf.meta, buf.row, buf.col, buf.x, buf.y, buf.tissue, buf.embedding, buf.transform)
-        path = write_slide_grid(self.grids_dir, table, buf.meta)
+        try:
+            table = grid_table(buf.meta, buf.row, buf.col, buf.x, buf.y, buf.tissue, buf.embedding, buf.transform)
+            path = write_slide_grid(self.grids_dir, table, buf.meta)
+        except (GridError, OSError) as exc:  # e.g. a full disk: this slide fails, the job goes on
+            self._fail(sid, f"{buf.meta.path}: could not write its grid: {exc}", "write", 0.0)
+            return
         seconds = buf.plan_seconds + (time.perf_counter() - buf.first_seen)
         self.results[sid] = grid_row(buf.meta, STATUS_OK, seconds, str(path.relative_to(self.grids_dir)))
         del self._buffers[sid]

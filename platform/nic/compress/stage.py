@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 from nic.artifacts import (
@@ -20,6 +21,7 @@ from nic.artifacts import (
     STATUS_SKIPPED,
     stable_hash,
     write_bytes_atomic,
+    write_json_atomic,
     write_manifest,
 )
 from nic.compress.collector import EncoderFacts, SlideCollector
@@ -35,6 +37,7 @@ from nic.runtime import Progress, connect
 LOST_REASON = ("tiles never came back from the encoder pool (the actor processing them died repeatedly, "
                "e.g. a crash inside the slide library); no grid written")
 MANIFEST_EVERY_S = 5.0
+RUN_STATS = "compress_run.json"
 
 
 def encoder_facts(config: CompressConfig) -> EncoderFacts:
@@ -168,8 +171,11 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
     progress = Progress("compress", total=len(todo), unit="slides")
     start = time.monotonic()
     last_save = start
+    first_batch = None
     try:
         for batch in iter_encoded(build_dataset(config, todo, pool, transforms)):
+            if first_batch is None:
+                first_batch = (time.monotonic(), collector.tiles_done)
             finished = collector.add_batch(batch)
             for sid in finished:
                 results[sid] = collector.results[sid]
@@ -184,7 +190,19 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
         lost_reason = f"the encoder pipeline failed before this slide was done: {detail[:2000]}"
     collector.fail_unfinished([sid for sid, _ in todo], lost_reason)
     results.update({sid: collector.results[sid] for sid, _ in todo})
-    rate = collector.tiles_done / max(time.monotonic() - start, 1e-9)
+    end = time.monotonic()
+    rate = collector.tiles_done / max(end - start, 1e-9)
+    steady = None
+    if first_batch is not None and end - first_batch[0] > 0:
+        steady = (collector.tiles_done - first_batch[1]) / (end - first_batch[0])
+    # What this run did and how fast, for benchmarks and for whoever sizes the next run.
+    write_json_atomic(out / RUN_STATS, {
+        "pool": asdict(pool), "slides": len(todo), "tile_encodings": collector.tiles_done,
+        "transforms": len(transforms), "wall_s": end - start,
+        "first_batch_s": None if first_batch is None else first_batch[0] - start,
+        "tiles_per_s": rate, "steady_tiles_per_s": steady, "duplicate_rows_ignored": collector.duplicates,
+        "cluster": asdict(info),
+    })
     progress.finish(extra=f"{collector.tiles_done} tiles ({rate:.0f} tiles/s)"
                     + (f", {collector.duplicates} duplicate rows from retried tasks ignored"
                        if collector.duplicates else ""))

@@ -149,6 +149,12 @@ def render_chunk(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndar
     images: list[np.ndarray] = []
     labels: list[float] = []
     canvas = 0
+    if chunk.task == "mitosis":
+        # exactly the wanted fraction of positives over the split, shuffled within the chunk
+        f = opts.mitosis_positive_fraction
+        n_pos = math.floor((chunk.first_patch + chunk.n_patches) * f + 0.5) - math.floor(chunk.first_patch * f + 0.5)
+        wanted = np.zeros(-(-chunk.n_patches // (n * n)) * n * n, bool)
+        wanted[rng.choice(chunk.n_patches, n_pos, replace=False)] = True
     while len(images) < chunk.n_patches:
         global_canvas = chunk.first_patch // (n * n) + canvas
         if chunk.task == "tissue_type":
@@ -169,7 +175,7 @@ def render_chunk(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndar
         elif chunk.task == "mitosis":
             # tumour epithelium without natural mitoses; figures are placed near chosen centres
             p = _canvas_params(rng, config, canvas_px, layout="uniform", uniform_class=TUMOUR, mitotic_fraction=0.0)
-            positive = rng.random(n * n) < opts.mitosis_positive_fraction
+            positive = wanted[canvas * n * n : (canvas + 1) * n * n]
             jitter = rng.integers(-px // 8, px // 8 + 1, size=(n * n, 2))
             variant = rng.integers(0, VARIANTS, n * n)
             extra = []

@@ -52,14 +52,15 @@ def _downsample2(band: np.ndarray) -> np.ndarray:
     h, w = band.shape[:2]
     if h % 2 or w % 2:
         band = np.pad(band, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    # Four strided adds: numpy's reduce over a reshaped (h/2, 2, w/2, 2, 3) view is ~20x slower.
-    acc = band[0::2, 0::2].astype(np.uint16)
-    acc += band[1::2, 0::2]
-    acc += band[0::2, 1::2]
-    acc += band[1::2, 1::2]
-    acc += 2
-    acc >>= 2
-    return acc.astype(np.uint8)
+    # View pixel pairs as 6 channels: two contiguous row adds, then one add of the halves.
+    # (numpy's reduce over a reshaped (h/2, 2, w/2, 2, 3) view is ~10x slower.)
+    pairs = np.ascontiguousarray(band).reshape(band.shape[0] // 2, 2, band.shape[1] // 2, 6)
+    acc = pairs[:, 0].astype(np.uint16)
+    acc += pairs[:, 1]
+    out = acc[..., :3] + acc[..., 3:]
+    out += 2
+    out >>= 2
+    return out.astype(np.uint8)
 
 
 @dataclass

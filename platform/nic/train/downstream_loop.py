@@ -218,6 +218,7 @@ def train_fold(config: dict) -> None:
             monitored = metrics["train_loss"]
         scheduler.step(monitored)
         epoch += 1
+        evaluated = False  # a resumed run that trains on must evaluate its new best model
         if stopper.update(monitored, epoch):
             best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
         metrics.update(lr=optimizer.param_groups[0]["lr"], seconds=round(time.monotonic() - started, 2))
