@@ -101,6 +101,10 @@ def test_real_fixtures_and_bad_slides_each_get_one_honest_row(shared_slides, col
     assert rows["truncated"]["status"] == "failed" and rows["truncated"]["error_kind"] in (
         "unopenable", "unreadable", "not_a_slide")
     assert list_slides(out) == ["colours", "small_HE"]
+    assert main(["grids", "ls", "--grids", str(out)]) == 0
+    picture = tmp_path / "small_HE.png"
+    assert main(["grids", "show", "--grids", str(out), "--slide", "small_HE", "--out", str(picture)]) == 0
+    assert picture.stat().st_size > 10_000
 
     # strict: any failure makes the exit code non-zero; complete slides are skipped, not redone
     assert main(args + ["--strict"]) == 1

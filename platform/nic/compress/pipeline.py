@@ -30,8 +30,8 @@ from nic.config.base import ConfigError
 from nic.config.compress import CompressConfig
 from nic.runtime import RayInfo
 
-#: CPU share of one planning task on a small machine: tissue detection is short and mostly waits
-#: on I/O, and a whole CPU for it would leave a 2-core laptop a single core for the encoder.
+#: CPU share of one planning task on a small machine: tissue detection is short (a coarse level,
+#: once per slide), and reserving a whole CPU for it would leave a 2-core laptop's encoder one core.
 SMALL_PLAN_CPUS = 0.5
 #: Above this many CPUs per actor, more actors beat more threads (conv layers on 128 px tiles stop
 #: scaling with threads well before that).
@@ -112,13 +112,17 @@ def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: Poo
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    saved_block_size = ctx.target_max_block_size
-    # Sealed into the dataset when it is created (see the module docstring), restored right after.
+    saved = ctx.target_max_block_size, ctx.max_errored_blocks
+    # Both are sealed into the dataset when it is created, so they are set for this dataset only
+    # and restored right after. Small blocks: see the module docstring. Errored blocks: a batch
+    # whose actor dies on every retry is dropped instead of failing the job; the driver reports
+    # its slides as failed.
     ctx.target_max_block_size = max(16 * 1024, pool.batch_size * LIGHT_ROW_BYTES)
+    ctx.max_errored_blocks = -1
     try:
         return _pipeline(config, todo, pool, transforms)
     finally:
-        ctx.target_max_block_size = saved_block_size
+        ctx.target_max_block_size, ctx.max_errored_blocks = saved
 
 
 def _pipeline(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan, transforms: tuple[int, ...]):

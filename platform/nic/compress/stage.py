@@ -155,17 +155,11 @@ def _safe_id(slide_id: str) -> bool:
 def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: Path, facts: EncoderFacts,
                      options_hash: str, transforms: tuple[int, ...], results: dict[str, dict],
                      order: list[str], path: Path) -> None:
-    import ray
-
     from nic.compress.pipeline import build_dataset, iter_encoded, max_node_cpus, plan_pool
 
     info = connect(config.ray, config.verbose)
     pool = plan_pool(config, info, max_node_cpus())
     print(f"[compress] {pool.describe()}", file=sys.stderr)
-    ctx = ray.data.DataContext.get_current()
-    # A batch whose actor keeps dying is dropped after its retries instead of failing the job;
-    # the slides it belonged to are reported below as failed.
-    ctx.max_errored_blocks = -1
 
     collector = SlideCollector(out, facts, transforms, options_hash, dict(todo))
     progress = Progress("compress", total=len(todo), unit="slides")
@@ -185,6 +179,9 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
                 _save_manifest(path, order, results)
                 last_save = time.monotonic()
         lost_reason = LOST_REASON
+    except KeyboardInterrupt:  # keep what is finished on record; the re-run resumes from it
+        _save_manifest(path, order, results)
+        raise
     except Exception as exc:  # the pool itself failed (e.g. the encoder cannot load on the workers)
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         lost_reason = f"the encoder pipeline failed before this slide was done: {detail[:2000]}"

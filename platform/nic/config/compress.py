@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from nic.config.base import StageConfig
 from nic.config.slides import SlideOptions
@@ -57,3 +57,13 @@ class CompressConfig(StageConfig):
     )
     strict: bool = Field(False, description="Exit non-zero when any slide failed (default: only when none succeeded).")
     overwrite: bool = Field(False, description="Re-encode slides that are already complete instead of skipping them.")
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _local_out(cls, value):
+        # Path() would quietly turn "s3://bucket/grids" into a local folder "s3:/bucket/grids".
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(
+                f"{value!r}: the grid store must be a local or mounted path (e.g. a shared file system "
+                "on a cluster); object-store URIs are not supported by nic compress yet")
+        return value

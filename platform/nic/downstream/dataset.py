@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from nic.downstream.crops import center_crop, dihedral, random_crop
+from nic.downstream.crops import center_crop, center_weights, crop, dihedral, sample_centers
 from nic.grids.reader import load_grid, read_grid_meta
 
 GridLoader = Callable[..., tuple[np.ndarray, np.ndarray]]
@@ -26,8 +26,10 @@ GridLoader = Callable[..., tuple[np.ndarray, np.ndarray]]
 class GridSource:
     """Reads grids (one transform at a time) with a bounded LRU cache and counts the reads.
 
-    `transform(slide_id, k)` returns the grid of the slide under dihedral transform k: the stored
-    pixel-level variant when the grid file has it, else the identity grid with its cells moved.
+    `crops(slide_id, k, n, size, rng)` gives n random crops of the slide under dihedral transform k:
+    from the stored pixel-level variant when the grid file has it, else crops of the identity grid
+    with their cells moved (cropping first, so only R x R cells are copied, not the whole grid).
+    Crop-centre weights (a distance transform) are computed once per cached grid.
     """
 
     def __init__(self, grids_dir: str | Path, cache_size: int = 4, loader: GridLoader = load_grid):
@@ -35,7 +37,7 @@ class GridSource:
         self.cache_size = max(0, int(cache_size))
         self.loader = loader
         self.loads = 0  # grid reads from storage (for tests and diagnostics)
-        self._cache: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], list] = OrderedDict()
         self._variants: dict[str, tuple[int, ...]] = {}
 
     def variants(self, slide_id: str) -> tuple[int, ...]:
@@ -44,24 +46,46 @@ class GridSource:
             self._variants[slide_id] = tuple(read_grid_meta(self.grids_dir, slide_id).transforms)
         return self._variants[slide_id]
 
-    def _load(self, slide_id: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _entry(self, slide_id: str, k: int) -> list:
+        """[grid, mask, centre weights or None] of a stored transform, through the LRU cache."""
         key = (slide_id, k)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         grid, mask = self.loader(self.grids_dir, slide_id, transform=k)
         self.loads += 1
+        entry = [grid, mask, None]
         if self.cache_size:
-            self._cache[key] = (grid, mask)
+            self._cache[key] = entry
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
+        return entry
+
+    def load(self, slide_id: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The stored grid and mask of transform k (k must be stored; 0 always is)."""
+        grid, mask, _ = self._entry(slide_id, k)
         return grid, mask
 
     def transform(self, slide_id: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The whole grid under transform k: the stored variant, else the identity with cells moved."""
         if k in self.variants(slide_id):
-            return self._load(slide_id, k)
-        grid, mask = self._load(slide_id, 0)
+            return self.load(slide_id, k)
+        grid, mask = self.load(slide_id, 0)
         return dihedral(grid, mask, k)
+
+    def crops(self, slide_id: str, k: int, n: int, size: int, rng: np.random.Generator
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """n size x size crops under transform k, centres drawn in proportion to distance from background."""
+        stored = k in self.variants(slide_id)
+        entry = self._entry(slide_id, k if stored else 0)
+        grid, mask = entry[0], entry[1]
+        if entry[2] is None:
+            entry[2] = center_weights(mask)
+        out = []
+        for r, c in sample_centers(mask, n, rng, weights=entry[2]):
+            g, m = crop(grid, mask, (int(r), int(c)), size)
+            out.append((g, m) if stored else dihedral(g, m, k))
+        return out
 
     @property
     def cached(self) -> int:
@@ -105,10 +129,9 @@ class GridDataset(Dataset):
             # Seeded from torch so DataLoader worker seeding and torch.manual_seed make runs repeatable.
             rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ())))
             k = int(rng.integers(8)) if self.augment else 0
-            grid, mask = self.source.transform(slide_id, k)
-            grid, mask = random_crop(grid, mask, self.crop_size, rng)
+            grid, mask = self.source.crops(slide_id, k, 1, self.crop_size, rng)[0]
         else:
-            grid, mask = self.source.transform(slide_id, 0)
+            grid, mask = self.source.load(slide_id, 0)
             grid, mask = center_crop(grid, mask, self.crop_size)
         item = {"grid": torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32)),
                 "mask": torch.from_numpy(np.ascontiguousarray(mask)), "index": index}

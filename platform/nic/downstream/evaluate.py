@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from nic.downstream.crops import crop, sample_centers
 from nic.downstream.dataset import GridSource
 
 
@@ -53,12 +52,11 @@ def tta_predict_slide(
     rng = np.random.default_rng((seed, zlib.crc32(slide_id.encode())))  # same views in every process
     preds = []
     for k in transforms:
-        grid, mask = source.transform(slide_id, k)
-        centers = sample_centers(mask, max(1, tta_crops), rng)
-        for start in range(0, len(centers), batch_size):
-            views = [crop(grid, mask, (int(r), int(c)), crop_size) for r, c in centers[start:start + batch_size]]
-            g = torch.from_numpy(np.stack([v[0] for v in views]).astype(np.float32)).to(device)
-            m = torch.from_numpy(np.stack([v[1] for v in views])).to(device)
+        views = source.crops(slide_id, k, max(1, tta_crops), crop_size, rng)
+        for start in range(0, len(views), batch_size):
+            chunk = views[start:start + batch_size]
+            g = torch.from_numpy(np.stack([v[0] for v in chunk]).astype(np.float32)).to(device)
+            m = torch.from_numpy(np.stack([v[1] for v in chunk])).to(device)
             preds.append(outputs_to_prediction(kind, model(g, m), target_mean, target_std))
     return np.concatenate(preds, axis=0).mean(axis=0)
 

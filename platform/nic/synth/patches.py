@@ -159,7 +159,9 @@ def render_chunk(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndar
         global_canvas = chunk.first_patch // (n * n) + canvas
         if chunk.task == "tissue_type":
             name = TISSUE_TYPE_CLASSES[global_canvas % len(TISSUE_TYPE_CLASSES)]
-            p = _canvas_params(rng, config, canvas_px, layout="uniform", uniform_class=_TISSUE_CLASS_INDEX[name])
+            # a pure class: few infiltrating lymphocytes, so stroma does not look lymphoid
+            p = _canvas_params(rng, config, canvas_px, layout="uniform", uniform_class=_TISSUE_CLASS_INDEX[name],
+                               til_density=float(rng.uniform(0.0, 0.3)))
             scene = Scene(p)
             patches = _cut(scene.render(0, 0, canvas_px, canvas_px), n, px)
             labels.extend([float(TISSUE_TYPE_CLASSES.index(name))] * len(patches))
