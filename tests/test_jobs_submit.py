@@ -48,7 +48,7 @@ def ray_head():
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def _wait_for_job_api(address: str, env: dict, timeout_s: float = 180) -> None:
+def _wait_for_job_api(address: str, env: dict, timeout_s: float = 400) -> None:
     """`ray start` returns before the dashboard's job agent accepts submissions."""
     deadline = time.monotonic() + timeout_s
     while True:
