@@ -77,15 +77,17 @@ def main() -> None:
         n_items = 32
         targets = {"target": np.zeros(len(ids), dtype=np.int64)}
 
-        def crops(cache: int):
-            ds = GridDataset(grids, ids, targets, args.crop, train=True, cache_size=cache)
+        def crops(ds: GridDataset):
             for i in range(n_items):
                 ds[i % len(ids)]
 
-        wall, cpu = timed(lambda: crops(0), args.repeats)
+        wall, cpu = timed(lambda: crops(GridDataset(grids, ids, targets, args.crop, train=True, cache_size=0)),
+                          args.repeats)
         rows.append((f"random {args.crop}^2 crops, cold (a grid read per crop)", f"{n_items / wall:.1f} crops/s",
                      f"{n_items / cpu:.1f} crops/CPU-s"))
-        wall, cpu = timed(lambda: crops(len(ids)), args.repeats)
+        warm = GridDataset(grids, ids, targets, args.crop, train=True, cache_size=len(ids))
+        crops(warm)  # fill the cache
+        wall, cpu = timed(lambda: crops(warm), args.repeats)
         rows.append((f"random {args.crop}^2 crops, warm (LRU holds all {len(ids)} grids)", f"{n_items / wall:.1f} crops/s",
                      f"{n_items / cpu:.1f} crops/CPU-s"))
 
@@ -111,8 +113,8 @@ def main() -> None:
 
             model.eval()
             source = GridSource(grids, cache_size=1)
-            wall, cpu = timed(lambda model=model: tta_predict_slide(model, source, ids[0], "binary", args.crop,
-                                                                     tta_crops=10), args.repeats)
+            wall, cpu = timed(lambda model=model, source=source: tta_predict_slide(model, source, ids[0], "binary", args.crop,
+                                                                                   tta_crops=10), args.repeats)
             rows.append((f"TTA {name}: 10 crops x 8 transforms, one slide", f"{wall:.2f} s/slide", f"{cpu:.2f} CPU-s/slide"))
 
         for n in (16, 100_000):

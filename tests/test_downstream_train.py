@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_downstream_helpers import make_cohort
 
 from nic.cli.main import main as nic_main
 from nic.config.base import load_config
 from nic.config.downstream import TrainDownstreamConfig
 from nic.train.downstream_loop import FoldSpec, fit_fold, read_fold_result
 from nic.train.downstream_stage import run_train_downstream
+from test_downstream_helpers import make_cohort
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -27,30 +27,35 @@ def cohort(tmp_path_factory):
     return make_cohort(root, n=24, channels=8, size=(8, 12), seed=1)
 
 
-def test_fold_trains_with_ddp_resumes_and_evaluates(ray_session, cohort, tmp_path):
+def test_fold_trains_with_ddp_stops_early_resumes_and_evaluates(ray_session, cohort, tmp_path):
     grids, labels_csv = cohort
     labels = pd.read_csv(labels_csv)
     ids = labels["slide_id"].tolist()
+    # lr 0 on a model without BatchNorm: the validation loss never improves after epoch 1, so
+    # patience 1 must stop the fold after epoch 2 of 5.
     spec = FoldSpec(
         fold=0, grids=str(grids), kind="binary", model="attention-mil", in_channels=8, outputs=1, crop_size=12,
         train_ids=ids[:16], train_targets={"target": labels["label"].tolist()[:16]},
         val_ids=ids[16:20], val_targets={"target": labels["label"].tolist()[16:20]},
-        epochs=2, batch_size=4, eval_ids=ids[20:], eval_splits=["cv"] * 4, tta_crops=1, classes=["0", "1"],
+        epochs=5, patience=1, lr=0.0, batch_size=4, eval_ids=ids[20:], eval_splits=["cv"] * 4, tta_crops=1,
+        classes=["0", "1"],
     )
     storage = tmp_path / "ray"
-    first = fit_fold(spec, storage, "resume-test", num_workers=2)
+    first = fit_fold(spec, storage, "resume-test", num_workers=2)  # DDP: 2 workers, 1 CPU each
     done = read_fold_result(first.checkpoint)
     history = done["state"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["stopped"] for h in history] == [False, True] and history[-1]["best_epoch"] == 1
+    assert history[0]["val_loss"] == history[1]["val_loss"]  # ranks agreed on one gathered validation
     assert done["predictions"]["slide_id"].tolist() == ids[20:]
     assert ((done["predictions"]["prediction"] > 0) & (done["predictions"]["prediction"] < 1)).all()
 
-    # Same storage and run name, more epochs: Ray Train V2 restores the latest checkpoint, the loop
-    # continues at epoch 3 (not 1) with one worker, and evaluates again.
-    spec.epochs = 3
+    # Same storage and run name, more patience: Ray Train V2 restores the latest checkpoint and the
+    # loop continues at epoch 3 (not 1), here with one worker, then evaluates again.
+    spec.patience, spec.epochs = 5, 4
     second = fit_fold(spec, storage, "resume-test", num_workers=1)
     resumed = read_fold_result(second.checkpoint)["state"]["history"]
-    assert [h["epoch"] for h in resumed] == [1, 2, 3]
+    assert [h["epoch"] for h in resumed] == [1, 2, 3, 4]
     # The first two epochs were not re-run: their records (losses, timings) are the saved ones.
     assert [(h["train_loss"], h["seconds"]) for h in resumed[:2]] == [(h["train_loss"], h["seconds"]) for h in history]
     assert second.metrics["evaluated"] is True

@@ -69,7 +69,7 @@ class TrainDownstreamConfig(StageConfig):
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per training worker.")
     cache_grids: int = Field(8, ge=0, description="Grids kept in memory per worker (LRU); the rest are read on demand.")
     seed: int = Field(0, description="Seed of splits, sampling, crops and initialisation.")
-    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95 % confidence intervals (0: none).")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95-percent confidence intervals (0: none).")
     storage_path: Path | None = Field(
         None, description="Ray Train storage for checkpoints (default: <out>/ray). Re-running with the same "
         "storage and out resumes unfinished folds.")

@@ -85,7 +85,8 @@ def logrank_p(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> float:
 
 
 def plot_kaplan_meier(time: np.ndarray, event: np.ndarray, risk: np.ndarray, path: str | Path,
-                      groups: int = 2, title: str = "Kaplan-Meier by predicted risk") -> tuple[Path, float]:
+                      groups: int = 2, title: str = "Kaplan-Meier by predicted risk",
+                      time_label: str = "time") -> tuple[Path, float]:
     """Kaplan-Meier curves of the predicted-risk groups with the log-rank p-value; returns (path, p)."""
     time = np.asarray(time, dtype=float)
     event = np.asarray(event).astype(int)
@@ -98,6 +99,6 @@ def plot_kaplan_meier(time: np.ndarray, event: np.ndarray, risk: np.ndarray, pat
         sel = group == g
         KaplanMeierFitter().fit(time[sel], event[sel], label=f"{names[g]} (n={int(sel.sum())})").plot_survival_function(
             ax=ax, ci_show=False)
-    ax.set(xlabel="time", ylabel="survival probability", title=title, ylim=(0, 1.02))
+    ax.set(xlabel=time_label, ylabel="survival probability", title=title, ylim=(0, 1.02))
     ax.text(0.97, 0.97, f"log-rank p = {p:.3g}", transform=ax.transAxes, ha="right", va="top", fontsize=9)
     return _save(fig, path), p

@@ -31,14 +31,13 @@ from nic.synth.layout import (
     CH_PEN,
     CH_STROMA_DENSITY,
     CH_TIL,
-    PEN_INKS,
     N_MAIN,
+    PEN_INKS,
     K,
     Layout,
     build_layout,
 )
 from nic.synth.params import (
-    BACKGROUND,
     FAT,
     LYMPHOCYTES,
     NECROSIS,
@@ -560,7 +559,7 @@ class Scene:
     def render(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) of the level-0 region; a pure function of the region."""
         lay = self.layout
-        rgb = np.array(self._render_sharp(y0, x0, h, w), copy=True, order="C")
+        rgb = np.ascontiguousarray(self._render_sharp(y0, x0, h, w))  # a fresh array: safe to edit
         box = self._box_px(lay.blur_box_um, y0, x0, h, w) if lay.has_blur else None
         if box is not None:
             ya, xa, yb, xb = box

@@ -237,7 +237,7 @@ def _run_all_folds(config: TrainDownstreamConfig, specs: list[FoldSpec], run: di
     return [records[k] for k in sorted(records)]
 
 
-def _aggregate_predictions(config: TrainDownstreamConfig, labels: Labels, records: list[dict]) -> pd.DataFrame:
+def aggregate_predictions(config: TrainDownstreamConfig, labels: Labels, records: list[dict]) -> pd.DataFrame:
     """Out-of-fold predictions (split 'cv') and the test set averaged over the fold models ('test')."""
     parts = [pd.read_parquet(Path(config.out) / "folds" / f"fold_{r['fold']}" / "predictions.parquet")
              for r in records if r["status"] == STATUS_OK]
@@ -263,7 +263,7 @@ def _aggregate_predictions(config: TrainDownstreamConfig, labels: Labels, record
     return frame[lead + [c for c in frame.columns if c not in lead]]
 
 
-def _split_metrics(kind: str, part: pd.DataFrame, labels: Labels, bootstrap: int, seed: int) -> dict:
+def split_metrics(kind: str, part: pd.DataFrame, labels: Labels, bootstrap: int, seed: int) -> dict:
     if kind == "survival":
         return compute_metrics(kind, time=part["time"].to_numpy(), event=part["event"].to_numpy(),
                                prediction=part["prediction"].to_numpy(), n_bootstrap=bootstrap, seed=seed)
@@ -274,7 +274,7 @@ def _split_metrics(kind: str, part: pd.DataFrame, labels: Labels, bootstrap: int
     return compute_metrics(kind, target=part["target"].to_numpy(), prediction=pred, n_bootstrap=bootstrap, seed=seed)
 
 
-def _plots(config: TrainDownstreamConfig, labels: Labels, part: pd.DataFrame, split: str, metrics: dict) -> dict:
+def write_plots(config: TrainDownstreamConfig, labels: Labels, part: pd.DataFrame, split: str, metrics: dict) -> dict:
     from nic.downstream.plots import plot_kaplan_meier, plot_roc, plot_scatter
 
     out = Path(config.out)
@@ -298,7 +298,8 @@ def _plots(config: TrainDownstreamConfig, labels: Labels, part: pd.DataFrame, sp
     if labels.kind == "survival":
         path, p = plot_kaplan_meier(part["time"].to_numpy(), part["event"].to_numpy(), part["prediction"].to_numpy(),
                                     out / f"{split}_kaplan_meier.png", groups=config.risk_groups,
-                                    title=f"Kaplan-Meier by predicted risk ({title_tail})")
+                                    title=f"Kaplan-Meier by predicted risk ({title_tail})",
+                                    time_label=config.time_column)
         written["kaplan_meier"] = path.name
         written["logrank_p"] = None if not np.isfinite(p) else p
     return written
@@ -372,7 +373,7 @@ def run_train_downstream(config: TrainDownstreamConfig) -> int:
         records = _run_all_folds(config, specs, run, run_hash)
     failed = [r for r in records if r["status"] != STATUS_OK]
 
-    predictions = _aggregate_predictions(config, labels, records)
+    predictions = aggregate_predictions(config, labels, records)
     result: dict[str, Any] = {
         "stage": STAGE, "kind": labels.kind, "target": config.target, "model": config.model,
         "encoder_hash": info["encoder_hash"], "crop_size": crop_size, "tta_views": config.tta_crops * (8 if config.dihedral else 1),
@@ -385,15 +386,15 @@ def run_train_downstream(config: TrainDownstreamConfig) -> int:
         for rec in result["folds"]:
             part = predictions[(predictions["split"] == "cv") & (predictions["fold"] == rec["fold"])]
             if rec["status"] == STATUS_OK and len(part):
-                value = _split_metrics(labels.kind, part, labels, 0, config.seed)[primary_name]["value"]
+                value = split_metrics(labels.kind, part, labels, 0, config.seed)[primary_name]["value"]
                 rec[f"cv_{primary_name}"] = value
         for split in ("cv", "test"):
             part = predictions[predictions["split"] == split]
             if not len(part):
                 continue
-            metrics = _split_metrics(labels.kind, part, labels, config.bootstrap, config.seed)
+            metrics = split_metrics(labels.kind, part, labels, config.bootstrap, config.seed)
             result[split] = {"metrics": metrics, "slides": int(len(part)),
-                             "plots": _plots(config, labels, part, split, metrics)}
+                             "plots": write_plots(config, labels, part, split, metrics)}
         write_parquet_atomic(out / "predictions.parquet", pa.Table.from_pandas(predictions, preserve_index=False))
     result["seconds"] = round(time.monotonic() - started, 2)
     write_json_atomic(out / "metrics.json", result)
