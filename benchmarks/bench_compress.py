@@ -68,8 +68,10 @@ class TreeMonitor:
 
     def __init__(self, every_s: float = 0.25):
         self.every_s = every_s
-        self.peak_rss: dict[str, int] = defaultdict(int)
+        self._rss: dict[int, int] = defaultdict(int)
+        self._labels: dict[int, str] = {}
         self._cpu: dict[int, float] = {}
+        self._cpu0: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -98,10 +100,13 @@ class TreeMonitor:
                 with proc.oneshot():
                     rss = proc.memory_info().rss
                     times = proc.cpu_times()
-                    label = f"{self._label(proc)} (pid {proc.pid})"
+                    label = self._label(proc)
             except (psutil.Error, OSError):
                 continue
-            self.peak_rss[label] = max(self.peak_rss[label], rss)
+            self._rss[proc.pid] = max(self._rss[proc.pid], rss)
+            if not label.startswith("ray::IDLE") or proc.pid not in self._labels:
+                # a worker's title follows its current task; keep the most telling one
+                self._labels[proc.pid] = label.removesuffix(".submit").removesuffix(".__init__")
             self._cpu[proc.pid] = times.user + times.system
 
     def _run(self) -> None:
@@ -109,12 +114,20 @@ class TreeMonitor:
             self._sample()
             self._stop.wait(self.every_s)
 
-    def cpu_seconds(self) -> float:
-        return sum(self._cpu.values())
+    @property
+    def peak_rss(self) -> dict[str, int]:
+        return {f"{self._labels.get(pid, '?')} (pid {pid})": rss for pid, rss in self._rss.items()}
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds each process used while monitored, by label (same labels summed)."""
+        out: dict[str, float] = defaultdict(float)
+        for pid, cpu in self._cpu.items():
+            out[self._labels.get(pid, "?")] += cpu - self._cpu0.get(pid, 0.0)
+        return dict(out)
 
     def __enter__(self) -> TreeMonitor:
         self._sample()
-        self._base = self.cpu_seconds()
+        self._cpu0 = dict(self._cpu)
         self._thread.start()
         return self
 
@@ -122,7 +135,7 @@ class TreeMonitor:
         self._stop.set()
         self._thread.join()
         self._sample()
-        self.cpu = self.cpu_seconds() - self._base
+        self.cpu = sum(self.cpu_by_process().values())
 
 
 def cpu_now() -> float:
@@ -149,7 +162,8 @@ def end_to_end(slides: Path, out: Path, encoder: str, batch_size: int, extra: di
     tiles = int(manifest.loc[manifest.status == "ok", "tiles"].sum())
     return {"wall_s": wall, "tiles": tiles, "tiles_per_s": tiles / wall, "cpu_s": mon.cpu,
             "tiles_per_cpu_s": tiles / mon.cpu, "steady_tiles_per_s": stats["steady_tiles_per_s"],
-            "first_batch_s": stats["first_batch_s"], "pool": stats["pool"], "peak_rss": dict(mon.peak_rss),
+            "first_batch_s": stats["first_batch_s"], "pool": stats["pool"], "peak_rss": mon.peak_rss,
+            "cpu_by_process": mon.cpu_by_process(),
             "failed": int((manifest.status == "failed").sum())}
 
 
@@ -296,6 +310,9 @@ def report(a: dict, b: dict, c: dict, args) -> str:
         f"| (c) naive loop (read_region per tile, batch of one) | {c['tiles_per_s']:.0f} | "
         f"{c['tiles_per_cpu_s']:.0f} | {a['tiles_per_s'] / c['tiles_per_s']:.2f} | "
         f"{a['tiles_per_cpu_s'] / c['tiles_per_cpu_s']:.2f} |",
+        "",
+        "CPU seconds per process in (a): " + ", ".join(
+            f"{k}: {v:.1f}" for k, v in sorted(a["cpu_by_process"].items(), key=lambda kv: -kv[1]) if v >= 0.1),
         "",
         "Peak RSS per process in (a): " + ", ".join(
             f"{k}: {v / 2**20:.0f} MiB" for k, v in sorted(a["peak_rss"].items(), key=lambda kv: -kv[1])[:6]),

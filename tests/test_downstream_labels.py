@@ -131,3 +131,14 @@ def test_table_level_problems(tmp_path):
     with pytest.raises(LabelError) as err:
         load_labels(_write(tmp_path, _edit(a={"label": None})), "binary", target="label")
     assert str(err.value).startswith(f"labels table {tmp_path / 'labels.csv'}:")  # errors name the file
+
+
+def test_ids_keep_leading_zeros_and_custom_columns(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("case,patient,y\n007,0001,1\n008,0001,0\n010,0002,1\n011,0003,0\n")
+    labels = load_labels(path, "binary", target="y", slide_column="case", patient_column="patient",
+                         available_slides=["007", "008", "010", "011"])
+    assert labels.slide_ids == ["007", "008", "010", "011"]
+    assert labels.frame["patient_id"].tolist() == ["0001", "0001", "0002", "0003"]
+    no_patients = load_labels(path, "binary", target="y", slide_column="case", patient_column="missing_col")
+    assert not no_patients.has_patients and no_patients.frame["patient_id"].tolist() == no_patients.slide_ids

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nic.config.encoder import AugmentOptions
 from nic.encoders.encoder import build_encoder
 from nic.encoders.objectives import (
     BiGANObjective,
@@ -19,7 +20,6 @@ from nic.encoders.objectives import (
     multitask_metrics,
     nt_xent,
 )
-from nic.config.encoder import AugmentOptions
 from nic.patches.augment import Augmenter
 
 TASKS = [

@@ -38,11 +38,18 @@ def local_gpu_count() -> int:
         return 0
 
 
-def _runtime_env() -> dict:
-    """Workers must import `nic` even when it is not installed on their node (job submission with
-    --working-dir ships the sources); putting platform/ on their path costs nothing otherwise."""
-    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(_PLATFORM_DIR), os.environ.get("PYTHONPATH")]))}
-    return {"env_vars": env_vars}
+def _runtime_env(cluster: bool) -> dict:
+    """Workers must import the same `nic` as the driver.
+
+    On a cluster the package is shipped to every node (`py_modules`), so a job submitted with
+    `--working-dir` runs its own code even where another version is installed; it merges with a
+    job's own runtime env, which sets `working_dir`. An embedded instance's workers live on this
+    machine and only need platform/ on their path (set for runs from a source checkout).
+    """
+    if cluster:
+        return {"py_modules": [str(_PLATFORM_DIR / "nic")]}
+    path = os.pathsep.join(filter(None, [str(_PLATFORM_DIR), os.environ.get("PYTHONPATH")]))
+    return {"env_vars": {"PYTHONPATH": path}}
 
 
 def connect(options: RayOptions | None = None, verbose: bool = False) -> RayInfo:
@@ -59,7 +66,7 @@ def connect(options: RayOptions | None = None, verbose: bool = False) -> RayInfo
             configure_logging=True,
         )
         if address:
-            ray.init(address=address, runtime_env=_runtime_env(), **common)
+            ray.init(address=address, runtime_env=_runtime_env(cluster=True), **common)
         else:
             num_gpus = options.num_gpus if options.num_gpus is not None else local_gpu_count()
             ray.init(
@@ -67,7 +74,7 @@ def connect(options: RayOptions | None = None, verbose: bool = False) -> RayInfo
                 num_gpus=num_gpus,
                 include_dashboard=False,
                 object_store_memory=_object_store_bytes(),
-                runtime_env=_runtime_env(),
+                runtime_env=_runtime_env(cluster=False),
                 **common,
             )
     return cluster_info()

@@ -79,8 +79,9 @@ class Labels:
         return out
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """CSV or Parquet (by extension), every column as read; slide ids as strings."""
+def read_table(path: str | Path, id_columns: tuple[str, ...] = ("slide_id", "patient_id")) -> pd.DataFrame:
+    """CSV, TSV or Parquet (by extension); id columns of a text table are read as text, so ids like
+    '007' keep their leading zeros."""
     path = Path(path)
     if not path.exists():
         raise LabelError(path, ["file not found"])
@@ -89,7 +90,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             frame = pd.read_parquet(path)
         elif suffix in (".csv", ".tsv", ".txt"):
-            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={"slide_id": str, "patient_id": str})
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={c: str for c in id_columns if c})
         else:
             raise LabelError(path, [f"unsupported extension {suffix!r}: use .csv, .tsv or .parquet"])
     except LabelError:
@@ -143,7 +144,7 @@ def load_labels(
     which drops and reports them). Grids without a label are reported in `unlabelled_grids`.
     """
     path = Path(path)
-    frame = read_table(path).reset_index(drop=True)
+    frame = read_table(path, (slide_column, patient_column or "")).reset_index(drop=True)
     problems: list[str] = []
 
     needed = [slide_column]
