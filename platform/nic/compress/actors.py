@@ -175,8 +175,11 @@ class EncoderActor:
         """uint8 (N, P, P, 3) -> float16 (N, C); one forward pass at a time per actor."""
         import torch
 
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous()
+        # NHWC memory seen as NCHW: channels-last strides, the layout the fused encoders run in,
+        # so no copy is made here.
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
         with self._encode_lock, torch.inference_mode():
+            t0 = time.perf_counter()
             tensor = tensor.to(self.device, non_blocking=True)
             if self.autocast:
                 with torch.autocast(device_type="cuda", dtype=torch.float16):
@@ -184,6 +187,7 @@ class EncoderActor:
             else:
                 out = self.model(tensor)
             out = out.float().cpu().numpy()
+            self._timing["encode_s"] += time.perf_counter() - t0
         if out.shape != (len(pixels), self.embedding_dim):
             raise RuntimeError(f"encoder {self.info.name} returned {out.shape}, expected "
                                f"({len(pixels)}, {self.embedding_dim})")
@@ -200,6 +204,7 @@ class EncoderActor:
                     "embedding": np.zeros((n, self.embedding_dim), np.float16)}
         rows, cols = part["row"], part["col"]
         shape = (int(part["grid_rows"][0]), int(part["grid_cols"][0]))
+        t0 = time.perf_counter()
         try:
             pixels = self._reader(sid, *shape).read(rows, cols)
         except SlideError as exc:
@@ -209,6 +214,7 @@ class EncoderActor:
             self._drop_reader(sid)
             return self._failed(part, f"{self.paths.get(sid, sid)}: unexpected error while reading tiles: "
                                       f"{_describe(exc)}", "unreadable")
+        self._timing["read_s"] += time.perf_counter() - t0
         outs = []
         for k in self.transforms:
             # row/col move to the cell the tile occupies in transform k's grid; grid_rows/cols
@@ -225,6 +231,27 @@ class EncoderActor:
                 "transform": np.zeros(n, np.int8), "embedding": np.zeros((n, self.embedding_dim), np.float16)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self._encode_batch(batch)
+        # This thread's read and encode seconds since its last batch, on the first row only, so
+        # the driver can say where the actors' time went (compress_run.json).
+        timing = self._timing
+        n = len(out["slide_id"])
+        for key in ("read_s", "encode_s"):
+            column = np.zeros(n, np.float32)
+            if n:
+                column[0] = timing[key]
+            out[key] = column
+            timing[key] = 0.0
+        return out
+
+    @property
+    def _timing(self) -> dict[str, float]:
+        timing = getattr(self._local, "timing", None)
+        if timing is None:
+            timing = self._local.timing = {"read_s": 0.0, "encode_s": 0.0}
+        return timing
+
+    def _encode_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["slide_id"])
         if len(ids) == 0:
             return {**batch, "transform": np.zeros(0, np.int8),

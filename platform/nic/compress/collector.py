@@ -58,6 +58,8 @@ class SlideCollector:
     results: dict[str, dict] = field(default_factory=dict)
     tiles_done: int = 0
     duplicates: int = 0
+    actor_read_s: float = 0.0
+    actor_encode_s: float = 0.0
     _buffers: dict[str, _SlideBuffer] = field(default_factory=dict)
 
     @property
@@ -67,6 +69,9 @@ class SlideCollector:
     def add_batch(self, batch: dict[str, np.ndarray]) -> list[str]:
         """Take one output batch of the encoder pool; returns the ids of slides finished by it."""
         finished = []
+        if "read_s" in batch:
+            self.actor_read_s += float(np.sum(batch["read_s"]))
+            self.actor_encode_s += float(np.sum(batch["encode_s"]))
         slide_ids = np.asarray(batch["slide_id"])
         if len(slide_ids) == 0:
             return finished

@@ -198,6 +198,7 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
         "transforms": len(transforms), "wall_s": end - start,
         "first_batch_s": None if first_batch is None else first_batch[0] - start,
         "tiles_per_s": rate, "steady_tiles_per_s": steady, "duplicate_rows_ignored": collector.duplicates,
+        "actor_read_s": collector.actor_read_s, "actor_encode_s": collector.actor_encode_s,
         "cluster": asdict(info),
     })
     progress.finish(extra=f"{collector.tiles_done} tiles ({rate:.0f} tiles/s)"

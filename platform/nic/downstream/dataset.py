@@ -54,7 +54,9 @@ class GridSource:
             return self._cache[key]
         grid, mask = self.loader(self.grids_dir, slide_id, transform=k)
         self.loads += 1
-        entry = [grid, mask, None]
+        # Embeddings are stored as float16, so holding them as float16 loses nothing and halves
+        # the cache; crops are converted to float32 (only R x R cells).
+        entry = [grid.astype(np.float16, copy=False), mask, None]
         if self.cache_size:
             self._cache[key] = entry
             while len(self._cache) > self.cache_size:
@@ -62,7 +64,7 @@ class GridSource:
         return entry
 
     def load(self, slide_id: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """The stored grid and mask of transform k (k must be stored; 0 always is)."""
+        """The stored grid (float16) and mask of transform k (k must be stored; 0 always is)."""
         grid, mask, _ = self._entry(slide_id, k)
         return grid, mask
 
