@@ -1,0 +1,1 @@
+"""Evaluation reports: Markdown tables and PNG figures built from the stages' artifacts."""

@@ -1,0 +1,93 @@
+"""`nic pipeline`: config checks up front, then a tiny study end to end with its report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nic.cli.main import main
+from nic.config.base import ConfigError, load_config
+from nic.config.pipeline import PipelineConfig
+from nic.pipeline import plan_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_demo_config_plans_every_step():
+    cfg = load_config(PipelineConfig, REPO / "configs" / "demo" / "pipeline.yaml")
+    layout, steps, inputs = plan_pipeline(cfg)
+    stages = [s.stage for s in steps]
+    assert stages[0] == "synth"
+    assert stages.count("train-encoder") == 2  # mtl + contrastive; mean-rgb needs no training
+    assert stages.count("compress") == 3
+    assert stages.count("train-downstream") == 9
+    assert inputs["encoders"]["mean-rgb"] == "mean-rgb"
+    comp = next(s for s in steps if s.stage == "compress")
+    assert comp.config.slides == [str(layout.cohort / "slides")]
+
+
+def test_a_typo_in_a_late_section_fails_before_anything_runs(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"out": str(tmp_path / "o"), "downstream": {"epoch": 3}}))
+    cfg = load_config(PipelineConfig, path)
+    with pytest.raises(ConfigError) as err:
+        plan_pipeline(cfg)
+    assert "pipeline: downstream" in str(err.value) and "unknown key 'epoch'" in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_wired_paths_cannot_be_overridden(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"compress": {"out": "elsewhere"}}))
+    with pytest.raises(ConfigError, match="set by the pipeline"):
+        load_config(PipelineConfig, path)
+
+
+def test_synth_or_data_but_not_neither(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"synth": None}))
+    with pytest.raises(ConfigError, match="either 'synth'"):
+        load_config(PipelineConfig, path)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_tiny_study_end_to_end_and_resume(tmp_path):
+    config = {
+        "out": str(tmp_path / "study"),
+        "synth": {"slides": 8, "size": 1600, "min_size": 1200, "seed": 3,
+                  "patches": {"train": 160, "val": 40, "tasks": ["tissue_type", "tumour"]}},
+        "encoders": [{"name": "mtl", "kind": "mtl"}, {"name": "mean-rgb", "kind": "mean-rgb"}],
+        "encoder": {"epochs": 1, "embedding_dim": 16, "batch_size": 32, "num_workers": 1,
+                    "max_val_samples_per_task": 40},
+        "downstream": {"folds": 2, "epochs": 2, "batch_size": 4, "val_fraction": 0.0, "tta_crops": 1,
+                       "bootstrap": 20, "patient_column": "patient_id"},
+        "targets": [{"name": "growth", "kind": "binary", "target": "growth_pattern"},
+                    {"name": "survival", "kind": "survival"}],
+        "report_slides": 1,
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["pipeline", "--config", str(path)]) == 0
+
+    root = tmp_path / "study"
+    report = (root / "report.md").read_text()
+    for heading in ("## Slide-level models", "## Encoders", "## Compression", "## Cohort",
+                    "## Slides and their feature grids", "## Steps"):
+        assert heading in report
+    assert (root / "report" / "comparison.png").exists()
+    for enc in ("mtl", "mean-rgb"):
+        for target in ("growth", "survival"):
+            assert (root / "models" / enc / target / "metrics.json").exists()
+    # every image the report links exists
+    import re
+
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (root / link).exists(), link
+
+    # a re-run skips finished work and rebuilds the same report
+    encoder_json = root / "encoders" / "mtl" / "encoder.json"
+    stamp = encoder_json.stat().st_mtime_ns
+    assert main(["pipeline", "--config", str(path)]) == 0
+    assert encoder_json.stat().st_mtime_ns == stamp
