@@ -26,11 +26,23 @@ TARGETS = {"proliferation": "regression", "growth_pattern": "binary", "survival"
 METRIC_NAMES = {"spearman": "Spearman", "roc_auc": "ROC AUC", "c_index": "C-index", "kappa_quadratic": "QW kappa"}
 
 
-def _nic(args: list[str]) -> int:
+def _nic(args: list[str], attempts: int = 3) -> int:
+    """Run one `nic` command in this process; retried when Ray itself fails (e.g. a node that does
+    not start in time on an overloaded machine), which the stages then resume from their outputs."""
+    import ray
+
     from nic.cli.main import main
 
     print("$ nic " + " ".join(args), file=sys.stderr, flush=True)
-    return main(args)
+    for attempt in range(1, attempts + 1):
+        try:
+            return main(args)
+        except Exception as exc:  # noqa: BLE001 - Ray start-up and connection errors have many types
+            print(f"attempt {attempt} of `nic {args[0]}` failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if ray.is_initialized():
+                ray.shutdown()
+            time.sleep(10)
+    return 1
 
 
 def _cell(metrics_path: Path) -> tuple[str, dict | None]:

@@ -78,6 +78,11 @@ class TrainEncoderConfig(StageConfig):
     batch_size: int = Field(64, ge=2, description="Batch size per worker.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
+    lr_factor: float = Field(
+        0.3, gt=0, le=1, description="Multiply the learning rate by this when val_loss has not improved for "
+        "lr_patience epochs (1 = constant learning rate; the BiGAN always uses a constant one).",
+    )
+    lr_patience: int = Field(1, ge=0, description="Epochs without a better val_loss before the learning rate drops.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes).")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs per worker (its torch thread count).")
     use_gpu: bool = Field(False, description="One GPU per worker.")

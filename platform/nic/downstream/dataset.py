@@ -56,7 +56,9 @@ class GridSource:
         self.loads += 1
         # Embeddings are stored as float16, so holding them as float16 loses nothing and halves
         # the cache; crops are converted to float32 (only R x R cells).
-        entry = [grid.astype(np.float16, copy=False), mask, None]
+        if grid.dtype != np.float16:
+            grid = torch.from_numpy(np.ascontiguousarray(grid)).half().numpy()  # torch converts ~4x faster
+        entry = [grid, mask, None]
         if self.cache_size:
             self._cache[key] = entry
             while len(self._cache) > self.cache_size:
@@ -135,7 +137,7 @@ class GridDataset(Dataset):
         else:
             grid, mask = self.source.load(slide_id, 0)
             grid, mask = center_crop(grid, mask, self.crop_size)
-        item = {"grid": torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32)),
+        item = {"grid": torch.from_numpy(np.ascontiguousarray(grid)).float(),
                 "mask": torch.from_numpy(np.ascontiguousarray(mask)), "index": index}
         for name, values in self.targets.items():
             item[name] = torch.as_tensor(values[index])

@@ -55,7 +55,7 @@ def tta_predict_slide(
         views = source.crops(slide_id, k, max(1, tta_crops), crop_size, rng)
         for start in range(0, len(views), batch_size):
             chunk = views[start:start + batch_size]
-            g = torch.from_numpy(np.stack([v[0] for v in chunk]).astype(np.float32)).to(device)
+            g = torch.from_numpy(np.stack([v[0] for v in chunk])).float().to(device)
             m = torch.from_numpy(np.stack([v[1] for v in chunk])).to(device)
             preds.append(outputs_to_prediction(kind, model(g, m), target_mean, target_std))
     return np.concatenate(preds, axis=0).mean(axis=0)

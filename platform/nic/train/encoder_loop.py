@@ -60,6 +60,8 @@ class LoopSettings:
     max_steps_per_epoch: int | None = None
     max_minutes_per_epoch: float | None = None
     gan_lr_factor: float = 1.0
+    lr_factor: float = 0.3
+    lr_patience: int = 1
 
 
 def _objective_spec(d: dict):
@@ -126,6 +128,12 @@ def train_encoder_loop(config: dict) -> None:
         for phase in objective.phases
     }
     early = EarlyStopping(s.patience)
+    # Lower the learning rate when validation stops improving (objectives whose validation loss
+    # means something only: not the GAN).
+    schedulers = {
+        phase: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=s.lr_factor, patience=s.lr_patience)
+        for phase, opt in optimizers.items()
+    } if objective.early_stopping and s.lr_factor < 1 else {}
     history: list[dict] = []
     best_encoder: dict | None = None
     best_extra: dict = {}
@@ -140,6 +148,9 @@ def train_encoder_loop(config: dict) -> None:
         for phase, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][phase])
         early.load_state_dict(state["early"])
+        for phase, sched in schedulers.items():
+            if phase in state.get("schedulers", {}):
+                sched.load_state_dict(state["schedulers"][phase])
         history, best_encoder, best_metrics = state["history"], state["best_encoder"], state["best_metrics"]
         best_extra = state["best_extra"]
         start_epoch = state["epoch"] + 1
@@ -211,18 +222,23 @@ def train_encoder_loop(config: dict) -> None:
         val_metrics = core.validation_metrics(gathered) if gathered else {"val_loss": float("nan")}
 
         improved = early.update(val_metrics["val_loss"], epoch) if objective.early_stopping else True
+        for sched in schedulers.values():
+            sched.step(val_metrics["val_loss"])
         if improved or best_encoder is None:
             best_encoder = _cpu_copy(core.encoder.state_dict())
             best_extra = _cpu_copy(core.extra_state())
             best_metrics = dict(val_metrics, epoch=epoch)
         stop = objective.early_stopping and early.should_stop
         seconds = time.monotonic() - started
-        metrics = {"epoch": epoch, "steps": steps, "seconds": seconds, **train_metrics, **val_metrics}
+        lr_now = optimizers[objective.phases[-1]].param_groups[0]["lr"]
+        metrics = {"epoch": epoch, "steps": steps, "seconds": seconds, "lr": lr_now, **train_metrics, **val_metrics}
         history.append(metrics)
 
         if rank == 0:
             shown = {"loss": train_metrics.get("loss", float("nan")), "val_loss": val_metrics["val_loss"]}
             shown.update({k: v for k, v in val_metrics.items() if "/" in k and not k.endswith("/loss")})
+            if schedulers and lr_now != s.lr:
+                shown["lr"] = lr_now
             note = "(best)" if improved and objective.early_stopping else ""
             if stop:
                 note = f"early stop: no better val_loss for {early.patience} epochs"
@@ -230,6 +246,7 @@ def train_encoder_loop(config: dict) -> None:
             state = {
                 "epoch": epoch, "objective": core.state_dict(),
                 "optimizers": {p: o.state_dict() for p, o in optimizers.items()},
+                "schedulers": {p: sc.state_dict() for p, sc in schedulers.items()},
                 "early": early.state_dict(), "history": history, "best_encoder": best_encoder,
                 "best_metrics": best_metrics, "stopped": stop, "best_extra": best_extra,
             }

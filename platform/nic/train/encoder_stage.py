@@ -84,7 +84,7 @@ def loop_settings(config: TrainEncoderConfig, heads: list[TaskHeadSpec]) -> Loop
         lr=config.lr, weight_decay=config.weight_decay, patience=config.patience, seed=config.seed,
         augment=config.augment.model_dump(), samples_per_task=config.samples_per_task,
         max_steps_per_epoch=config.max_steps_per_epoch, max_minutes_per_epoch=config.max_minutes_per_epoch,
-        gan_lr_factor=o.gan_lr_factor,
+        gan_lr_factor=o.gan_lr_factor, lr_factor=config.lr_factor, lr_patience=config.lr_patience,
     )
 
 
