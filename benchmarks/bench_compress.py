@@ -396,13 +396,14 @@ def main(argv: list[str] | None = None) -> int:
             sizes = [int(s) for s in args.large.split(",") if s]
             rows = large(sizes, args.encoder, args.batch_size, work, args.keep)
             raw["large"] = rows
-            print("\n| slide | tissue tiles | wall s | tiles/s | s per 1000 tiles | largest peak RSS (process) |")
-            print("| --- | ---: | ---: | ---: | ---: | --- |")
+            print("\n| slide | tissue tiles | wall s | tiles/s | wall s per 1000 tiles | CPU-s per 1000 tiles "
+                  "| largest peak RSS (process) |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
             for r in rows:
                 name, peak = max(r["peak_rss"].items(), key=lambda kv: kv[1])
-                print(f"| {r['size']} x {r['size']} px ({r['slide_bytes'] / 2**30:.1f} GiB) | {r['tiles']} | "
+                print(f"| {r['size']} x {r['size']} px ({r['slide_bytes'] / 2**30:.2f} GiB) | {r['tiles']} | "
                       f"{r['wall_s']:.0f} | {r['tiles_per_s']:.0f} | {1000 * r['wall_s'] / r['tiles']:.1f} | "
-                      f"{peak / 2**30:.2f} GiB ({name}) |")
+                      f"{1000 * r['cpu_s'] / r['tiles']:.1f} | {peak / 2**30:.2f} GiB ({name}) |")
         print(f"\n(load average at the end: {load()})")
     finally:
         if args.json:

@@ -45,6 +45,16 @@ def _nic(args: list[str], attempts: int = 3) -> int:
     return 1
 
 
+def _grids_complete(grids: Path) -> bool:
+    manifest = grids / "slides.parquet"
+    if not manifest.exists():
+        return False
+    import pyarrow.parquet as pq
+
+    status = pq.read_table(manifest, columns=["status"]).column("status").to_pylist()
+    return bool(status) and all(s in ("ok", "skipped") for s in status)
+
+
 def _cell(metrics_path: Path) -> tuple[str, dict | None]:
     if not metrics_path.exists():
         return "failed", None
@@ -75,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Downstream model (default: the configs').")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="Extra train-downstream key=value for every run (repeatable).")
+    parser.add_argument("--reuse-grids", action="store_true",
+                        help="Skip training and compression for an encoder whose grid store is already complete "
+                        "(every slide ok in slides.parquet), e.g. after the encoder code changed.")
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--write", type=Path, default=None, help="Write the Markdown table to this file.")
     args = parser.parse_args(argv)
@@ -85,18 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     status: dict[str, str] = {}
     for kind in args.encoders:
         encoder = kind
-        if kind not in BUILTIN:
+        if args.reuse_grids and _grids_complete(work / "grids" / kind):
+            print(f"reusing the complete grid store {work / 'grids' / kind}", file=sys.stderr)
+        elif kind not in BUILTIN:
             encoder = str(work / "encoders" / kind)
             code = _nic(["train-encoder", "--config", str(args.encoder_config), "--tasks", str(args.cohort / "tasks.yaml"),
                          "--kind", kind, "--out", encoder, *cpus])
             if code:
                 status[kind] = f"train-encoder exit {code}"
                 continue
-        code = _nic(["compress", "--slides", str(args.cohort / "slides"), "--encoder", encoder,
-                     "--out", str(work / "grids" / kind), *cpus])
-        if code:
-            status[kind] = f"compress exit {code}"
-            continue
+        if not (args.reuse_grids and _grids_complete(work / "grids" / kind)):
+            code = _nic(["compress", "--slides", str(args.cohort / "slides"), "--encoder", encoder,
+                         "--out", str(work / "grids" / kind), *cpus])
+            if code:
+                status[kind] = f"compress exit {code}"
+                continue
         for target in args.targets:
             cmd = ["train-downstream", "--config", str(args.downstream_config_dir / f"train_downstream_{target}.yaml"),
                    "--grids", str(work / "grids" / kind), "--labels", str(args.cohort / "labels.csv"),

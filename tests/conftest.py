@@ -38,3 +38,16 @@ def ray_session():
     connect(RayOptions(num_cpus=max(2, os.cpu_count() or 2), num_gpus=0))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory, ray_session) -> Path:
+    """A small synthetic cohort made once per session with `nic synth` (8 slides, 2 patch tasks)."""
+    from nic.cli.main import main
+
+    out = tmp_path_factory.mktemp("tiny") / "cohort"
+    code = main(["synth", "--out", str(out), "--slides", "8", "--size", "1600", "--seed", "5",
+                 "--set", "min_size=1200", "--set", "patches.train=160", "--set", "patches.val=40",
+                 "--set", "patches.tasks=[tissue_type, tumour]"])
+    assert code == 0
+    return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,8 @@ def _parallel_folds(config: TrainDownstreamConfig) -> int:
     return max(1, min(n, config.folds))
 
 
-def _run_all_folds(config: TrainDownstreamConfig, specs: list[FoldSpec], run: dict, run_hash: str) -> list[dict]:
+def _run_all_folds(config: TrainDownstreamConfig, specs: list[FoldSpec], run: dict, run_hash: str,
+                   on_fold: Callable[[dict], None] | None = None) -> list[dict]:
     """Run the unfinished folds, `_parallel_folds` at a time, from driver threads: fit() only waits
     on its trainer's controller actor, so a thread per fold costs no process and no CPU."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -234,6 +236,8 @@ def _run_all_folds(config: TrainDownstreamConfig, specs: list[FoldSpec], run: di
                 else:
                     extra += f": {rec['reason'][:300]}"
                 progress.update(len(records), extra=extra, force=True)
+                if on_fold is not None:
+                    on_fold(rec)
     return [records[k] for k in sorted(records)]
 
 
@@ -323,8 +327,23 @@ def _prepare_out(config: TrainDownstreamConfig, run_hash: str, storage: Path, na
     write_json_atomic(marker, {"run_hash": run_hash, "stage": STAGE})
 
 
-def run_train_downstream(config: TrainDownstreamConfig) -> int:
-    """Train and evaluate; 0 when every fold succeeded, 1 when some failed, 2 on bad input."""
+def fold_metric(config: TrainDownstreamConfig, labels: Labels, record: dict) -> float | None:
+    """The primary metric on one finished fold's held-out slides (None for a failed fold)."""
+    if record["status"] != STATUS_OK:
+        return None
+    part = aggregate_predictions(config, labels, [record])
+    part = part[part["split"] == "cv"]
+    if not len(part):
+        return None
+    return split_metrics(labels.kind, part, labels, 0, config.seed)[PRIMARY_METRIC[labels.kind]]["value"]
+
+
+def run_train_downstream(config: TrainDownstreamConfig,
+                         on_fold: Callable[[int, float | None], None] | None = None) -> int:
+    """Train and evaluate; 0 when every fold succeeded, 1 when some failed, 2 on bad input.
+
+    `on_fold(fold, metric)` is called as each newly trained fold finishes, with the primary metric
+    on its held-out slides: `nic tune` reports it to Ray Tune so ASHA can stop weak trials early."""
     from nic.runtime import connect
 
     started = time.monotonic()
@@ -370,7 +389,9 @@ def run_train_downstream(config: TrainDownstreamConfig) -> int:
            "max_failures": config.max_failures}
     with ProgressRelay() as relay:
         run["progress"] = relay.queue
-        records = _run_all_folds(config, specs, run, run_hash)
+        fold_hook = None if on_fold is None else (
+            lambda rec: on_fold(rec["fold"], fold_metric(config, labels, rec)))
+        records = _run_all_folds(config, specs, run, run_hash, fold_hook)
     failed = [r for r in records if r["status"] != STATUS_OK]
 
     predictions = aggregate_predictions(config, labels, records)

@@ -1,0 +1,1 @@
+"""`nic tune`: Ray Tune searches over MTL task subsets and hyperparameters."""

@@ -1,0 +1,101 @@
+"""`nic tune`: a Ray Tune search over MTL task subsets and hyperparameters.
+
+Writes a trial table (trials.parquet and trials.csv), best_config.yaml and the plot the paper is
+about: the downstream metric against the number of MTL tasks, with its Spearman correlation.
+An interrupted search resumes with `Tuner.restore` when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from nic.artifacts import write_bytes_atomic
+from nic.config.base import ConfigError, dump_config
+from nic.config.tune import TuneConfig
+from nic.runtime import connect
+from nic.tune.results import trial_table, write_results
+from nic.tune.space import param_space
+from nic.tune.trial import METRIC, run_trial, trial_configs
+
+EXPERIMENT = "search"
+
+
+def _say(message: str) -> None:
+    print(f"[tune] {message}", file=sys.stderr, flush=True)
+
+
+def _task_names(tasks_yaml: Path) -> list[str]:
+    from nic.patches import load_tasks
+
+    return [t.name for t in load_tasks(tasks_yaml)]
+
+
+def _static(cfg: TuneConfig) -> dict:
+    """What every trial shares, as plain data (trials run in other processes)."""
+    return {"tasks": str(Path(cfg.tasks).resolve()), "slides": cfg.slides, "labels": str(Path(cfg.labels).resolve()),
+            "kind": cfg.kind, "target": cfg.target, "out": str(Path(cfg.out).resolve()),
+            "encoder": cfg.encoder, "compress": cfg.compress, "downstream": cfg.downstream,
+            "ray": cfg.ray.model_dump()}
+
+
+def run_tune(cfg: TuneConfig) -> int:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    out = Path(cfg.out).resolve()
+    names = _task_names(cfg.tasks)
+    if cfg.min_tasks > len(names):
+        raise ConfigError(f"min_tasks = {cfg.min_tasks} but {cfg.tasks} has only {len(names)} tasks")
+    static = _static(cfg)
+    # Check every stage section once before any trial starts.
+    trial_configs({"tasks": names[:1]}, static, out / "trials" / "check")
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / "tune_config.yaml", dump_config(cfg).encode())
+
+    connect(cfg.ray, cfg.verbose)
+    space = param_space(cfg, names)
+    trials = len(space["tasks"]["grid_search"])
+    folds = int(cfg.downstream.get("folds", 5))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, static=static), {"cpu": cfg.trial_cpus})
+    scheduler = None
+    if cfg.asha:
+        # Rungs are reports: one per finished fold plus the final pooled metric.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=folds + 1, grace_period=cfg.grace_folds,
+                                  reduction_factor=cfg.reduction_factor)
+    mode = "max"  # every primary metric here (Spearman, ROC AUC, C-index) is better when higher
+    storage = out / "ray"
+    experiment = storage / EXPERIMENT
+    if tune.Tuner.can_restore(str(experiment)):
+        _say(f"resuming the interrupted search in {experiment}")
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True,
+                                   restart_errored=False)
+    else:
+        _say(f"{trials} trials over task subsets of {names}; up to {cfg.max_concurrent_trials} at once")
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode=mode, scheduler=scheduler, num_samples=1,
+                                        max_concurrent_trials=cfg.max_concurrent_trials),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage),
+                                      verbose=1 if cfg.verbose else 0,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    grid = tuner.fit()
+    frame = trial_table(grid, names)
+    paths = write_results(frame, out, cfg, mode)
+    best = frame[frame["complete"]].sort_values(METRIC, ascending=False)
+    if len(best):
+        top = best.iloc[0]
+        _say(f"best: tasks {top['tasks']} -> {METRIC} {top[METRIC]:.3f}")
+        write_bytes_atomic(out / "best_config.yaml",
+                           yaml.safe_dump({"tasks_subset": top["tasks"].split(","), **top["params"],
+                                           METRIC: float(top[METRIC]), "trial_id": top["trial_id"]},
+                                          sort_keys=False).encode())
+    _say(f"trial table: {paths['parquet']}, plot: {paths['plot']}")
+    errored = int((frame["status"] == "ERROR").sum())
+    if errored:
+        _say(f"{errored} trial(s) errored; their errors are in {experiment}")
+    return 0 if len(best) else 1

@@ -1,0 +1,71 @@
+"""`nic tune`: subsets, a real (tiny) Ray Tune search with ASHA, its outputs, and resume."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+
+from nic.cli.main import main
+from nic.tune.space import all_subsets, sample_subsets
+
+
+def test_all_subsets_and_an_even_sample():
+    tasks = ["a", "b", "c", "d"]
+    subsets = all_subsets(tasks)
+    assert len(subsets) == 15 and subsets[0] == ["a"] and subsets[-1] == tasks
+    assert len(all_subsets(tasks, min_size=3)) == 5
+    sample = sample_subsets(tasks, 6, 1, seed=0)
+    assert len(sample) == 6 and len({tuple(s) for s in sample}) == 6
+    sizes = sorted(len(s) for s in sample)
+    assert set(sizes) == {1, 2, 3, 4}  # every subset size is represented
+    assert sample == sample_subsets(tasks, 6, 1, seed=0)  # deterministic
+    assert len(sample_subsets(tasks, 99, 1, seed=0)) == 15  # never more than exist
+
+
+def test_sample_is_spread_over_sizes_first():
+    for count in range(1, 5):  # one subset per size, smallest first
+        assert [len(s) for s in sample_subsets(list("abcd"), count, 1, seed=1)] == list(range(1, count + 1))
+    sizes = [len(s) for s in sample_subsets(list("abcd"), 8, 1, seed=1)]
+    assert sorted(sizes) == [1, 1, 2, 2, 3, 3, 3, 4]  # round robin over sizes; size 4 has only one subset
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_tiny_search_writes_table_plot_and_resumes(tiny_cohort, tmp_path):
+    out = tmp_path / "tune"
+    config = {
+        "tasks": str(tiny_cohort / "tasks.yaml"),
+        "slides": [str(tiny_cohort / "slides")],
+        "labels": str(tiny_cohort / "labels.csv"),
+        "kind": "binary", "target": "growth_pattern",
+        "out": str(out),
+        "subsets": "all",
+        "space": {"encoder_lr": {"low": 1e-3, "high": 3e-3}, "downstream_lr": [1e-3]},
+        "encoder": {"epochs": 1, "embedding_dim": 8, "batch_size": 32, "max_val_samples_per_task": 40},
+        "downstream": {"folds": 2, "epochs": 1, "batch_size": 4, "val_fraction": 0.0, "tta_crops": 1,
+                       "bootstrap": 0},
+        "grace_folds": 1,
+    }
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["tune", "--config", str(path)]) == 0
+
+    table = pd.read_parquet(out / "trials.parquet")
+    assert len(table) == 3  # {tissue_type}, {tumour}, {both}
+    assert sorted(table["n_tasks"]) == [1, 1, 2]
+    assert set(table["tasks"]) == {"tissue_type", "tumour", "tissue_type,tumour"}
+    assert (table["status"] == "TERMINATED").all(), table[["tasks", "error"]]
+    assert table["complete"].any()
+    assert {"task_tissue_type", "task_tumour", "metric", "params"} <= set(table.columns)
+    assert (out / "trials.csv").exists() and (out / "tasks_vs_metric.png").exists()
+    best = yaml.safe_load((out / "best_config.yaml").read_text())
+    assert best["tasks_subset"] and "encoder_lr" in best
+    # each complete trial trained an MTL encoder on exactly its subset
+    done = table[table["complete"]].iloc[0]
+    enc = yaml.safe_load((out / "trials" / done["trial_id"] / "encoder" / "encoder.json").read_text())
+    assert sorted(t["name"] for t in enc["tasks"]) == sorted(done["tasks"].split(","))
+
+    # running the same command again restores the finished search instead of starting afresh
+    assert main(["tune", "--config", str(path)]) == 0
+    again = pd.read_parquet(out / "trials.parquet")
+    assert sorted(again["trial_id"]) == sorted(table["trial_id"])
