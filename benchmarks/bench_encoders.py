@@ -6,9 +6,10 @@ For the reference NIC encoder, the small ResNet and mean RGB it measures what th
 stage runs: the module `nic.encoders.load_encoder` returns (BatchNorms and input scaling folded
 into the convolutions, channels-last), fed uint8 (256, 3, 128, 128) batches. The plain eval-mode
 PatchEncoder is measured too, to show what the folding buys. torch uses all cores (threads =
-os.cpu_count()); each measurement repeats batches for `--seconds` and reports the median of
-`--repeats` runs, in tiles per wall-second and tiles per CPU-second (process CPU time over all
-threads), since the machine may be shared. `--write` puts the table into
+os.cpu_count()), and then one thread (what one `nic compress` actor with one CPU gets). Each
+measurement repeats batches for `--seconds` and reports the median of `--repeats` runs, in tiles
+per wall-second and tiles per CPU-second (process CPU time over all threads), since the machine
+may be shared. `--write` puts the table into
 benchmarks/results/encoders.md between the bench_encoders markers.
 """
 
@@ -62,21 +63,23 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/results/encoders.md")
     args = parser.parse_args()
 
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    all_threads = os.cpu_count() or 1
     x = torch.randint(0, 256, (args.batch, 3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     rows = []
-    for arch, dim in (("reference", 128), ("resnet", 128), ("mean-rgb", 3)):
-        encoder = build_encoder(arch, dim, 128, seed=0).eval()
-        variants = [("load_encoder module (folded, channels-last)", optimise_for_inference(encoder))]
-        if arch != "mean-rgb":
-            variants.append(("plain eval PatchEncoder", encoder))
-        for label, module in variants:
-            runs = [measure(module, x, args.seconds) for _ in range(args.repeats)]
-            wall = statistics.median(r[0] for r in runs)
-            cpu = statistics.median(r[1] for r in runs)
-            rows.append((arch, count_parameters(encoder), label, wall, cpu))
-            print(f"{arch:10s} {label:45s} {wall:9.0f} tiles/s  {cpu:9.0f} tiles/CPU-s", flush=True)
+    for threads in sorted({all_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        for arch, dim in (("reference", 128), ("resnet", 128), ("mean-rgb", 3)):
+            encoder = build_encoder(arch, dim, 128, seed=0).eval()
+            variants = [("load_encoder module (folded, channels-last)", optimise_for_inference(encoder))]
+            if arch != "mean-rgb":
+                variants.append(("plain eval PatchEncoder", encoder))
+            for label, module in variants:
+                runs = [measure(module, x, args.seconds) for _ in range(args.repeats)]
+                wall = statistics.median(r[0] for r in runs)
+                cpu = statistics.median(r[1] for r in runs)
+                rows.append((arch, count_parameters(encoder), label, threads, wall, cpu))
+                print(f"{arch:10s} {label:45s} threads {threads} {wall:9.0f} tiles/s {cpu:9.0f} tiles/CPU-s",
+                      flush=True)
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     lines = [
@@ -84,14 +87,14 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/bench_encoders.py --batch {args.batch} --seconds {args.seconds:g} "
         f"--repeats {args.repeats}`",
         "",
-        f"Machine: {machine()}; torch threads {threads}; load average at the end {load} (shared machine).",
+        f"Machine: {machine()}; load average at the end {load} (shared machine).",
         f"Input: uint8 tiles ({args.batch}, 3, 128, 128); median of {args.repeats} runs of {args.seconds:g} s each.",
         "",
-        "| architecture | parameters | module | tiles/s (wall) | tiles per CPU-second |",
-        "| --- | ---: | --- | ---: | ---: |",
+        "| architecture | parameters | module | torch threads | tiles/s (wall) | tiles per CPU-second |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
-    for arch, params, label, wall, cpu in rows:
-        lines.append(f"| {arch} | {params:,} | {label} | {wall:.0f} | {cpu:.0f} |")
+    for arch, params, label, threads, wall, cpu in rows:
+        lines.append(f"| {arch} | {params:,} | {label} | {threads} | {wall:.0f} | {cpu:.0f} |")
     lines.append(END)
     table = "\n".join(lines)
     print(table)

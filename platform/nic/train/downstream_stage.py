@@ -424,7 +424,7 @@ def run_train_downstream(config: TrainDownstreamConfig,
     for split in ("cv", "test"):
         if split in result:
             m = result[split]["metrics"][primary]
-            ci = "" if m["ci_low"] is None else f" (95 % CI {m['ci_low']:.3f}-{m['ci_high']:.3f})"
+            ci = "" if m["ci_low"] is None else f", 95 % CI [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
             value = "n/a" if m["value"] is None else f"{m['value']:.3f}"
             _say(f"{'cross-validation' if split == 'cv' else 'test set'} {primary} = {value}{ci}, n={m['n']}")
     if failed:
