@@ -136,7 +136,7 @@ def run_fold(spec_dict: dict, run: dict) -> dict:
     """Train or resume one fold (a TorchTrainer run); its workers evaluate the best model at the
     end. Returns the fold's record, predictions and model bytes (the driver writes them); errors
     are recorded in the record, not raised, so the other folds finish."""
-    from nic.train.downstream_loop import fit_fold, read_fold_result
+    from nic.train.downstream_loop import read_fold_result
 
     spec = FoldSpec(**spec_dict)
     started = time.monotonic()
@@ -144,8 +144,7 @@ def run_fold(spec_dict: dict, run: dict) -> dict:
                               "val_slides": len(spec.val_ids), "held_out_slides": spec.eval_splits.count("cv")}
     predictions, model = None, None
     try:
-        result = fit_fold(spec, run["storage_path"], run["name"], run["num_workers"], run["use_gpu"],
-                          run["cpus_per_worker"], run["max_failures"], progress=run.get("progress"))
+        result = _fit_with_retries(spec, run)
         if result.checkpoint is None:
             raise RuntimeError("training reported no checkpoint")
         fold = read_fold_result(result.checkpoint)
@@ -158,6 +157,28 @@ def run_fold(spec_dict: dict, run: dict) -> dict:
         record.update(status=STATUS_FAILED, reason=f"{type(exc).__name__}: {exc}")
     record["seconds"] = round(time.monotonic() - started, 2)
     return {"record": record, "predictions": predictions, "model": model}
+
+
+def _fit_with_retries(spec: FoldSpec, run: dict):
+    """fit_fold, started again (resuming from the fold's latest checkpoint) when Ray itself lost the
+    trainer's controller or workers, e.g. an RPC timeout on an overloaded node. Worker errors are
+    already retried by FailureConfig(max_failures) and are not retried again here."""
+    import ray.exceptions as rex
+
+    from nic.train.downstream_loop import fit_fold
+
+    transient = (rex.ActorUnavailableError, rex.ActorDiedError, rex.RaySystemError, rex.NodeDiedError)
+    for attempt in range(run["max_failures"] + 1):
+        try:
+            return fit_fold(spec, run["storage_path"], run["name"], run["num_workers"], run["use_gpu"],
+                            run["cpus_per_worker"], run["max_failures"], progress=run.get("progress"))
+        except transient as exc:
+            if attempt == run["max_failures"]:
+                raise
+            _say(f"fold {spec.fold}: Ray lost the trainer ({type(exc).__name__}); resuming from its last "
+                 f"checkpoint (attempt {attempt + 2} of {run['max_failures'] + 1})")
+            time.sleep(5)
+    raise AssertionError("unreachable")
 
 
 def _write_fold(fold_dir: Path, outcome: dict) -> dict:
