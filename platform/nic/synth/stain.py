@@ -77,7 +77,7 @@ def sample_stain(rng: np.random.Generator, variation: float = 1.0) -> Stain:
     `variation` scales every perturbation (0 = the reference stain on pure white glass).
     """
     h = _unit(H_REF + rng.normal(0.0, 0.06 * variation, 3))
-    e = _unit(E_REF + rng.normal(0.0, 0.08 * variation, 3))
+    e = _unit(E_REF + rng.normal(0.0, 0.05 * variation, 3))
     h = np.clip(h, 0.05, None)
     e = np.clip(e, 0.05, None)
     h_strength = float(np.exp(rng.normal(0.0, 0.12 * variation)))

@@ -1,0 +1,33 @@
+"""`make bench`: run every benchmark with its default (demo-sized) settings, one after another.
+
+Each script prints its table and writes benchmarks/results/<area>.md; benchmarks/RESULTS.md
+collects the recorded numbers with the machine they ran on. Benchmarks compare ratios measured
+in one run, so run them on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["bench_reader.py", "bench_encoders.py", "bench_synth.py", "bench_compress.py", "bench_downstream.py"]
+
+
+def main() -> int:
+    failed = []
+    for name in ORDER:
+        script = HERE / name
+        if not script.exists():
+            continue
+        print(f"== {name}", flush=True)
+        if subprocess.run([sys.executable, str(script)], cwd=HERE.parent).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
