@@ -8,13 +8,16 @@
 
 No row ever holds pixels, so the object store carries coordinates and embeddings only.
 
-Block size matters here: Ray Data hands an actor one bundle of blocks per task, so a 100,000 px
-slide planned into one 600,000-row block would be encoded by one actor while the others idle (and a
-killed actor would redo all of it). The dataset is therefore built with a target block size of
-about one batch of light rows, so the planning task streams out small blocks that the whole pool
-shares. (`Dataset.repartition(target_num_rows_per_block=...)` would do the same, but in Ray 2.60
-it runs as separate 1-CPU tasks that cannot fuse with fractional-CPU planning, and on a 2-CPU
-machine those deadlock against the encoder actor's reservation.)
+Block size matters here. Ray Data hands an actor one bundle of blocks per task, so a 100,000 px
+slide planned into one 150,000-row block would be encoded by one actor while the others idle (and a
+killed actor would redo all of it); but every block also costs the driver bookkeeping, so blocks
+of a few embeddings each waste CPU (measured: 0.4 ms of driver CPU per tile with ~80-row output
+blocks). The dataset is therefore built with a target block size of about one batch of *encoded*
+rows (capped at 4 batches of light rows): the planning task streams out blocks of 1-4 batches that
+the whole pool shares, and each encoded batch comes back as about one block.
+(`Dataset.repartition(target_num_rows_per_block=...)` would cut the planned blocks too, but in
+Ray 2.60 it runs as separate 1-CPU tasks that cannot fuse with fractional-CPU planning, and on a
+2-CPU machine those deadlock against the encoder actor's reservation.)
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ MAX_CPUS_PER_ACTOR = 8.0
 CPUS_PER_ACTOR_LARGE = 4.0
 #: Bytes of one light tile row in Arrow (ids, coordinates, per-slide facts), to size blocks.
 LIGHT_ROW_BYTES = 120
+#: Planned blocks hold at most this many batches of light rows.
+MAX_BATCHES_PER_BLOCK = 4
+
+
+def block_bytes(batch_size: int, embedding_dim: int, transforms: int) -> int:
+    """Target block size: one batch of encoded rows, at most MAX_BATCHES_PER_BLOCK of light rows."""
+    encoded_row = LIGHT_ROW_BYTES + 2 * embedding_dim * transforms
+    return max(16 * 1024, batch_size * min(encoded_row, MAX_BATCHES_PER_BLOCK * LIGHT_ROW_BYTES))
 #: Retries of an encoder task whose actor died (the actor itself is restarted without limit): a
 #: batch that kills its actor every time is given up on, and its slide reported as failed.
 ACTOR_TASK_RETRIES = 3
@@ -107,17 +118,17 @@ def max_node_cpus() -> float:
 
 
 def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan,
-                  transforms: tuple[int, ...]):
+                  transforms: tuple[int, ...], embedding_dim: int):
     """The lazy Dataset of encoded tile rows for slides `todo` ((slide_id, path) pairs)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.target_max_block_size, ctx.max_errored_blocks
     # Both are sealed into the dataset when it is created, so they are set for this dataset only
-    # and restored right after. Small blocks: see the module docstring. Errored blocks: a batch
+    # and restored right after. Block size: see the module docstring. Errored blocks: a batch
     # whose actor dies on every retry is dropped instead of failing the job; the driver reports
     # its slides as failed.
-    ctx.target_max_block_size = max(16 * 1024, pool.batch_size * LIGHT_ROW_BYTES)
+    ctx.target_max_block_size = block_bytes(pool.batch_size, embedding_dim, len(transforms))
     ctx.max_errored_blocks = -1
     try:
         return _pipeline(config, todo, pool, transforms)

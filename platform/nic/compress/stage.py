@@ -167,7 +167,7 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
     last_save = start
     first_batch = None
     try:
-        for batch in iter_encoded(build_dataset(config, todo, pool, transforms)):
+        for batch in iter_encoded(build_dataset(config, todo, pool, transforms, facts.embedding_dim)):
             if first_batch is None:
                 first_batch = (time.monotonic(), collector.tiles_done)
             finished = collector.add_batch(batch)
