@@ -171,12 +171,15 @@ def end_to_end(slides: Path, out: Path, encoder: str, batch_size: int, extra: di
     stats = json.loads((out / RUN_STATS).read_text())
     tiles = int(manifest.loc[manifest.status == "ok", "tiles"].sum())
     # Steady state: from the first encoded batch on (the actor is up, planning has started).
-    # run_compress's own clock starts a little after ours (encoder loading in the driver), so this
-    # window is slightly larger than the stage's, and the steady CPU rate slightly pessimistic.
-    first = stats["first_batch_s"]
-    steady_cpu = mon.cpu - mon.cpu_at(mono0 + (wall - stats["wall_s"]) + first) if first is not None else None
-    steady_tiles = stats["steady_tiles_per_s"] * (stats["wall_s"] - first) if first is not None else None
-    return {"steady_tiles_per_cpu_s": steady_tiles / steady_cpu if steady_cpu else None,"wall_s": wall, "tiles": tiles, "tiles_per_s": tiles / wall, "cpu_s": mon.cpu,
+    # run_compress's clock starts after ours (it loads the encoder first) and ends with ours, so its
+    # start is ours + (our wall - its wall).
+    first, steady_rate = stats["first_batch_s"], stats["steady_tiles_per_s"]
+    steady_per_cpu = None
+    if first is not None and steady_rate:
+        steady_cpu = mon.cpu - mon.cpu_at(mono0 + (wall - stats["wall_s"]) + first)
+        steady_per_cpu = steady_rate * (stats["wall_s"] - first) / steady_cpu if steady_cpu > 0 else None
+    return {"wall_s": wall, "tiles": tiles, "tiles_per_s": tiles / wall, "cpu_s": mon.cpu,
+            "steady_tiles_per_cpu_s": steady_per_cpu,
             "tiles_per_cpu_s": tiles / mon.cpu, "steady_tiles_per_s": stats["steady_tiles_per_s"],
             "first_batch_s": stats["first_batch_s"], "pool": stats["pool"], "peak_rss": mon.peak_rss,
             "cpu_by_process": mon.cpu_by_process(),
@@ -320,10 +323,11 @@ def report(a: dict, b: dict, c: dict, args) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
         f"| (a) nic compress, end to end (whole job, actor start included) | {a['tiles_per_s']:.0f} | "
         f"{a['tiles_per_cpu_s']:.0f} | 1.00 | 1.00 |",
-        f"| (a') nic compress, steady state (after the first batch, at {a['first_batch_s']:.1f} s) | "
-        f"{a['steady_tiles_per_s']:.0f} | {a['steady_tiles_per_cpu_s']:.0f} | "
-        f"{a['steady_tiles_per_s'] / b['tiles_per_s']:.2f} (vs b) | "
-        f"{a['steady_tiles_per_cpu_s'] / b['tiles_per_cpu_s']:.2f} (vs b) |",
+        (f"| (a') nic compress, steady state (after the first batch, at {a['first_batch_s']:.1f} s) | "
+         f"{a['steady_tiles_per_s']:.0f} | {a['steady_tiles_per_cpu_s']:.0f} | "
+         f"{a['steady_tiles_per_s'] / b['tiles_per_s']:.2f} (vs b) | "
+         f"{a['steady_tiles_per_cpu_s'] / b['tiles_per_cpu_s']:.2f} (vs b) |")
+        if a["steady_tiles_per_s"] and a["steady_tiles_per_cpu_s"] else "| (a') steady state: job too short |  |  |  |  |",
         f"| (b) encoder compute bound ({b['threads']} threads, tiles in memory) | {b['tiles_per_s']:.0f} | "
         f"{b['tiles_per_cpu_s']:.0f} | {a['tiles_per_s'] / b['tiles_per_s']:.2f} | "
         f"{a['tiles_per_cpu_s'] / b['tiles_per_cpu_s']:.2f} |",

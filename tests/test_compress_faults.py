@@ -102,14 +102,16 @@ def test_killed_job_leaves_only_complete_grids_and_resumes(cohort, tmp_path, ray
     args = ["compress", "--slides", str(folder), "--encoder", "random", "--out", str(out), "--batch-size", "8",
             "--address", address] + [x for s in SMALL_TISSUE for x in ("--set", s)]
     # The driver runs as its own process on the shared Ray instance, so it can be SIGKILLed.
-    proc = subprocess.Popen([sys.executable, "-m", "nic.cli.main", *args], stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would stall the driver
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "nic.cli.main", *args], stdout=sink, stderr=sink)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "tiles").exists() and list_slides(out):
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()}"
+        assert proc.poll() is None, f"the job ended before it could be killed: {log.read_text()[-3000:]}"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:

@@ -163,6 +163,7 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
 
     collector = SlideCollector(out, facts, transforms, options_hash, dict(todo))
     progress = Progress("compress", total=len(todo), unit="slides")
+    unit = "tiles" if len(transforms) == 1 else f"tile encodings (x{len(transforms)} transforms)"
     start = time.monotonic()
     last_save = start
     first_batch = None
@@ -174,7 +175,7 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
             for sid in finished:
                 results[sid] = collector.results[sid]
             rate = collector.tiles_done / max(time.monotonic() - start, 1e-9)
-            progress.update(collector.finished, extra=f"{collector.tiles_done} tiles ({rate:.0f} tiles/s)")
+            progress.update(collector.finished, extra=f"{collector.tiles_done} {unit} ({rate:.0f}/s)")
             if finished and time.monotonic() - last_save > MANIFEST_EVERY_S:
                 _save_manifest(path, order, results)
                 last_save = time.monotonic()
@@ -189,8 +190,8 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
     results.update({sid: collector.results[sid] for sid, _ in todo})
     end = time.monotonic()
     rate = collector.tiles_done / max(end - start, 1e-9)
-    steady = None
-    if first_batch is not None and end - first_batch[0] > 0:
+    steady = None  # only meaningful when encoding lasted a while after the first batch
+    if first_batch is not None and end - first_batch[0] > 2.0:
         steady = (collector.tiles_done - first_batch[1]) / (end - first_batch[0])
     # What this run did and how fast, for benchmarks and for whoever sizes the next run.
     write_json_atomic(out / RUN_STATS, {
@@ -201,7 +202,7 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
         "actor_read_s": collector.actor_read_s, "actor_encode_s": collector.actor_encode_s,
         "cluster": asdict(info),
     })
-    progress.finish(extra=f"{collector.tiles_done} tiles ({rate:.0f} tiles/s)"
+    progress.finish(extra=f"{collector.tiles_done} {unit} ({rate:.0f}/s)"
                     + (f", {collector.duplicates} duplicate rows from retried tasks ignored"
                        if collector.duplicates else ""))
 

@@ -36,10 +36,11 @@ class CompressConfig(StageConfig):
         description="CPUs reserved by each encoder actor; its torch threads are set to this. Default: 1 with a "
         "GPU, else the CPUs of one node minus what slide planning needs (up to 8).",
     )
-    read_parallelism: int = Field(
-        2, ge=1,
+    read_parallelism: int | None = Field(
+        None, ge=1,
         description="Batches each encoder actor works on at once: while one batch is encoded, the others read "
-        "and decode their pixels, so reading hides behind encoding.",
+        "and decode their pixels, so reading hides behind encoding. Default: 2 on CPUs; on GPUs one per CPU "
+        "of the actor (a GPU encodes faster than one core decodes).",
     )
     plan_concurrency: int | None = Field(
         None, ge=1,

@@ -4,7 +4,9 @@ Transform k (0-7): flip left-right first when k >= 4, then rotate k % 4 quarter 
 counter-clockwise (numpy's rot90). Applying transform k to every tile's pixels *and* moving each
 tile to its transformed grid position gives exactly the grid of the transformed slide, which is
 what a grid CNN should see when it is trained on rotated slides: rotating only the grid would keep
-each tile's features in the original orientation.
+each tile's features in the original orientation. (Exactly so when the slide's sides are whole
+multiples of the tile; otherwise the 8 grids share the identity grid's tiles, while a rotated scan
+would anchor its grid at another corner.)
 """
 
 from __future__ import annotations
