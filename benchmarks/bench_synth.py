@@ -37,6 +37,7 @@ class TreeMemory:
     def __init__(self, every_s: float = 0.5):
         self.every_s = every_s
         self.peak = 0
+        self._cpu: dict[int, float] = {}  # last seen user+system seconds per process
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -47,10 +48,17 @@ class TreeMemory:
             for p in [me, *me.children(recursive=True)]:
                 try:
                     total += p.memory_info().rss
+                    t = p.cpu_times()
+                    self._cpu[p.pid] = t.user + t.system
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
             self._stop.wait(self.every_s)
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time of the whole tree (processes that ended between samples lose their last 0.5 s)."""
+        return sum(self._cpu.values())
 
     def __enter__(self) -> TreeMemory:
         self._thread.start()
@@ -111,7 +119,8 @@ def bench_demo(config_path: Path, keep: Path | None) -> None:
     size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     n_patches = (config.patches.train + config.patches.val) * len(config.patches.tasks)
     print(f"| demo ({config_path}) | {len(slides)} slides, {mpx:.0f} Mpx level 0, {n_patches} patches | "
-          f"{wall:.1f} s wall incl. Ray start | peak RSS (all processes) {mem.peak / 1e9:.2f} GB | "
+          f"{wall:.1f} s wall incl. Ray start, {mem.cpu_seconds:.0f} CPU-s (= {mem.cpu_seconds / (os.cpu_count() or 1):.0f} s "
+          f"on {os.cpu_count()} idle cores) | peak RSS (all processes) {mem.peak / 1e9:.2f} GB | "
           f"{size_mb:.0f} MB on disk | exit {code} | cpus {os.cpu_count()} | load {_load()} |")
     if keep is None:
         shutil.rmtree(out, ignore_errors=True)

@@ -6,9 +6,9 @@
 - `EncoderActor`: the actor pool. Each actor loads the encoder once, keeps open readers of the
   last slides it read (one small LRU per thread), reads the pixels of its batch (rows sorted by
   slide, row, col so reads are local), encodes them (under the 8 rotations/flips when asked) and
-  returns float16 embeddings. Several batches run at once per actor (`read_parallelism`
-  threads): pixel decoding releases the GIL, so it overlaps the encoding of another batch, while a
-  lock keeps one forward pass at a time so torch's threads are not oversubscribed.
+  returns float16 embeddings. With `read_parallelism` > 1 several batches run at once per actor
+  (threads): pixel decoding releases the GIL, so it overlaps the encoding of another batch, while a
+  lock keeps one forward pass at a time.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def plan_pool(config: CompressConfig, cluster: RayInfo, max_node_cpus: float | N
     if needed > total + 1e-9:
         print(f"[compress] warning: {pool_size} actor(s) x {cpus:g} CPUs + planning need {needed:g} CPUs, "
               f"the cluster has {total:g}; some actors will wait for an autoscaler", file=sys.stderr)
-    read_parallelism = config.read_parallelism or (max(2, torch_threads(cpus)) if use_gpu else 2)
+    read_parallelism = config.read_parallelism or (max(2, torch_threads(cpus)) if use_gpu else 1)
     return PoolPlan(use_gpu=bool(use_gpu), pool_size=int(pool_size), cpus_per_actor=float(cpus),
                     threads=torch_threads(cpus), plan_concurrency=int(plan_concurrency), plan_cpus=plan_cpus,
                     read_parallelism=read_parallelism, batch_size=config.batch_size)
