@@ -36,7 +36,12 @@ def ray_head():
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
-    start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+    # Every port explicit: another Ray on this machine (the tests' embedded instance) holds the
+    # defaults, and a dashboard agent that cannot bind leaves the job API without an agent.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", *ports,
              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
              "--disable-usage-stats"]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
