@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-integration lint demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check platform tests jobs benchmarks
 
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+# Whole studies on Ray (a tiny Tune search, a 2-node cluster): minutes each.
+test-integration: $(STAMP)
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/nic pipeline --config configs/demo/pipeline.yaml

@@ -52,6 +52,7 @@ def test_synth_or_data_but_not_neither(tmp_path):
         load_config(PipelineConfig, path)
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("ray_session")
 def test_tiny_study_end_to_end_and_resume(tmp_path):
     config = {

@@ -30,6 +30,7 @@ def test_sample_is_spread_over_sizes_first():
     assert sizes == [1, 2, 3, 4, 1, 2, 3, 1]  # round robin over sizes; size 4 has only one subset
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("ray_session")
 def test_tiny_search_writes_table_plot_and_resumes(tiny_cohort, tmp_path):
     out = tmp_path / "tune"
