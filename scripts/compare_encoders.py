@@ -65,9 +65,12 @@ def _cell(metrics_path: Path) -> tuple[str, dict | None]:
         return "n/a", data
     ci = f" [{m['ci_low']:.2f}, {m['ci_high']:.2f}]" if m["ci_low"] is not None else ""
     extra = ""
+    fm = data["cv"].get("fold_mean", {}).get(primary)
+    if fm:
+        extra += f"; folds {fm['mean']:.2f}"
     p = data["cv"].get("plots", {}).get("logrank_p")
     if p is not None:
-        extra = f", log-rank p {p:.2g}"
+        extra += f", log-rank p {p:.2g}"
     return f"{m['value']:.3f}{ci}{extra}", data
 
 
@@ -141,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("| " + " | ".join(row) + " |")
     legend = ", ".join(f"{t}: {m}" for t, m in metric_of.items())
     table = "\n".join(lines)
-    note = (f"Out-of-fold {legend}; value [bootstrap 95 % CI]; downstream model {model_name}; "
-            f"{(time.monotonic() - started) / 60:.0f} min for this run.")
+    note = (f"Out-of-fold {legend}: pooled value [bootstrap 95 % CI]; folds = mean of the per-fold values; "
+            f"downstream model {model_name}; {(time.monotonic() - started) / 60:.0f} min for this invocation "
+            "(stages skip completed work).")
     text = table + "\n\n" + note + "\n"
     print(text)
     if args.write:

@@ -45,6 +45,19 @@ def test_pool_defaults_fit_a_laptop_a_big_node_and_gpus():
         plan_pool(config(use_gpu=True), cluster(8))
     with pytest.raises(ConfigError, match="does not fit on a node"):
         plan_pool(config(cpus_per_actor=16), cluster(32), max_node_cpus=8)
+    with pytest.raises(ConfigError, match="autoscaling"):
+        plan_pool(config(), cluster(0))
+    assert plan_pool(config(pool_size=2, cpus_per_actor=4), cluster(0)).pool_size == 2
+
+
+def test_pool_fits_in_the_cpus_that_are_free():
+    """Inside a Tune trial (which holds a sliver of a CPU) or beside another job: actors and planning
+    must fit in what is free, or planning would wait forever behind the actors."""
+    for free in (1.0, 1.5, 1.99, 5.0):
+        plan = plan_pool(config(), cluster(8), max_node_cpus=8, free_cpus=free)
+        need = plan.pool_size * plan.cpus_per_actor + plan.plan_concurrency * plan.plan_cpus
+        assert need <= free + 1e-9 and plan.pool_size >= 1, (free, plan)
+    assert plan_pool(config(), cluster(8), free_cpus=0.2).pool_size >= 1  # busy now: sized to the total
 
 
 def _rows(sid: str, n: int, idx, transform=0, rows=4, cols=5, c=3) -> dict[str, np.ndarray]:

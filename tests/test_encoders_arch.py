@@ -141,6 +141,9 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert read_info(tmp_path / "enc").tasks == [{"name": "t", "kind": "binary"}]
     plain, _ = load_encoder(tmp_path / "enc", optimise=False)
     assert torch.allclose(plain(x), encoder(x))
+    # The same weights saved again give the same content hash (it identifies the weights).
+    again = save_encoder(encoder, tmp_path / "enc2", info)
+    assert again.content_hash == saved.content_hash
 
 
 def test_corrupt_or_incomplete_artifacts_are_refused(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -44,13 +45,20 @@ def ray_head():
     start = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", *ports,
              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
              "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    # --block keeps the head in this process group, so teardown stops this head only: `ray stop`
+    # would also kill every other Ray on the machine (the tests' embedded instance included).
+    head = subprocess.Popen([*start, "--block"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         _wait_for_job_api(address, env)
         yield {"env": env, "address": address, "token": token}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def _wait_for_job_api(address: str, env: dict, timeout_s: float = 400) -> None:

@@ -75,39 +75,62 @@ class PoolPlan:
                 f"tiles in flight per actor; {self.plan_concurrency} planning task(s) of {self.plan_cpus:g} CPU")
 
 
-def plan_pool(config: CompressConfig, cluster: RayInfo, max_node_cpus: float | None = None) -> PoolPlan:
-    """Defaults that use a laptop's few cores and a GPU cluster's GPUs well; explicit config wins."""
+def plan_pool(config: CompressConfig, cluster: RayInfo, max_node_cpus: float | None = None,
+              free_cpus: float | None = None) -> PoolPlan:
+    """Defaults that use a laptop's few cores and a GPU cluster's GPUs well; explicit config wins.
+
+    The pool is sized to the CPUs that are free when the job starts (`free_cpus`, if given and at
+    least 1), not the cluster's total: inside a Ray Tune trial or beside another job, sizing to the
+    total would reserve CPUs that never come free, and the planning tasks would wait forever
+    behind the encoder actors. Planning + actors always fit in what the sizing assumed."""
     from nic.compress.actors import torch_threads
 
-    total = max(1.0, cluster.num_cpus)
-    node_cpus = max(1.0, max_node_cpus or total)
+    if cluster.num_cpus < 1 and not (config.pool_size and config.cpus_per_actor):
+        raise ConfigError(
+            f"the Ray cluster has {cluster.num_cpus:g} CPUs right now (an autoscaling cluster before its "
+            "workers start?): set pool_size and cpus_per_actor (and use_gpu) explicitly")
+    total = max(0.25, cluster.num_cpus)
+    if free_cpus is not None and 1.0 <= free_cpus < total:
+        total = free_cpus
+    node_cpus = max(0.25, min(max_node_cpus or total, total))
     use_gpu = config.use_gpu if config.use_gpu is not None else cluster.num_gpus > 0
     if use_gpu and cluster.num_gpus < 1:
         raise ConfigError("use_gpu is true but the Ray cluster has no GPU; drop --use-gpu or add GPU nodes")
     plan_cpus = SMALL_PLAN_CPUS if total <= 4 else 1.0
+    if total < 2:  # a tiny allotment: planning gets a quarter of it
+        plan_cpus = round(total / 4, 2)
     plan_concurrency = config.plan_concurrency or max(1, int(total // 8))
-    available = max(1.0, total - plan_concurrency * plan_cpus)
+    available = max(total - plan_concurrency * plan_cpus, total / 2)
     if use_gpu:
         pool_size = config.pool_size or max(1, int(cluster.num_gpus))
-        cpus = config.cpus_per_actor or max(1.0, min(CPUS_PER_ACTOR_LARGE, available / pool_size))
+        cpus = config.cpus_per_actor or max(min(1.0, available), min(CPUS_PER_ACTOR_LARGE, available / pool_size))
     else:
         if config.cpus_per_actor:
             cpus = config.cpus_per_actor
         elif available <= MAX_CPUS_PER_ACTOR:
-            cpus = min(available, max(1.0, node_cpus - plan_cpus))
+            cpus = min(available, node_cpus - min(plan_cpus, node_cpus / 4))
         else:
             cpus = min(CPUS_PER_ACTOR_LARGE, node_cpus)
         pool_size = config.pool_size or max(1, int(math.floor(available / cpus + 1e-9)))
-    if cpus > node_cpus:
-        raise ConfigError(f"cpus_per_actor={cpus:g} does not fit on a node ({node_cpus:g} CPUs at most)")
+    cpus = round(float(cpus), 2)
+    biggest_node = max_node_cpus or cluster.num_cpus
+    if biggest_node >= 1 and cpus > biggest_node + 1e-9:  # unknown on an empty autoscaling cluster
+        raise ConfigError(f"cpus_per_actor={cpus:g} does not fit on a node ({biggest_node:g} CPUs at most)")
     needed = pool_size * cpus + plan_cpus
-    if needed > total + 1e-9:
+    if needed > total + 1e-6:
         print(f"[compress] warning: {pool_size} actor(s) x {cpus:g} CPUs + planning need {needed:g} CPUs, "
-              f"the cluster has {total:g}; some actors will wait for an autoscaler", file=sys.stderr)
+              f"{total:g} are free; some actors will wait for CPUs (or an autoscaler)", file=sys.stderr)
     read_parallelism = config.read_parallelism or (max(2, torch_threads(cpus)) if use_gpu else 1)
-    return PoolPlan(use_gpu=bool(use_gpu), pool_size=int(pool_size), cpus_per_actor=float(cpus),
+    return PoolPlan(use_gpu=bool(use_gpu), pool_size=int(pool_size), cpus_per_actor=cpus,
                     threads=torch_threads(cpus), plan_concurrency=int(plan_concurrency), plan_cpus=plan_cpus,
                     read_parallelism=read_parallelism, batch_size=config.batch_size)
+
+
+def free_cpus() -> float:
+    """CPUs not reserved by anyone right now."""
+    import ray
+
+    return float(ray.available_resources().get("CPU", 0.0))
 
 
 def max_node_cpus() -> float:

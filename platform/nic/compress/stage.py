@@ -155,10 +155,10 @@ def _safe_id(slide_id: str) -> bool:
 def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: Path, facts: EncoderFacts,
                      options_hash: str, transforms: tuple[int, ...], results: dict[str, dict],
                      order: list[str], path: Path) -> None:
-    from nic.compress.pipeline import build_dataset, iter_encoded, max_node_cpus, plan_pool
+    from nic.compress.pipeline import build_dataset, free_cpus, iter_encoded, max_node_cpus, plan_pool
 
     info = connect(config.ray, config.verbose)
-    pool = plan_pool(config, info, max_node_cpus())
+    pool = plan_pool(config, info, max_node_cpus(), free_cpus())
     print(f"[compress] {pool.describe()}", file=sys.stderr)
 
     collector = SlideCollector(out, facts, transforms, options_hash, dict(todo))

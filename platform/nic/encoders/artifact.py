@@ -10,6 +10,7 @@ to the CPU (or the given device) with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 import nic
-from nic.artifacts import atomic_path, write_json_atomic
+from nic.artifacts import atomic_path, write_bytes_atomic, write_json_atomic
 from nic.encoders.architectures import count_parameters
 from nic.encoders.encoder import INPUT_NORMALISATION, PatchEncoder, build_encoder
 from nic.encoders.inference import optimise_for_inference
@@ -120,9 +121,12 @@ def save_encoder(
         payload = {"format": WEIGHTS_FORMAT, "architecture": encoder.architecture,
                    "embedding_dim": encoder.embedding_dim, "tile_px": encoder.tile_px,
                    "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}
-        with atomic_path(out / ENCODER_WEIGHTS) as tmp:
-            torch.save(payload, tmp)
-        info.content_hash = sha256_file(out / ENCODER_WEIGHTS)
+        # Serialised in memory: torch.save names the archive after the file it writes to, so saving
+        # to a temporary name would make the bytes (and content_hash) differ for the same weights.
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        write_bytes_atomic(out / ENCODER_WEIGHTS, buffer.getvalue())
+        info.content_hash = hashlib.sha256(buffer.getvalue()).hexdigest()
         info.weights = ENCODER_WEIGHTS
     else:
         info.weights = None

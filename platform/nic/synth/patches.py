@@ -168,11 +168,11 @@ def render_chunk(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndar
         elif chunk.task == "tumour":
             p = _canvas_params(rng, config, canvas_px, tumour_fraction=float(rng.uniform(0.35, 0.6)))
             scene = Scene(p)
-            classes = scene.classes(0, 0, canvas_px, canvas_px)
             patches = _cut(scene.render(0, 0, canvas_px, canvas_px), n, px)
             q = px // 4  # PCam: positive when the central 32 x 32 of 96 px holds tumour
-            for cls in _cut(classes, n, px):
-                centre = cls[px // 2 - q // 2 : px // 2 + q // 2, px // 2 - q // 2 : px // 2 + q // 2]
+            for k in range(n * n):
+                r, c = divmod(k, n)
+                centre = scene.classes(r * px + px // 2 - q // 2, c * px + px // 2 - q // 2, q, q)
                 labels.append(float((centre == TUMOUR).any()))
         elif chunk.task == "mitosis":
             # tumour epithelium without natural mitoses; figures are placed near chosen centres
@@ -224,7 +224,8 @@ def write_pngs(folder: Path, task: str, split: str, first: int, x: np.ndarray, y
             rel = Path("images") / name
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(target, format="PNG", compress_level=6)
+        # level 1: 4x faster than PIL's default on these textured patches, ~15 % larger files
+        Image.fromarray(image).save(target, format="PNG", compress_level=1)
         names.append(rel.as_posix())
     return names
 

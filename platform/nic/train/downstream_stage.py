@@ -425,11 +425,14 @@ def run_train_downstream(config: TrainDownstreamConfig,
     }
     if len(predictions):
         primary_name = PRIMARY_METRIC[labels.kind]
+        per_fold = []
         for rec in result["folds"]:
             part = predictions[(predictions["split"] == "cv") & (predictions["fold"] == rec["fold"])]
             if rec["status"] == STATUS_OK and len(part):
                 value = split_metrics(labels.kind, part, labels, 0, config.seed)[primary_name]["value"]
                 rec[f"cv_{primary_name}"] = value
+                if value is not None:
+                    per_fold.append(value)
         for split in ("cv", "test"):
             part = predictions[predictions["split"] == split]
             if not len(part):
@@ -437,6 +440,12 @@ def run_train_downstream(config: TrainDownstreamConfig,
             metrics = split_metrics(labels.kind, part, labels, config.bootstrap, config.seed)
             result[split] = {"metrics": metrics, "slides": int(len(part)),
                              "plots": write_plots(config, labels, part, split, metrics)}
+            if split == "cv" and per_fold:
+                # Pooled out-of-fold ranks mix fold models whose scales differ; the mean of the
+                # per-fold values is the usual other summary of a cross-validation.
+                result["cv"]["fold_mean"] = {primary_name: {"mean": float(np.mean(per_fold)),
+                                                            "sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else None,
+                                                            "folds": len(per_fold)}}
         write_parquet_atomic(out / "predictions.parquet", pa.Table.from_pandas(predictions, preserve_index=False))
     result["seconds"] = round(time.monotonic() - started, 2)
     write_json_atomic(out / "metrics.json", result)
@@ -447,7 +456,11 @@ def run_train_downstream(config: TrainDownstreamConfig,
             m = result[split]["metrics"][primary]
             ci = "" if m["ci_low"] is None else f", 95 % CI [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
             value = "n/a" if m["value"] is None else f"{m['value']:.3f}"
-            _say(f"{'cross-validation' if split == 'cv' else 'test set'} {primary} = {value}{ci}, n={m['n']}")
+            folds = ""
+            if split == "cv" and "fold_mean" in result["cv"]:
+                fm = result["cv"]["fold_mean"][primary]
+                folds = f"; mean of {fm['folds']} folds {fm['mean']:.3f}"
+            _say(f"{'cross-validation' if split == 'cv' else 'test set'} {primary} = {value}{ci}, n={m['n']}{folds}")
     if failed:
         _say(f"{len(failed)} of {len(records)} fold(s) failed: " + "; ".join(f"fold {r['fold']}: {r['reason'][:200]}" for r in failed))
         return 1

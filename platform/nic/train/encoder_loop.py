@@ -120,11 +120,11 @@ def train_encoder_loop(config: dict) -> None:
         torch.manual_seed(s.seed)  # identical initialisation on every worker (DDP also broadcasts it)
         objective = build_objective(spec, build_encoder(s.architecture, s.embedding_dim, s.tile_px))
     objective.to(device)
+    # GANs train more stably with a short first-moment memory (beta1 = 0.5, as in DCGAN/BiGAN).
+    betas = (0.5, 0.999) if len(objective.phases) > 1 else (0.9, 0.999)
     optimizers = {
-        phase: torch.optim.Adam(objective.phase_parameters(phase),
-                                lr=s.lr * (s.gan_lr_factor if phase == "d" else 1.0),
-                                weight_decay=s.weight_decay, betas=(0.5, 0.999) if len(objective.phases) > 1 else
-                                (0.9, 0.999))
+        phase: torch.optim.Adam(objective.phase_parameters(phase), betas=betas, weight_decay=s.weight_decay,
+                                lr=s.lr * (s.gan_lr_factor if phase == "d" else 1.0))
         for phase in objective.phases
     }
     early = EarlyStopping(s.patience)
