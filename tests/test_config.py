@@ -74,3 +74,13 @@ def test_shipped_configs_are_valid():
     repo = Path(__file__).resolve().parent.parent
     cfg = load_config(TileConfig, repo / "configs" / "tile.yaml")
     assert cfg.slide.tile_px == 128
+
+
+def test_unknown_key_inside_a_list_item_gets_a_hint(tmp_path):
+    from nic.config.pipeline import PipelineConfig
+
+    path = tmp_path / "p.yaml"
+    path.write_text("encoders:\n  - name: a\n    kind: mtl\n    setings: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(PipelineConfig, path)
+    assert "did you mean 'encoders.0.settings'" in str(err.value)

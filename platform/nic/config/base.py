@@ -101,6 +101,8 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The sub-model that owns the key at `loc`, to list its allowed keys in an error."""
     current: Any = model
     for part in loc:
+        if isinstance(part, int):  # an index into a list of models: the item's model is the same
+            continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
         field = current.model_fields.get(str(part))
