@@ -32,7 +32,9 @@ def encoder_actor_nodes() -> set[str]:
     from ray.util.state import list_actors
 
     actors = list_actors(detail=True, limit=1000, raise_on_missing_output=False)
-    return {a.node_id for a in actors if "Map" in (a.class_name or "") or "Encoder" in (a.class_name or "")}
+    # an actor waiting to be placed has no node yet
+    return {a.node_id for a in actors if a.node_id and a.state == "ALIVE"
+            and ("Map" in (a.class_name or "") or "Encoder" in (a.class_name or ""))}
 
 
 def manifest(out: str) -> list[dict]:
@@ -44,8 +46,11 @@ def main() -> None:
     os.environ.pop("RAY_ADDRESS", None)
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=1)
+    # The dashboard serves the state API the watcher lists actors with.
+    # 2 logical CPUs per node: one for the node's encoder actor, one for the planning tasks (with
+    # 1 CPU per node the two actors would hold every CPU and planning could never be scheduled)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     import ray
 

@@ -119,7 +119,8 @@ def plan_pool(config: CompressConfig, cluster: RayInfo, max_node_cpus: float | N
     needed = pool_size * cpus + plan_cpus
     if needed > total + 1e-6:
         print(f"[compress] warning: {pool_size} actor(s) x {cpus:g} CPUs + planning need {needed:g} CPUs, "
-              f"{total:g} are free; some actors will wait for CPUs (or an autoscaler)", file=sys.stderr)
+              f"{total:g} are free: until an autoscaler adds nodes, actors and planning tasks wait for each "
+              f"other's CPUs and the job can stall; lower pool_size or cpus_per_actor", file=sys.stderr)
     read_parallelism = config.read_parallelism or (max(2, torch_threads(cpus)) if use_gpu else 1)
     return PoolPlan(use_gpu=bool(use_gpu), pool_size=int(pool_size), cpus_per_actor=cpus,
                     threads=torch_threads(cpus), plan_concurrency=int(plan_concurrency), plan_cpus=plan_cpus,
@@ -194,6 +195,8 @@ def _pipeline(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPla
             batch_size=pool.batch_size, batch_format="numpy", compute=compute,
             num_cpus=pool.cpus_per_actor, num_gpus=1 if pool.use_gpu else None,
             max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES,
+            # one actor per node before two on one: spreads reading and encoding over the cluster
+            scheduling_strategy="SPREAD",
         )
 
 
