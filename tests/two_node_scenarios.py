@@ -47,9 +47,10 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     # The dashboard serves the state API the watcher lists actors with.
-    # 2 logical CPUs per node: one for the node's encoder actor, one for the planning tasks (with
-    # 1 CPU per node the two actors would hold every CPU and planning could never be scheduled)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    # Logical CPUs: room for the planning tasks beside the encoder actors (with 1 CPU per node the
+    # two actors would hold every CPU and planning could never run), and on the head for both
+    # actors plus planning once the worker node is gone (lost blocks are rebuilt by re-planning).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": True})
     worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     import ray
@@ -92,6 +93,7 @@ def main() -> None:
         result["rows"] = len(rows)
         result["unique_ids"] = len({r["slide_id"] for r in rows})
         result["statuses"] = sorted(r["status"] for r in rows)
+        result["reasons"] = sorted({r["reason"] for r in rows if r["status"] != "ok"})
         result["tiles_match"] = all(
             r["status"] != "ok" or pq.ParquetFile(Path(out) / "tiles" / f"slide_id={r['slide_id']}" /
                                                   "part-0.parquet").metadata.num_rows == r["tiles"] * (8 if r.get("dihedral") else 1)

@@ -140,6 +140,17 @@ def run_compress(config: CompressConfig) -> int:
           + (", 8 rotations/flips" if config.dihedral else ""), file=sys.stderr)
     if todo:
         _compress_on_ray(config, todo, out, facts, options_hash, transforms, results, order, path)
+        # Tiles lost with a worker or a node (not a slide's own error): one more pass over just
+        # those slides, so losing a node mid-job loses no slide. A slide that kills its actor
+        # every time fails again here, with the same reason.
+        lost = [(sid, p) for sid, p in todo
+                if results[sid]["status"] == STATUS_FAILED and LOST_REASON in str(results[sid].get("reason", ""))]
+        if lost:
+            print(f"[compress] {len(lost)} slide(s) lost their tiles with a worker or node; encoding them once more",
+                  file=sys.stderr)
+            for sid, _ in lost:
+                remove_slide_grid(out, sid)
+            _compress_on_ray(config, lost, out, facts, options_hash, transforms, results, order, path)
     _save_manifest(path, order, results)
     return _summarise(results, order, path, config.strict)
 
