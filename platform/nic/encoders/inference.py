@@ -10,6 +10,7 @@ the input would change). With channels-last activations this roughly doubles CPU
 
 from __future__ import annotations
 
+import abc
 import copy
 
 import torch
@@ -21,7 +22,7 @@ from nic.encoders.architectures import BasicBlock, MeanRGB, ReferenceTrunk, ResN
 from nic.encoders.encoder import PatchEncoder
 
 
-class _InferenceBase(nn.Module):
+class _InferenceBase(nn.Module, abc.ABC):
     """uint8 (N, 3, P, P) RGB -> float32 (N, C), always under inference_mode."""
 
     def __init__(self, embedding_dim: int, tile_px: int):
@@ -40,8 +41,9 @@ class _InferenceBase(nn.Module):
         with torch.inference_mode():
             return self._encode(x).float()
 
+    @abc.abstractmethod
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Embeddings of a checked uint8 batch; each fused encoder computes them its own way."""
 
 
 class FusedReferenceEncoder(_InferenceBase):

@@ -13,6 +13,7 @@ metrics, so metrics are exact for the whole validation set whatever the number o
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ def _pooled_target(x: torch.Tensor, size: int = 64) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, size)
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, abc.ABC):
     """Base: an encoder and a loss. Subclasses define `forward` and the validation columns."""
 
     kind = "base"
@@ -65,13 +66,15 @@ class Objective(nn.Module):
     def phase_parameters(self, phase: str) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor, task_ids: torch.Tensor, labels: torch.Tensor,
                 phase: str = "main") -> dict[str, torch.Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+        """Losses of one training batch (a `loss` key is what is optimised)."""
 
+    @abc.abstractmethod
     def validation_step(self, x: torch.Tensor, task_ids: torch.Tensor, labels: torch.Tensor,
                         generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
-        raise NotImplementedError(f"{type(self).__name__} does not implement validation_step")
+        """Per-sample validation columns, gathered over workers before validation_metrics."""
 
     def validation_metrics(self, columns: dict[str, np.ndarray]) -> dict[str, float]:
         return {"val_loss": float(np.mean(columns["loss"]))}
