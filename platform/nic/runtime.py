@@ -69,7 +69,11 @@ def connect(options: RayOptions | None = None, verbose: bool = False) -> RayInfo
             ray.init(address=address, runtime_env=_runtime_env(cluster=True), **common)
         else:
             num_gpus = options.num_gpus if options.num_gpus is not None else local_gpu_count()
+            # "local" starts a new instance. With no address Ray would join whatever cluster the
+            # last `ray start` on this machine recorded in /tmp/ray/ray_current_cluster, even one
+            # long dead (then num_cpus makes ray.init fail): embedded means embedded.
             ray.init(
+                address="local",
                 num_cpus=options.num_cpus or os.cpu_count(),
                 num_gpus=num_gpus,
                 include_dashboard=False,

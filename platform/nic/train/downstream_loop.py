@@ -32,6 +32,7 @@ from nic.train.common import (
     EarlyStopping,
     broadcast_buffers,
     checkpoint_dir,
+    configure_train_polling,
     epoch_line,
     gather_columns,
     load_checkpoint,
@@ -295,6 +296,7 @@ def fit_fold(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    configure_train_polling()
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1

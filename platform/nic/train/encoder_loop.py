@@ -294,8 +294,9 @@ def fit_encoder(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from nic.train.common import ProgressRelay
+    from nic.train.common import ProgressRelay, configure_train_polling
 
+    configure_train_polling()
     storage_path = Path(storage_path).resolve()
     storage_path.mkdir(parents=True, exist_ok=True)
     data_ref = ray.put(data)
