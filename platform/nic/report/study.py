@@ -69,6 +69,17 @@ def cohort_section(labels_path: Path, cohort_dir: Path | None) -> list[str]:
     return lines
 
 
+def _encoder_metrics(metrics: dict) -> str:
+    """Task metrics of a supervised encoder; an unsupervised one has only its own losses to show."""
+    values = {k: v for k, v in metrics.items() if v is not None and k != "epoch"}
+    if not values:
+        return "(no training)"
+    shown = {k: v for k, v in values.items() if not k.endswith("loss")} or values
+    text = ", ".join(f"{k} {v:.3f}" for k, v in sorted(shown.items()))
+    epoch = metrics.get("epoch")
+    return f"best epoch {int(epoch)}: {text}" if epoch is not None else text
+
+
 def encoder_section(names: dict[str, str]) -> list[str]:
     from nic.encoders import load_encoder
 
@@ -79,10 +90,8 @@ def encoder_section(names: dict[str, str]) -> list[str]:
         except Exception as exc:  # a report must still be written when one encoder is unusable
             rows.append([name, "unreadable", "", "", "", str(exc)[:120]])
             continue
-        metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(info.metrics.items())
-                            if v is not None and not k.endswith("loss"))
         rows.append([name, info.kind, info.architecture, str(info.embedding_dim), f"{info.parameters:,}",
-                     metrics or "(no training)"])
+                     _encoder_metrics(info.metrics)])
     return ["## Encoders", "",
             *table(["encoder", "kind", "architecture", "C", "parameters", "validation metrics"], rows), ""]
 
