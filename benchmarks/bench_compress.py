@@ -8,9 +8,11 @@ In ONE run, on the same slides and the same encoder (default: the reference NIC 
   (a) end to end: `run_compress` on an embedded local Ray (planning, reading, encoding, writing),
       tiles/s over the whole job (actor start-up included) and in steady state (after the first
       encoded batch arrives);
-  (b) compute bound: the same encoder module, torch threads = all CPUs, on tiles already in memory
-      (batches of --batch-size), nothing else;
-  (c) naive: one process, OpenSlide read_region per tile, the model on batches of one.
+  (b) compute bound: the same encoder module in the same precision as the actors (bfloat16
+      autocast on CPUs with AMX), torch threads = all CPUs, on tiles already in memory (batches
+      of --batch-size), nothing else;
+  (c) naive: one process, OpenSlide read_region per tile, the model as trained (float32, eval
+      mode) on batches of one; (c') the same loop around nic's folded float32 inference module.
 Goals: (a) >= 70 % of (b), (a) >= 5 x (c).
 
 Because the machine may be shared, every measure is also given per CPU-second (CPU time of this
@@ -204,29 +206,39 @@ def sample_tiles(slides: Path, n: int) -> tuple[np.ndarray, list[tuple[str, obje
     return np.concatenate(tiles)[:n], plans
 
 
-def compute_bound(tiles: np.ndarray, encoder: str, batch_size: int, seconds: float) -> dict:
+def compute_bound(tiles: np.ndarray, encoder: str, batch_size: int, seconds: float,
+                  mixed_precision: bool = True) -> dict:
+    import contextlib
+
     import torch
 
     from nic.encoders import load_encoder
+    from nic.encoders.inference import reduced_precision
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, _ = load_encoder(encoder)
+    # The precision the encoder actors choose on this machine (bfloat16 autocast on AMX CPUs).
+    dtype = reduced_precision("cpu", mixed_precision)
+    precision = contextlib.nullcontext if dtype is None else (lambda: torch.autocast("cpu", dtype=dtype))
     # The same input layout as the encoder actors (NHWC memory, channels-last strides).
     batches = [torch.from_numpy(np.ascontiguousarray(tiles[i:i + batch_size])).permute(0, 3, 1, 2)
                for i in range(0, len(tiles) - batch_size + 1, batch_size)]
-    model(batches[0])  # warm-up
-    done, wall0, cpu0 = 0, time.perf_counter(), cpu_now()
-    while time.perf_counter() - wall0 < seconds:
-        for b in batches:
-            model(b)
-            done += len(b)
+    with precision():
+        model(batches[0])  # warm-up
+        done, wall0, cpu0 = 0, time.perf_counter(), cpu_now()
+        while time.perf_counter() - wall0 < seconds:
+            for b in batches:
+                model(b)
+                done += len(b)
     wall, cpu = time.perf_counter() - wall0, cpu_now() - cpu0
     return {"tiles": done, "wall_s": wall, "tiles_per_s": done / wall, "tiles_per_cpu_s": done / cpu,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "precision": "float32" if dtype is None else str(dtype)[6:]}
 
 
-def naive(plans: list, encoder: str, n: int) -> dict:
-    """OpenSlide read_region per tile (at the planned level, resized when not exact), batch of one."""
+def naive(plans: list, encoder: str, n: int, optimise: bool = False) -> dict:
+    """OpenSlide read_region per tile (at the planned level, resized when not exact), batch of one:
+    the loop a user writes around the model they trained (`optimise=False`: the PatchEncoder as
+    trained, eval mode, float32), or around nic's folded inference module (`optimise=True`)."""
     import openslide
     import torch
     from PIL import Image
@@ -234,7 +246,7 @@ def naive(plans: list, encoder: str, n: int) -> dict:
     from nic.encoders import load_encoder
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, _ = load_encoder(encoder)
+    model, _ = load_encoder(encoder, optimise=optimise)
     done, wall0, cpu0 = 0, time.perf_counter(), cpu_now()
     for path, plan in plans:
         slide = openslide.OpenSlide(path)
@@ -246,7 +258,8 @@ def naive(plans: list, encoder: str, n: int) -> dict:
             if size != px:
                 region = region.resize((px, px), Image.Resampling.BOX)
             tile = torch.from_numpy(np.asarray(region)).permute(2, 0, 1).unsqueeze(0).contiguous()
-            model(tile)
+            with torch.no_grad():
+                model(tile)
             done += 1
             if done >= n:
                 break
@@ -311,7 +324,7 @@ def large(sizes: list[int], encoder: str, batch_size: int, work: Path, keep: boo
 
 # -- report -----------------------------------------------------------------------------------------
 
-def report(a: dict, b: dict, c: dict, args) -> str:
+def report(a: dict, b: dict, c: dict, c2: dict, args) -> str:
     lines = [
         f"Command: `.venv/bin/python benchmarks/bench_compress.py {' '.join(sys.argv[1:])}`",
         "",
@@ -328,12 +341,16 @@ def report(a: dict, b: dict, c: dict, args) -> str:
          f"{a['steady_tiles_per_s'] / b['tiles_per_s']:.2f} (vs b) | "
          f"{a['steady_tiles_per_cpu_s'] / b['tiles_per_cpu_s']:.2f} (vs b) |")
         if a["steady_tiles_per_s"] and a["steady_tiles_per_cpu_s"] else "| (a') steady state: job too short |  |  |  |  |",
-        f"| (b) encoder compute bound ({b['threads']} threads, tiles in memory) | {b['tiles_per_s']:.0f} | "
+        f"| (b) encoder compute bound ({b['threads']} threads, {b['precision']}, tiles in memory) | "
+        f"{b['tiles_per_s']:.0f} | "
         f"{b['tiles_per_cpu_s']:.0f} | {a['tiles_per_s'] / b['tiles_per_s']:.2f} | "
         f"{a['tiles_per_cpu_s'] / b['tiles_per_cpu_s']:.2f} |",
-        f"| (c) naive loop (read_region per tile, batch of one) | {c['tiles_per_s']:.0f} | "
+        f"| (c) naive loop (read_region per tile, the trained model, batch of one) | {c['tiles_per_s']:.0f} | "
         f"{c['tiles_per_cpu_s']:.0f} | {a['tiles_per_s'] / c['tiles_per_s']:.2f} | "
         f"{a['tiles_per_cpu_s'] / c['tiles_per_cpu_s']:.2f} |",
+        f"| (c') the same loop around nic's folded float32 module | {c2['tiles_per_s']:.0f} | "
+        f"{c2['tiles_per_cpu_s']:.0f} | {a['tiles_per_s'] / c2['tiles_per_s']:.2f} | "
+        f"{a['tiles_per_cpu_s'] / c2['tiles_per_cpu_s']:.2f} |",
         "",
         f"Inside the encoder actor(s) in (a): {a['actor_read_s']:.1f} s reading and decoding pixels (summed over "
         f"threads), {a['actor_encode_s']:.1f} s in forward passes; (a) took {a['wall_s']:.1f} s wall, "
@@ -391,11 +408,13 @@ def main(argv: list[str] | None = None) -> int:
             a = end_to_end(slides, work / "grids", args.encoder, args.batch_size, extra)
             print(f"[bench] (b) compute bound (load {load()})", file=sys.stderr)
             tiles, plans = sample_tiles(slides, max(args.batch_size * 8, 2048))
-            b = compute_bound(tiles, args.encoder, args.batch_size, args.bound_seconds)
+            b = compute_bound(tiles, args.encoder, args.batch_size, args.bound_seconds,
+                              bool(extra.get("mixed_precision", True)))
             print(f"[bench] (c) naive loop (load {load()})", file=sys.stderr)
             c = naive(plans, args.encoder, args.naive_tiles)
-            raw.update(a=a, b=b, c=c)
-            print(report(a, b, c, args))
+            c2 = naive(plans, args.encoder, args.naive_tiles, optimise=True)
+            raw.update(a=a, b=b, c=c, c2=c2)
+            print(report(a, b, c, c2, args))
         if args.large:
             sizes = [int(s) for s in args.large.split(",") if s]
             rows = large(sizes, args.encoder, args.batch_size, work, args.keep)

@@ -36,6 +36,11 @@ def colour_image(rows: int = 8, cols: int = 12, cells=L_CELLS, texture: bool = F
     return image
 
 
+def tiles_of(image: np.ndarray, cells) -> np.ndarray:
+    """The (N, TILE, TILE, 3) pixels of `cells` of a level-0 image, in the order given."""
+    return np.stack([image[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] for r, c in cells])
+
+
 def write_slide(path: Path, image: np.ndarray, levels: int = 2, compression: str = "deflate") -> Path:
     """A pyramidal tiled TIFF at 0.5 um/px; lossless by default, so tiles read back exactly."""
     return write_tiled_tiff(path, image, mpp=0.5, tile=256, levels=levels, compression=compression)

@@ -31,6 +31,8 @@ ROW_COLUMNS = (
     "tile_px", "mpp", "base_mpp", "level", "plan_seconds", "error", "error_kind",
 )
 _READERS_PER_THREAD = 2
+#: Codes of the `precision` column the actors add (what their encoder computed in).
+PRECISION_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 
 def _describe(exc: BaseException) -> str:
@@ -128,10 +130,13 @@ class EncoderActor:
         import torch
 
         from nic.encoders import load_encoder
+        from nic.encoders.inference import reduced_precision
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.autocast = bool(use_gpu and mixed_precision)
+        self.autocast_dtype = reduced_precision(self.device.type, mixed_precision)
+        name = "float32" if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
+        self.precision_code = PRECISION_CODES[name]
         model, info = load_encoder(encoder, device=str(self.device))
         self.model = model.to(self.device).eval()
         self.info = info
@@ -181,8 +186,8 @@ class EncoderActor:
         with self._encode_lock, torch.inference_mode():
             t0 = time.perf_counter()
             tensor = tensor.to(self.device, non_blocking=True)
-            if self.autocast:
-                with torch.autocast(device_type="cuda", dtype=torch.float16):
+            if self.autocast_dtype is not None:
+                with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
                     out = self.model(tensor)
             else:
                 out = self.model(tensor)
@@ -242,6 +247,7 @@ class EncoderActor:
                 column[0] = timing[key]
             out[key] = column
             timing[key] = 0.0
+        out["precision"] = np.full(n, self.precision_code, np.int8)  # actors on other nodes may differ
         return out
 
     @property

@@ -60,6 +60,7 @@ class SlideCollector:
     duplicates: int = 0
     actor_read_s: float = 0.0
     actor_encode_s: float = 0.0
+    precision_codes: set[int] = field(default_factory=set)
     _buffers: dict[str, _SlideBuffer] = field(default_factory=dict)
 
     @property
@@ -72,6 +73,8 @@ class SlideCollector:
         if "read_s" in batch:
             self.actor_read_s += float(np.sum(batch["read_s"]))
             self.actor_encode_s += float(np.sum(batch["encode_s"]))
+        if "precision" in batch:
+            self.precision_codes.update(int(v) for v in np.unique(batch["precision"]))
         slide_ids = np.asarray(batch["slide_id"])
         if len(slide_ids) == 0:
             return finished

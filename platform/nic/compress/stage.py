@@ -24,6 +24,7 @@ from nic.artifacts import (
     write_json_atomic,
     write_manifest,
 )
+from nic.compress.actors import PRECISION_CODES
 from nic.compress.collector import EncoderFacts, SlideCollector
 from nic.config.base import ConfigError, dump_config
 from nic.config.compress import CompressConfig
@@ -211,6 +212,7 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
         "first_batch_s": None if first_batch is None else first_batch[0] - start,
         "tiles_per_s": rate, "steady_tiles_per_s": steady, "duplicate_rows_ignored": collector.duplicates,
         "actor_read_s": collector.actor_read_s, "actor_encode_s": collector.actor_encode_s,
+        "precision": sorted(name for name, code in PRECISION_CODES.items() if code in collector.precision_codes),
         "cluster": asdict(info),
     })
     progress.finish(extra=f"{collector.tiles_done} {unit} ({rate:.0f}/s)"

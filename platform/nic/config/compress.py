@@ -51,7 +51,10 @@ class CompressConfig(StageConfig):
     use_gpu: bool | None = Field(
         None, description="Encode on GPUs (one per actor). Default: when the cluster has GPUs.",
     )
-    mixed_precision: bool = Field(True, description="Encode in float16 autocast on GPUs (ignored on CPUs).")
+    mixed_precision: bool = Field(
+        True, description="Encode in reduced precision where the hardware has it: float16 autocast on GPUs, "
+        "bfloat16 autocast on CPUs with native bfloat16 units (AMX, AVX512-BF16), float32 elsewhere. "
+        "false: float32 everywhere.")
     dihedral: bool = Field(
         False,
         description="Also write each slide's grid under all 8 rotations/flips of the tile pixels "
