@@ -208,8 +208,6 @@ def sample_tiles(slides: Path, n: int) -> tuple[np.ndarray, list[tuple[str, obje
 
 def compute_bound(tiles: np.ndarray, encoder: str, batch_size: int, seconds: float,
                   mixed_precision: bool = True) -> dict:
-    import contextlib
-
     import torch
 
     from nic.encoders import load_encoder
@@ -217,22 +215,20 @@ def compute_bound(tiles: np.ndarray, encoder: str, batch_size: int, seconds: flo
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, _ = load_encoder(encoder)
-    # The precision the encoder actors choose on this machine (bfloat16 autocast on AMX CPUs).
-    dtype = reduced_precision("cpu", mixed_precision)
-    precision = contextlib.nullcontext if dtype is None else (lambda: torch.autocast("cpu", dtype=dtype))
+    # The precision the encoder actors choose on this machine (bfloat16 on AMX CPUs).
+    model.set_precision(reduced_precision("cpu", mixed_precision))
     # The same input layout as the encoder actors (NHWC memory, channels-last strides).
     batches = [torch.from_numpy(np.ascontiguousarray(tiles[i:i + batch_size])).permute(0, 3, 1, 2)
                for i in range(0, len(tiles) - batch_size + 1, batch_size)]
-    with precision():
-        model(batches[0])  # warm-up
-        done, wall0, cpu0 = 0, time.perf_counter(), cpu_now()
-        while time.perf_counter() - wall0 < seconds:
-            for b in batches:
-                model(b)
-                done += len(b)
+    model(batches[0])  # warm-up
+    done, wall0, cpu0 = 0, time.perf_counter(), cpu_now()
+    while time.perf_counter() - wall0 < seconds:
+        for b in batches:
+            model(b)
+            done += len(b)
     wall, cpu = time.perf_counter() - wall0, cpu_now() - cpu0
     return {"tiles": done, "wall_s": wall, "tiles_per_s": done / wall, "tiles_per_cpu_s": done / cpu,
-            "threads": torch.get_num_threads(), "precision": "float32" if dtype is None else str(dtype)[6:]}
+            "threads": torch.get_num_threads(), "precision": model.precision}
 
 
 def naive(plans: list, encoder: str, n: int, optimise: bool = False) -> dict:

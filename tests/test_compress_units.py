@@ -37,7 +37,7 @@ def test_pool_defaults_fit_a_laptop_a_big_node_and_gpus():
     assert big.pool_size * 4 + big.plan_concurrency * big.plan_cpus <= 64 and big.pool_size == 14
     gpu = plan_pool(config(), cluster(32, gpus=4), max_node_cpus=8)
     assert gpu.use_gpu and gpu.pool_size == 4 and 1 <= gpu.cpus_per_actor <= 4
-    assert gpu.read_parallelism == max(2, gpu.threads) and laptop.read_parallelism == 1
+    assert gpu.read_parallelism == max(2, gpu.threads) and laptop.read_parallelism == 2
     mine = plan_pool(config(pool_size=3, cpus_per_actor=1, batch_size=64, read_parallelism=3), cluster(8))
     assert (mine.pool_size, mine.cpus_per_actor, mine.threads, mine.batch_size, mine.read_parallelism) == (3, 1, 1, 64, 3)
     assert not plan_pool(config(use_gpu=False), cluster(8, gpus=2)).use_gpu

@@ -87,6 +87,43 @@ def test_reference_encoder_pools_other_tile_sizes() -> None:
     assert torch.allclose(fast(_tiles(2, px=96)), encoder(_tiles(2, px=96)), atol=1e-5)
 
 
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float(((got - expected).norm(dim=1) / expected.norm(dim=1)).max())
+
+
+def test_reference_encoder_folds_pooling_into_the_first_conv_exactly() -> None:
+    """The reduced-precision path replaces pool 2x2 + conv 3x3/2 by one conv 6x6/4: run in
+    float64 it must give the float32 embeddings to float32 accuracy (a wrong fold is off by O(1))."""
+    encoder = build_encoder("reference", 32, 128, seed=3)
+    _perturb_batchnorm(encoder, seed=3)
+    fast = optimise_for_inference(encoder.eval())
+    x = _tiles(5, seed=4)
+    expected = fast(x)
+    folded = optimise_for_inference(encoder).set_precision(torch.float64)
+    assert folded._low["pooled"] and folded._low["convs"][0][0].shape[-1] == 6
+    assert folded.precision == "float64"
+    assert _relative_error(folded(x), expected) < 1e-5
+    # tiles that are not a multiple of the pooled side keep the adaptive pooling
+    odd = build_encoder("reference", 8, tile_px=96, seed=0).eval()
+    odd_low = optimise_for_inference(odd).set_precision(torch.float64)
+    assert not odd_low._low["pooled"]
+    assert _relative_error(odd_low(_tiles(2, px=96)), optimise_for_inference(odd)(_tiles(2, px=96))) < 1e-5
+
+
+@pytest.mark.parametrize("architecture, dim", [("reference", 128), ("resnet", 16), ("mean-rgb", 3)])
+def test_bfloat16_embeddings_stay_close_to_float32(architecture: str, dim: int) -> None:
+    encoder = build_encoder(architecture, dim, 128, seed=5)
+    _perturb_batchnorm(encoder, seed=5)
+    x = _tiles(8, seed=6)
+    exact = optimise_for_inference(encoder.eval())(x)
+    low = optimise_for_inference(encoder).set_precision(torch.bfloat16)
+    got = low.to("cpu")(x)  # moving the module keeps its cast weights in step
+    assert got.dtype == torch.float32 and low.precision == "bfloat16"
+    assert _relative_error(got, exact) < 2e-2
+    back = low.set_precision(None)(x)
+    assert back.dtype == torch.float32 and torch.equal(back, exact)
+
+
 def test_seeded_construction_is_reproducible_and_leaves_global_state_alone() -> None:
     torch.manual_seed(123)
     before = torch.random.get_rng_state().clone()

@@ -134,11 +134,10 @@ class EncoderActor:
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.autocast_dtype = reduced_precision(self.device.type, mixed_precision)
-        name = "float32" if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
-        self.precision_code = PRECISION_CODES[name]
         model, info = load_encoder(encoder, device=str(self.device))
-        self.model = model.to(self.device).eval()
+        # Decided here, not by the driver: actors on other nodes may have other CPUs or GPUs.
+        self.model = model.to(self.device).eval().set_precision(reduced_precision(self.device.type, mixed_precision))
+        self.precision_code = PRECISION_CODES[self.model.precision]
         self.info = info
         self.embedding_dim = int(info.embedding_dim)
         self.options = options
@@ -186,11 +185,7 @@ class EncoderActor:
         with self._encode_lock, torch.inference_mode():
             t0 = time.perf_counter()
             tensor = tensor.to(self.device, non_blocking=True)
-            if self.autocast_dtype is not None:
-                with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-                    out = self.model(tensor)
-            else:
-                out = self.model(tensor)
+            out = self.model(tensor)
             out = out.float().cpu().numpy()
             self._timing["encode_s"] += time.perf_counter() - t0
         if out.shape != (len(pixels), self.embedding_dim):

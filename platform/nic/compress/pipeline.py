@@ -121,7 +121,7 @@ def plan_pool(config: CompressConfig, cluster: RayInfo, max_node_cpus: float | N
         print(f"[compress] warning: {pool_size} actor(s) x {cpus:g} CPUs + planning need {needed:g} CPUs, "
               f"{total:g} are free: until an autoscaler adds nodes, actors and planning tasks wait for each "
               f"other's CPUs and the job can stall; lower pool_size or cpus_per_actor", file=sys.stderr)
-    read_parallelism = config.read_parallelism or (max(2, torch_threads(cpus)) if use_gpu else 1)
+    read_parallelism = config.read_parallelism or (max(2, torch_threads(cpus)) if use_gpu else 2)
     return PoolPlan(use_gpu=bool(use_gpu), pool_size=int(pool_size), cpus_per_actor=cpus,
                     threads=torch_threads(cpus), plan_concurrency=int(plan_concurrency), plan_cpus=plan_cpus,
                     read_parallelism=read_parallelism, batch_size=config.batch_size)

@@ -40,8 +40,8 @@ class CompressConfig(StageConfig):
         None, ge=1,
         description="Batches each encoder actor works on at once: while one batch is encoded, the others read "
         "and decode their pixels. Default: on GPUs one per CPU of the actor (a GPU encodes faster than one core "
-        "decodes); on CPUs 1: a reader thread beside torch's threads oversubscribes the cores, and on a 2-CPU "
-        "machine 2 was no faster and used a little more CPU per tile (benchmarks/results/compress.md).",
+        "decodes); on CPUs 2: with bfloat16 encoding, reading is a third of an actor's work and overlapping it "
+        "gave 1.33x the steady throughput on 2 CPUs (benchmarks/results/compress.md).",
     )
     plan_concurrency: int | None = Field(
         None, ge=1,
