@@ -22,10 +22,11 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check platform tests jobs benchmarks
 
+# Everything, the whole-study tests included (a tiny pipeline and Tune search, a 2-node cluster).
 test: lint
-	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Whole studies on Ray (a tiny Tune search, a 2-node cluster): minutes each.
+# Only the whole-study tests (also part of `make test`): about 4 minutes on 2 CPUs.
 test-integration: $(STAMP)
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 

@@ -1,6 +1,6 @@
 """Ray job entry point for `nic pipeline`:
 
-    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/pipeline.yaml
+    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo/pipeline.yaml
 """
 
 from _entry import run_stage

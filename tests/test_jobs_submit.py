@@ -99,3 +99,36 @@ def test_job_client_without_the_token_is_refused(ray_head):
     assert result.returncode != 0
     assert "should not run" not in result.stdout
     assert time.monotonic() - started < 600
+
+
+# The demo pipeline config, shrunk to a tiny study by --set (the same overrides a user would type).
+TINY_DEMO = [
+    "synth.slides=8", "synth.size=1600", "synth.min_size=1200", "synth.seed=3", "synth.patches.train=160",
+    "synth.patches.val=40", "synth.patches.tasks=[tissue_type, tumour]",
+    "encoders=[{name: mtl, kind: mtl}, {name: mean-rgb, kind: mean-rgb}]", "encoder.epochs=1",
+    "encoder.embedding_dim=16", "encoder.num_workers=1", "encoder.max_val_samples_per_task=40",
+    "downstream.folds=2", "downstream.epochs=2", "downstream.batch_size=4", "downstream.bootstrap=20",
+    "downstream.tta_crops=1", "targets=[{name: growth, kind: binary, target: growth_pattern}]", "report_slides=1",
+]
+
+
+@pytest.mark.integration
+def test_pipeline_job_runs_the_demo_config_on_the_head(ray_head, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo/pipeline.yaml`:
+    the whole study as one job on a token-authenticated head, the report where `out` says."""
+    out = tmp_path / "study"
+    args = ["python", "jobs/pipeline.py", "--config", "configs/demo/pipeline.yaml", "--set", f"out={out}"]
+    for item in TINY_DEMO:
+        args += ["--set", item]
+    result = submit(ray_head, *args)
+    logs = result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 0, logs
+    assert "succeeded" in result.stdout, logs
+    assert "[pipeline] report:" in result.stdout, logs  # the job's progress reaches the submitter
+    report = (out / "report.md").read_text()
+    assert "## Slide-level models" in report and "| mtl |" in report and "| mean-rgb |" in report
+    for encoder in ("mtl", "mean-rgb"):
+        metrics = out / "models" / encoder / "growth" / "metrics.json"
+        assert metrics.exists(), f"{metrics} missing"
+    manifest = pq.read_table(out / "grids" / "mtl" / "slides.parquet").to_pylist()
+    assert len(manifest) == 8 and {r["status"] for r in manifest} == {"ok"}
