@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nic.config import ConfigError, load_config
 from nic.config.tile import TileConfig
@@ -84,3 +85,39 @@ def test_unknown_key_inside_a_list_item_gets_a_hint(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(PipelineConfig, path)
     assert "did you mean 'encoders.0.settings'" in str(err.value)
+
+
+@pytest.mark.parametrize("stage, key, value", [
+    ("compress", "out", "s3://bucket/grids"),
+    ("compress", "slides", ["/data/a.svs", "s3://bucket/b.svs"]),
+    ("compress", "encoder", "gs://bucket/encoders/mtl"),
+    ("train-downstream", "grids", "s3://bucket/grids"),
+    ("train-encoder", "out", "s3://bucket/encoder"),
+    ("tile", "slides", ["s3://bucket/slides"]),
+    ("tune", "out", "abfs://container/tune"),
+    ("pipeline", "out", "s3://bucket/study"),
+])
+def test_object_store_uris_are_refused_by_name_not_mangled(stage, key, value, tmp_path):
+    """Path('s3://b/x') is the local folder 's3:/b/x': every path key refuses a URI with a reason."""
+    import importlib
+
+    from nic.cli.main import STAGES
+
+    base = {
+        "compress": {"slides": ["/data"], "encoder": "mean-rgb", "out": str(tmp_path / "g")},
+        "train-downstream": {"grids": str(tmp_path / "g"), "labels": str(tmp_path / "l.csv"), "kind": "survival",
+                             "out": str(tmp_path / "m")},
+        "train-encoder": {"tasks": str(tmp_path / "t.yaml"), "out": str(tmp_path / "e")},
+        "tile": {"slides": ["/data"], "out": str(tmp_path / "t")},
+        "tune": {"tasks": str(tmp_path / "t.yaml"), "slides": ["/data"], "labels": str(tmp_path / "l.csv"),
+                 "kind": "survival", "out": str(tmp_path / "u")},
+        "pipeline": {"out": str(tmp_path / "p")},
+    }[stage]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**base, key: value}))
+    module, name = next(s for s in STAGES if s.name == stage).config.split(":")
+    with pytest.raises(ConfigError) as err:
+        load_config(getattr(importlib.import_module(module), name), path)
+    message = str(err.value)
+    assert key in message and "object-store URI" in message and "not supported yet" in message
+    assert not any(p.name.endswith(":") for p in tmp_path.iterdir())

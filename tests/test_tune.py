@@ -32,7 +32,7 @@ def test_sample_is_spread_over_sizes_first():
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("ray_session")
-def test_tiny_search_writes_table_plot_and_resumes(tiny_cohort, tmp_path):
+def test_tiny_search_writes_table_plot_and_resumes(tiny_cohort, tmp_path, capfd):
     out = tmp_path / "tune"
     config = {
         "tasks": str(tiny_cohort / "tasks.yaml"),
@@ -50,6 +50,10 @@ def test_tiny_search_writes_table_plot_and_resumes(tiny_cohort, tmp_path):
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["tune", "--config", str(path)]) == 0
+    progress = capfd.readouterr().err
+    # a line per trial start, per fold report and per end, on the driver's stderr
+    assert progress.count("started: tasks") == 2, progress[-3000:]
+    assert "after 1 fold(s)" in progress and "2/2 trials done" in progress, progress[-3000:]
 
     table = pd.read_parquet(out / "trials.parquet")
     assert len(table) == 2  # one subset of each size

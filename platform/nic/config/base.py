@@ -12,17 +12,48 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message is meant for the user."""
 
 
+#: Mark of str fields that name files or folders (`Field(..., json_schema_extra=LOCAL_PATH_FIELD)`);
+#: Path fields need no mark.
+LOCAL_PATH = "local_path"
+LOCAL_PATH_FIELD = {LOCAL_PATH: True}
+
+
+def _is_path_type(annotation: Any) -> bool:
+    if annotation is Path:
+        return True
+    return any(_is_path_type(arg) for arg in typing.get_args(annotation))
+
+
 class NicModel(BaseModel):
     """Base of every config model: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_object_store_uris(cls, value: Any, info: ValidationInfo) -> Any:
+        """Path() would quietly turn 's3://bucket/grids' into a local folder 's3:/bucket/grids';
+        refuse URIs by name until nic reads and writes object stores itself."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None:
+            return value
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if not (_is_path_type(field.annotation) or extra.get(LOCAL_PATH)):
+            return value
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str) and "://" in item:
+                raise ValueError(
+                    f"{item!r} is an object-store URI; nic reads and writes local or mounted paths only "
+                    "(on a cluster, a shared file system such as the EFS mount of cluster.yaml): "
+                    "object-store URIs are not supported yet")
+        return value
 
 
 class RayOptions(NicModel):

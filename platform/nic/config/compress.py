@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from nic.config.base import StageConfig
+from nic.config.base import LOCAL_PATH_FIELD, StageConfig
 from nic.config.slides import SlideOptions
 
 
@@ -14,10 +14,12 @@ class CompressConfig(StageConfig):
     slides: list[str] = Field(
         ..., min_length=1,
         description="Slide files, folders, glob patterns, or CSV files with a 'path' column (and optional 'slide_id').",
+        json_schema_extra=LOCAL_PATH_FIELD,
     )
     encoder: str = Field(
         ..., min_length=1,
         description="Patch encoder: a built-in name ('mean-rgb', 'random') or a folder written by nic train-encoder.",
+        json_schema_extra=LOCAL_PATH_FIELD,
     )
     out: Path = Field(
         ..., description="Grid store: tiles/slide_id=<id>/part-0.parquet per slide and the slides.parquet manifest."
@@ -63,12 +65,3 @@ class CompressConfig(StageConfig):
     strict: bool = Field(False, description="Exit non-zero when any slide failed (default: only when none succeeded).")
     overwrite: bool = Field(False, description="Re-encode slides that are already complete instead of skipping them.")
 
-    @field_validator("out", mode="before")
-    @classmethod
-    def _local_out(cls, value):
-        # Path() would quietly turn "s3://bucket/grids" into a local folder "s3:/bucket/grids".
-        if isinstance(value, str) and "://" in value:
-            raise ValueError(
-                f"{value!r}: the grid store must be a local or mounted path (e.g. a shared file system "
-                "on a cluster); object-store URIs are not supported by nic compress yet")
-        return value

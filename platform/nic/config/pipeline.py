@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from nic.config.base import NicModel, StageConfig, build_config
+from nic.config.base import LOCAL_PATH_FIELD, NicModel, StageConfig, build_config
 
 # Keys the pipeline sets itself; a section that sets them is an error.
 WIRED_KEYS = {
@@ -26,7 +26,8 @@ WIRED_KEYS = {
 class OwnData(NicModel):
     """The user's own cohort instead of a synthetic one."""
 
-    slides: list[str] = Field(..., min_length=1, description="Slide files, folders, globs or CSV lists.")
+    slides: list[str] = Field(..., min_length=1, description="Slide files, folders, globs or CSV lists.",
+                             json_schema_extra=LOCAL_PATH_FIELD)
     labels: Path = Field(..., description="Labels table (CSV/Parquet) with slide_id, targets, time/event.")
     tasks: Path | None = Field(None, description="tasks.yaml of the patch datasets (needed for trained encoders).")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from nic.config.base import StageConfig
+from nic.config.base import LOCAL_PATH_FIELD, StageConfig
 from nic.config.slides import SlideOptions
 
 
@@ -14,6 +14,7 @@ class TileConfig(StageConfig):
     slides: list[str] = Field(
         ..., min_length=1,
         description="Slide files, folders, glob patterns, or CSV files with a 'path' column (and optional 'slide_id').",
+        json_schema_extra=LOCAL_PATH_FIELD,
     )
     out: Path = Field(..., description="Output folder: per-slide tiles/*.parquet, thumbnails/*.png, slides.parquet.")
     slide: SlideOptions = Field(default_factory=SlideOptions, description="Resolution, tile size and tissue detection.")

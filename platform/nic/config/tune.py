@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from nic.config.base import NicModel, StageConfig
+from nic.config.base import LOCAL_PATH_FIELD, NicModel, StageConfig
 
 
 class Range(NicModel):
@@ -44,7 +44,8 @@ class TuneConfig(StageConfig):
     validation slides with it, trains the downstream model and reports its cross-validated metric."""
 
     tasks: Path = Field(..., description="tasks.yaml of the patch datasets; subsets of its tasks are searched.")
-    slides: list[str] = Field(..., min_length=1, description="Slides compressed and used downstream in each trial.")
+    slides: list[str] = Field(..., min_length=1, description="Slides compressed and used downstream in each trial.",
+                             json_schema_extra=LOCAL_PATH_FIELD)
     labels: Path = Field(..., description="Labels table of those slides.")
     kind: Literal["binary", "multiclass", "regression", "survival"] = Field(..., description="Downstream target kind.")
     target: str | None = Field(None, description="Labels column (not needed for survival).")

@@ -45,6 +45,8 @@ def run_tune(cfg: TuneConfig) -> int:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from nic.tune.progress import TrialProgress
+
     out = Path(cfg.out).resolve()
     names = _task_names(cfg.tasks)
     if cfg.min_tasks > len(names):
@@ -81,6 +83,7 @@ def run_tune(cfg: TuneConfig) -> int:
                                         max_concurrent_trials=cfg.max_concurrent_trials),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage),
                                       verbose=1 if cfg.verbose else 0,
+                                      callbacks=[TrialProgress(trials, METRIC)],
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     grid = tuner.fit()
