@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import pytest
 import yaml
@@ -36,13 +38,16 @@ def test_tiny_search_writes_table_plot_and_resumes(tiny_cohort, tmp_path, capfd)
     out = tmp_path / "tune"
     config = {
         "tasks": str(tiny_cohort / "tasks.yaml"),
-        "slides": [str(tiny_cohort / "slides")],
+        # relative, as users write them: trials run in other working directories
+        "slides": [os.path.relpath(tiny_cohort / "slides")],
         "labels": str(tiny_cohort / "labels.csv"),
         "kind": "binary", "target": "growth_pattern",
         "out": str(out),
         "subsets": "sample", "num_trials": 2,
         "space": {"encoder_lr": {"low": 1e-3, "high": 3e-3}, "downstream_lr": [1e-3]},
-        "encoder": {"epochs": 1, "embedding_dim": 8, "batch_size": 32, "max_val_samples_per_task": 40},
+        # two encoder workers take all of the 2 CPUs here: the trial itself must hold none of them
+        "encoder": {"epochs": 1, "embedding_dim": 8, "batch_size": 32, "max_val_samples_per_task": 40,
+                    "num_workers": 2},
         "downstream": {"folds": 2, "epochs": 1, "batch_size": 4, "val_fraction": 0.0, "tta_crops": 1,
                        "bootstrap": 0},
         "grace_folds": 1,

@@ -66,8 +66,9 @@ class TuneConfig(StageConfig):
         1, ge=1, description="Trials running at once; each needs its encoder's and folds' workers, so more only "
         "queue on a small machine.")
     trial_cpus: float = Field(
-        0.01, gt=0, description="CPUs reserved by each trial's own process; its stages reserve their workers' "
-        "resources themselves, so it holds almost nothing.")
+        0.0, ge=0, description="CPUs reserved by each trial's own process. Its stages reserve their workers' "
+        "resources themselves, so by default it holds none (only a token of memory): any CPU it held would be "
+        "missing from an encoder that asks for all of a machine's CPUs, and that trial would wait forever.")
     seed: int = Field(0, description="Seed of the subset sample and the hyperparameter sampler.")
 
     @model_validator(mode="after")

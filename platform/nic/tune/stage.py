@@ -21,6 +21,7 @@ from nic.tune.space import param_space
 from nic.tune.trial import METRIC, run_trial, trial_configs
 
 EXPERIMENT = "search"
+TRIAL_MEMORY_BYTES = 2**20
 
 
 def _say(message: str) -> None:
@@ -35,7 +36,9 @@ def _task_names(tasks_yaml: Path) -> list[str]:
 
 def _static(cfg: TuneConfig) -> dict:
     """What every trial shares, as plain data (trials run in other processes)."""
-    return {"tasks": str(Path(cfg.tasks).resolve()), "slides": cfg.slides, "labels": str(Path(cfg.labels).resolve()),
+    # Trials run in their own working directories: every path must be absolute.
+    slides = [str(Path(s).expanduser().absolute()) for s in cfg.slides]
+    return {"tasks": str(Path(cfg.tasks).resolve()), "slides": slides, "labels": str(Path(cfg.labels).resolve()),
             "kind": cfg.kind, "target": cfg.target, "out": str(Path(cfg.out).resolve()),
             "encoder": cfg.encoder, "compress": cfg.compress, "downstream": cfg.downstream,
             "ray": cfg.ray.model_dump()}
@@ -61,7 +64,9 @@ def run_tune(cfg: TuneConfig) -> int:
     space = param_space(cfg, names)
     trials = len(space["tasks"]["grid_search"])
     folds = int(cfg.downstream.get("folds", 5))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, static=static), {"cpu": cfg.trial_cpus})
+    # Ray Tune needs a non-empty reservation per trial; a MiB of memory stands in for "nothing".
+    reservation = {"cpu": cfg.trial_cpus} if cfg.trial_cpus > 0 else {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, static=static), reservation)
     scheduler = None
     if cfg.asha:
         # Rungs are reports: one per finished fold plus the final pooled metric.
