@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -79,3 +80,18 @@ def test_tiny_search_writes_table_plot_and_resumes(tiny_cohort, tmp_path, capfd)
     assert main(["tune", "--config", str(path)]) == 0
     again = pd.read_parquet(out / "trials.parquet")
     assert sorted(again["trial_id"]) == sorted(table["trial_id"])
+
+
+def test_tasks_metric_correlation_over_complete_or_all_trials():
+    from nic.tune.results import tasks_metric_correlation
+
+    frame = pd.DataFrame({
+        "n_tasks": [1, 2, 3, 4, 1, 4],
+        "metric": [0.6, 0.7, 0.8, 0.9, 0.5, float("nan")],
+        "complete": [True, True, False, False, False, False],
+    })
+    rho, _, n = tasks_metric_correlation(frame)
+    assert n == 2 and np.isnan(rho)  # two complete trials cannot rank anything
+    rho_all, _, n_all = tasks_metric_correlation(frame, complete_only=False)
+    assert n_all == 5  # the trial that never reported is left out
+    assert rho_all > 0.8

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import yaml
 
 from nic.artifacts import atomic_path, write_bytes_atomic, write_parquet_atomic
 from nic.tune.trial import METRIC
@@ -43,11 +44,14 @@ def trial_table(grid: Any, task_names: list[str]) -> pd.DataFrame:
     return frame
 
 
-def tasks_metric_correlation(frame: pd.DataFrame) -> tuple[float, float, int]:
-    """Spearman's rho (and p) between the number of tasks and the metric, over complete trials."""
+def tasks_metric_correlation(frame: pd.DataFrame, complete_only: bool = True) -> tuple[float, float, int]:
+    """Spearman's rho (and p) between the number of tasks and the metric, over complete trials, or
+    over every trial that reported (one stopped by ASHA counts at the mean of its finished folds:
+    noisier, but with ASHA on it is often most of the search)."""
     from scipy.stats import spearmanr
 
-    done = frame[frame["complete"] & np.isfinite(frame[METRIC])]
+    reported = np.isfinite(frame[METRIC])
+    done = frame[(frame["complete"] & reported) if complete_only else reported]
     if len(done) < 3 or done["n_tasks"].nunique() < 2:
         return float("nan"), float("nan"), len(done)
     rho, p = spearmanr(done["n_tasks"], done[METRIC])
@@ -77,8 +81,12 @@ def plot_tasks_vs_metric(frame: pd.DataFrame, metric_label: str, out: Path) -> P
     ax.set_ylabel(metric_label)
     title = "downstream metric vs number of tasks"
     if math.isfinite(rho):
-        title += f"\nSpearman rho = {rho:.2f} (p = {p:.2g}, n = {n})"
-    ax.set_title(title)
+        title += f"\nSpearman rho = {rho:.2f} (p = {p:.2g}), {n} complete trials"
+    else:
+        rho_all, p_all, n_all = tasks_metric_correlation(frame, complete_only=False)
+        if math.isfinite(rho_all):
+            title += f"\nSpearman rho = {rho_all:.2f} (p = {p_all:.2g}), {n_all} trials incl. stopped"
+    ax.set_title(title, fontsize=10)
     ticks = sorted(frame["n_tasks"].unique()) if len(frame) else []
     ax.set_xticks(ticks)
     ax.legend(fontsize=8, loc="best")
@@ -100,6 +108,8 @@ def write_results(frame: pd.DataFrame, out: Path, cfg: Any, mode: str) -> dict[s
     label = {"regression": "Spearman", "binary": "ROC AUC", "multiclass": "ROC AUC", "survival": "C-index"}[cfg.kind]
     plot = plot_tasks_vs_metric(frame, f"downstream {label} ({cfg.target or 'survival'})", out / "tasks_vs_metric.png")
     rho, p, n = tasks_metric_correlation(frame)
-    summary = {"spearman_tasks_vs_metric": rho, "p_value": p, "complete_trials": n, "trials": len(frame)}
-    write_bytes_atomic(out / "summary.yaml", __import__("yaml").safe_dump(summary).encode())
+    rho_all, p_all, n_all = tasks_metric_correlation(frame, complete_only=False)
+    summary = {"spearman_tasks_vs_metric": rho, "p_value": p, "complete_trials": n, "trials": len(frame),
+               "spearman_all_trials": rho_all, "p_value_all_trials": p_all, "reported_trials": n_all}
+    write_bytes_atomic(out / "summary.yaml", yaml.safe_dump(summary).encode())
     return {"parquet": parquet, "csv": csv, "plot": plot}

@@ -76,7 +76,7 @@ def run_tune(cfg: TuneConfig) -> int:
     storage = out / "ray"
     experiment = storage / EXPERIMENT
     if tune.Tuner.can_restore(str(experiment)):
-        _say(f"resuming the interrupted search in {experiment}")
+        _say(f"restoring the search in {experiment}: finished trials are kept, unfinished ones resume")
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True,
                                    restart_errored=False)
     else:
