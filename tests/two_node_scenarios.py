@@ -90,6 +90,8 @@ def main() -> None:
             result["finished"] = not job.is_alive()
             result["code"] = holder.get("code")
         rows = manifest(out)
+        stats = json.loads((Path(out) / "compress_run.json").read_text())
+        result["retry_slides"] = (stats.get("retry") or {}).get("slides", 0)
         result["rows"] = len(rows)
         result["unique_ids"] = len({r["slide_id"] for r in rows})
         result["statuses"] = sorted(r["status"] for r in rows)

@@ -140,7 +140,7 @@ def run_compress(config: CompressConfig) -> int:
           f"encoder {facts.name} ({facts.content_hash[:8]}, C={facts.embedding_dim})"
           + (", 8 rotations/flips" if config.dihedral else ""), file=sys.stderr)
     if todo:
-        _compress_on_ray(config, todo, out, facts, options_hash, transforms, results, order, path)
+        stats = _compress_on_ray(config, todo, out, facts, options_hash, transforms, results, order, path)
         # Tiles lost with a worker or a node (not a slide's own error): one more pass over just
         # those slides, so losing a node mid-job loses no slide. A slide that kills its actor
         # every time fails again here, with the same reason.
@@ -151,7 +151,10 @@ def run_compress(config: CompressConfig) -> int:
                   file=sys.stderr)
             for sid, _ in lost:
                 remove_slide_grid(out, sid)
-            _compress_on_ray(config, lost, out, facts, options_hash, transforms, results, order, path)
+            stats["retry"] = _compress_on_ray(config, lost, out, facts, options_hash, transforms, results, order,
+                                              path)
+        # What this run did and how fast (both passes), for benchmarks and whoever sizes the next run.
+        write_json_atomic(out / RUN_STATS, stats)
     _save_manifest(path, order, results)
     return _summarise(results, order, path, config.strict)
 
@@ -166,7 +169,8 @@ def _safe_id(slide_id: str) -> bool:
 
 def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: Path, facts: EncoderFacts,
                      options_hash: str, transforms: tuple[int, ...], results: dict[str, dict],
-                     order: list[str], path: Path) -> None:
+                     order: list[str], path: Path) -> dict:
+    """One pass of the Ray Data pipeline over `todo`; fills `results`, returns the pass's stats."""
     from nic.compress.pipeline import build_dataset, free_cpus, iter_encoded, max_node_cpus, plan_pool
 
     info = connect(config.ray, config.verbose)
@@ -205,19 +209,19 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
     steady = None  # only meaningful when encoding lasted a while after the first batch
     if first_batch is not None and end - first_batch[0] > 2.0:
         steady = (collector.tiles_done - first_batch[1]) / (end - first_batch[0])
-    # What this run did and how fast, for benchmarks and for whoever sizes the next run.
-    write_json_atomic(out / RUN_STATS, {
+    stats = {
         "pool": asdict(pool), "slides": len(todo), "tile_encodings": collector.tiles_done,
         "transforms": len(transforms), "wall_s": end - start,
         "first_batch_s": None if first_batch is None else first_batch[0] - start,
         "tiles_per_s": rate, "steady_tiles_per_s": steady, "duplicate_rows_ignored": collector.duplicates,
         "actor_read_s": collector.actor_read_s, "actor_encode_s": collector.actor_encode_s,
         "precision": sorted(name for name, code in PRECISION_CODES.items() if code in collector.precision_codes),
-        "cluster": asdict(info),
-    })
+        "cluster": asdict(info), "retry": None,
+    }
     progress.finish(extra=f"{collector.tiles_done} {unit} ({rate:.0f}/s)"
                     + (f", {collector.duplicates} duplicate rows from retried tasks ignored"
                        if collector.duplicates else ""))
+    return stats
 
 
 def _save_manifest(path: Path, order: list[str], results: dict[str, dict]) -> None:
