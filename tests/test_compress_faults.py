@@ -12,16 +12,22 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from nic.cli.main import main
 from nic.grids import list_slides, load_grid, verify_grid_file
 from nic.grids.schema import slide_file
-from test_compress_support import SMALL_TISSUE, TILE, colour_image, manifest_rows, write_slide
+from test_compress_support import (
+    INNER_CELLS,
+    SMALL_TISSUE,
+    colour_image,
+    manifest_rows,
+    random_encoder_grid,
+    write_slide,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-ALL_CELLS = [(r, c) for r in range(1, 7) for c in range(1, 11)]  # 60 tissue tiles per slide
+ALL_CELLS = INNER_CELLS  # 60 tissue tiles per slide
 ENCODER_CLASS = "MapBatches(EncoderActor)"
 
 
@@ -33,20 +39,6 @@ def cohort(tmp_path_factory):
         images[f"s{i}"] = colour_image(cells=ALL_CELLS, texture=True, seed=i)
         write_slide(folder / f"s{i}.tiff", images[f"s{i}"])
     return folder, images
-
-
-def expected_embeddings(image: np.ndarray) -> np.ndarray:
-    """What the 'random' encoder gives for every tissue tile of `image`, (C, H, W) float16->32."""
-    from nic.encoders import load_encoder
-
-    model, info = load_encoder("random")
-    tiles = np.stack([image[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] for r, c in ALL_CELLS])
-    with torch.inference_mode():
-        emb = model(torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()).numpy()
-    grid = np.zeros((info.embedding_dim, 8, 12), np.float32)
-    for (r, c), e in zip(ALL_CELLS, emb.astype(np.float16).astype(np.float32), strict=True):
-        grid[:, r, c] = e
-    return grid
 
 
 def encoder_actors() -> list[dict]:
@@ -92,7 +84,7 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(cohort, tmp_path):
         assert table.num_rows == len(ALL_CELLS) == len(cells), f"{sid}: a tile lost or written twice"
         grid, mask = load_grid(out, sid)
         assert mask.sum() == len(ALL_CELLS)
-        np.testing.assert_allclose(grid, expected_embeddings(image), atol=2e-2, rtol=1e-2, err_msg=sid)
+        np.testing.assert_allclose(grid, random_encoder_grid(image), atol=2e-2, rtol=1e-2, err_msg=sid)
 
 
 def test_killed_job_leaves_only_complete_grids_and_resumes(cohort, tmp_path, ray_session):

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from nic.cli.main import main
-from nic.encoders import load_encoder
 from nic.encoders.inference import cpu_has_native_bfloat16, reduced_precision
 from nic.grids import load_grid
-from test_compress_support import colour_image, compress_args, tiles_of, write_slide
+from test_compress_support import INNER_CELLS, colour_image, compress_args, random_encoder_grid, write_slide
 
-CELLS = [(r, c) for r in range(1, 7) for c in range(1, 11)]
+CELLS = INNER_CELLS
 
 
 def test_precision_is_chosen_per_device_and_can_be_turned_off():
@@ -30,22 +29,10 @@ def textured(tmp_path_factory):
     return write_slide(tmp_path_factory.mktemp("prec") / "tex.tiff", image), image
 
 
-def _float32_grid(image: np.ndarray) -> np.ndarray:
-    """The 'random' encoder's float32 embeddings of every tissue tile, rounded to float16 as stored."""
-    model, info = load_encoder("random")
-    tiles = tiles_of(image, CELLS)
-    with torch.inference_mode():
-        emb = model(torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()).numpy()
-    grid = np.zeros((info.embedding_dim, 8, 12), np.float32)
-    for (r, c), e in zip(CELLS, emb.astype(np.float16).astype(np.float32), strict=True):
-        grid[:, r, c] = e
-    return grid
-
-
 @pytest.mark.usefixtures("ray_session")
 def test_float32_on_request_and_reduced_precision_close_to_it(textured, tmp_path):
     slide, image = textured
-    expected = _float32_grid(image)
+    expected = random_encoder_grid(image)  # float32, rounded to float16
     exact, reduced = tmp_path / "fp32", tmp_path / "auto"
     assert main(compress_args([slide], exact, "random", "--set", "mixed_precision=false")) == 0
     assert main(compress_args([slide], reduced, "random")) == 0

@@ -36,9 +36,25 @@ def colour_image(rows: int = 8, cols: int = 12, cells=L_CELLS, texture: bool = F
     return image
 
 
-def tiles_of(image: np.ndarray, cells) -> np.ndarray:
-    """The (N, TILE, TILE, 3) pixels of `cells` of a level-0 image, in the order given."""
-    return np.stack([image[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] for r, c in cells])
+#: A 6 x 10 block of tissue tiles inside an 8 x 12 grid (60 tiles per slide).
+INNER_CELLS = [(r, c) for r in range(1, 7) for c in range(1, 11)]
+
+
+def random_encoder_grid(image: np.ndarray, cells=INNER_CELLS, shape: tuple[int, int] = (8, 12)) -> np.ndarray:
+    """What the 'random' encoder gives, in float32, for the tiles of `image` at `cells`, rounded to
+    float16 as stored and placed in a (C, H, W) grid with zeros elsewhere."""
+    import torch
+
+    from nic.encoders import load_encoder
+
+    model, info = load_encoder("random")
+    tiles = np.stack([image[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] for r, c in cells])
+    with torch.inference_mode():
+        emb = model(torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()).numpy()
+    grid = np.zeros((info.embedding_dim, *shape), np.float32)
+    for (r, c), e in zip(cells, emb.astype(np.float16).astype(np.float32), strict=True):
+        grid[:, r, c] = e
+    return grid
 
 
 def write_slide(path: Path, image: np.ndarray, levels: int = 2, compression: str = "deflate") -> Path:

@@ -54,8 +54,9 @@ class CompressConfig(StageConfig):
         None, description="Encode on GPUs (one per actor). Default: when the cluster has GPUs.",
     )
     mixed_precision: bool = Field(
-        True, description="Encode in reduced precision where the hardware has it: float16 autocast on GPUs, "
-        "bfloat16 autocast on CPUs with native bfloat16 units (AMX, AVX512-BF16), float32 elsewhere. "
+        True, description="Encode in reduced precision where the hardware has it: float16 on GPUs, bfloat16 on "
+        "CPUs with native bfloat16 units (AMX, AVX512-BF16), float32 elsewhere; each actor decides for its own "
+        "device. "
         "false: float32 everywhere.")
     dihedral: bool = Field(
         False,

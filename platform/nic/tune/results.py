@@ -58,13 +58,16 @@ def tasks_metric_correlation(frame: pd.DataFrame, complete_only: bool = True) ->
     return float(rho), float(p), len(done)
 
 
-def plot_tasks_vs_metric(frame: pd.DataFrame, metric_label: str, out: Path) -> Path:
+def plot_tasks_vs_metric(frame: pd.DataFrame, metric_label: str, out: Path,
+                         correlations: tuple[tuple[float, float, int], tuple[float, float, int]] | None = None) -> Path:
+    """`correlations`: (complete trials, every reported trial), as tasks_metric_correlation gives them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rho, p, n = tasks_metric_correlation(frame)
+    (rho, p, n), (rho_all, p_all, n_all) = correlations or (
+        tasks_metric_correlation(frame), tasks_metric_correlation(frame, complete_only=False))
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     done = frame[frame["complete"] & np.isfinite(frame[METRIC])]
     stopped = frame[frame["stopped_early"] & np.isfinite(frame[METRIC])] if "stopped_early" in frame else frame.iloc[:0]
@@ -82,10 +85,8 @@ def plot_tasks_vs_metric(frame: pd.DataFrame, metric_label: str, out: Path) -> P
     title = "downstream metric vs number of tasks"
     if math.isfinite(rho):
         title += f"\nSpearman rho = {rho:.2f} (p = {p:.2g}), {n} complete trials"
-    else:
-        rho_all, p_all, n_all = tasks_metric_correlation(frame, complete_only=False)
-        if math.isfinite(rho_all):
-            title += f"\nSpearman rho = {rho_all:.2f} (p = {p_all:.2g}), {n_all} trials incl. stopped"
+    elif math.isfinite(rho_all):
+        title += f"\nSpearman rho = {rho_all:.2f} (p = {p_all:.2g}), {n_all} trials incl. stopped"
     ax.set_title(title, fontsize=10)
     ticks = sorted(frame["n_tasks"].unique()) if len(frame) else []
     ax.set_xticks(ticks)
@@ -106,9 +107,10 @@ def write_results(frame: pd.DataFrame, out: Path, cfg: Any, mode: str) -> dict[s
     write_parquet_atomic(parquet, pa.Table.from_pandas(table, preserve_index=False))
     write_bytes_atomic(csv, table.to_csv(index=False).encode())
     label = {"regression": "Spearman", "binary": "ROC AUC", "multiclass": "ROC AUC", "survival": "C-index"}[cfg.kind]
-    plot = plot_tasks_vs_metric(frame, f"downstream {label} ({cfg.target or 'survival'})", out / "tasks_vs_metric.png")
-    rho, p, n = tasks_metric_correlation(frame)
-    rho_all, p_all, n_all = tasks_metric_correlation(frame, complete_only=False)
+    (rho, p, n), (rho_all, p_all, n_all) = correlations = (
+        tasks_metric_correlation(frame), tasks_metric_correlation(frame, complete_only=False))
+    plot = plot_tasks_vs_metric(frame, f"downstream {label} ({cfg.target or 'survival'})", out / "tasks_vs_metric.png",
+                                correlations)
     summary = {"spearman_tasks_vs_metric": rho, "p_value": p, "complete_trials": n, "trials": len(frame),
                "spearman_all_trials": rho_all, "p_value_all_trials": p_all, "reported_trials": n_all}
     write_bytes_atomic(out / "summary.yaml", yaml.safe_dump(summary).encode())
