@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_SLIDES = REPO.parent / "shared" / "data" / "slides"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Object-store tests talk to a local S3 server (moto) on a port chosen now, and keep their mirror
+# in a folder of this session: set before the session's one Ray instance starts, so every Ray
+# worker inherits the endpoint, the credentials and the mirror root, as the nodes of a real
+# cluster would from their environment.
+S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update({
+    "AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "nic-test", "AWS_SECRET_ACCESS_KEY": "nic-test",
+    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+    "NIC_MIRROR": tempfile.mkdtemp(prefix="nic-mirror-"),
+})
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +71,38 @@ def tiny_cohort(tmp_path_factory, ray_session) -> Path:
                  "--set", "patches.tasks=[tissue_type, tumour]"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto) at S3_ENDPOINT for the whole session; yields the endpoint."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+
+    host, port = S3_ENDPOINT.rsplit(":", 1)
+    server = ThreadedMotoServer(ip_address=host.split("//")[1], port=int(port), verbose=False)
+    server.start()
+    yield S3_ENDPOINT
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket for one test; yields its URI (s3://name)."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    name = f"nic-{uuid.uuid4().hex[:10]}"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{name}?allow_bucket_creation=true")
+    fs.create_dir(name)
+    return f"s3://{name}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(os.environ["NIC_MIRROR"], ignore_errors=True)

@@ -87,7 +87,7 @@ def test_unknown_key_inside_a_list_item_gets_a_hint(tmp_path):
     assert "did you mean 'encoders.0.settings'" in str(err.value)
 
 
-@pytest.mark.parametrize("stage, key, value", [
+_URI_CASES = [
     ("compress", "out", "s3://bucket/grids"),
     ("compress", "slides", ["/data/a.svs", "s3://bucket/b.svs"]),
     ("compress", "encoder", "gs://bucket/encoders/mtl"),
@@ -96,9 +96,10 @@ def test_unknown_key_inside_a_list_item_gets_a_hint(tmp_path):
     ("tile", "slides", ["s3://bucket/slides"]),
     ("tune", "out", "abfs://container/tune"),
     ("pipeline", "out", "s3://bucket/study"),
-])
-def test_object_store_uris_are_refused_by_name_not_mangled(stage, key, value, tmp_path):
-    """Path('s3://b/x') is the local folder 's3:/b/x': every path key refuses a URI with a reason."""
+]
+
+
+def _stage_config(stage: str, key: str, value, tmp_path):
     import importlib
 
     from nic.cli.main import STAGES
@@ -116,8 +117,33 @@ def test_object_store_uris_are_refused_by_name_not_mangled(stage, key, value, tm
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**base, key: value}))
     module, name = next(s for s in STAGES if s.name == stage).config.split(":")
-    with pytest.raises(ConfigError) as err:
-        load_config(getattr(importlib.import_module(module), name), path)
-    message = str(err.value)
-    assert key in message and "object-store URI" in message and "not supported yet" in message
+    return load_config(getattr(importlib.import_module(module), name), path)
+
+
+@pytest.mark.parametrize("stage, key, value", _URI_CASES)
+def test_object_store_uris_become_mirror_paths_not_mangled_folders(stage, key, value, tmp_path):
+    """Path('s3://b/x') is the local folder 's3:/b/x'; every path key keeps a URI as its mirror
+    path instead, which maps back to the URI on any node (nic.storage)."""
+    from nic.storage import mirror_path, uri_for
+
+    config = _stage_config(stage, key, value, tmp_path)
+    got = getattr(config, key)
+    for given, kept in zip(value if isinstance(value, list) else [value], got if isinstance(got, list) else [got]):
+        if "://" in given:
+            assert Path(kept) == mirror_path(given)
+            assert uri_for(kept) == given
+        else:
+            assert str(kept) == given
     assert not any(p.name.endswith(":") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("ftp://host/grids", "unsupported URI scheme 'ftp://'"),
+    ("s3://bucket/grids?endpoint_override=x", "options in the URI are not supported"),
+    ("s3:///grids", "no bucket"),
+])
+def test_unusable_uris_are_refused_by_name(value, problem, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _stage_config("compress", "out", value, tmp_path)
+    message = str(err.value)
+    assert "out" in message and value in message and problem in message

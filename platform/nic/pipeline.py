@@ -20,6 +20,7 @@ from nic.config.downstream import TrainDownstreamConfig
 from nic.config.encoder import BUILTIN_KINDS, TrainEncoderConfig
 from nic.config.pipeline import PipelineConfig, stage_config
 from nic.config.synth import SynthConfig
+from nic.storage import display, stage_storage
 
 
 @dataclass
@@ -128,6 +129,7 @@ def plan_pipeline(cfg: PipelineConfig) -> tuple[Layout, list[Step], dict[str, An
     return layout, steps, {**inputs, "encoders": encoder_refs}
 
 
+@stage_storage
 def run_pipeline(cfg: PipelineConfig) -> int:
     from nic.artifacts import write_bytes_atomic
     from nic.report.study import write_study_report
@@ -138,7 +140,7 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     write_bytes_atomic(layout.root / "pipeline_config.yaml", dump_config(cfg).encode())
     connect(cfg.ray, cfg.verbose)
     start = time.monotonic()
-    _say(f"{len(steps)} steps; artifacts under {layout.root}")
+    _say(f"{len(steps)} steps; artifacts under {display(layout.root)}")
     for number, step in enumerate(steps, 1):
         _say(f"step {number}/{len(steps)}: {step.label} (nic {step.stage})")
         began = time.monotonic()
@@ -150,7 +152,7 @@ def run_pipeline(cfg: PipelineConfig) -> int:
             return step.code
     report = write_study_report(cfg, layout, steps, inputs)
     _say(f"all {len(steps)} steps done in {(time.monotonic() - start) / 60:.1f} min")
-    _say(f"report: {report.resolve()}")
+    _say(f"report: {display(report.resolve())}")
     return 0
 
 

@@ -19,6 +19,7 @@ from nic.artifacts import STATUS_OK
 from nic.grids.manifest import failed_row, grid_row
 from nic.grids.schema import GridError, GridMeta
 from nic.grids.writer import grid_table, remove_slide_grid, write_slide_grid
+from nic.storage import display
 
 
 @dataclass
@@ -104,7 +105,7 @@ class SlideCollector:
         size = n * len(self.transforms)
         base_mpp = float(batch["base_mpp"][i])
         meta = GridMeta(
-            slide_id=sid, path=self.paths.get(sid, ""), rows=int(batch["grid_rows"][i]),
+            slide_id=sid, path=display(self.paths.get(sid, "")), rows=int(batch["grid_rows"][i]),
             cols=int(batch["grid_cols"][i]), tile_px=int(batch["tile_px"][i]), mpp=float(batch["mpp"][i]),
             level=int(batch["level"][i]), tiles=n, embedding_dim=self.encoder.embedding_dim,
             encoder_name=self.encoder.name, encoder_hash=self.encoder.content_hash, transforms=self.transforms,

@@ -34,6 +34,7 @@ from nic.grids.reader import verify_grid_file
 from nic.grids.schema import FORMAT_VERSION, GridError, check_slide_id, manifest_path, slide_file
 from nic.grids.writer import clean_staging, remove_slide_grid
 from nic.runtime import Progress, connect
+from nic.storage import display, stage_storage
 
 LOST_REASON = ("tiles never came back from the encoder pool (the actor processing them died repeatedly, "
                "e.g. a crash inside the slide library); no grid written")
@@ -89,10 +90,11 @@ def completed_row(out: Path, slide_id: str, path: str, facts: EncoderFacts, opti
         return None, "dihedral option changed"
     if meta.slide_id != slide_id:
         return None, "file belongs to another slide id"
-    meta = type(meta)(**{**meta.__dict__, "path": path})
+    meta = type(meta)(**{**meta.__dict__, "path": display(path)})
     return grid_row(meta, STATUS_SKIPPED, 0.0, str(target.relative_to(out))), ""
 
 
+@stage_storage
 def run_compress(config: CompressConfig) -> int:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +234,7 @@ def _summarise(results: dict[str, dict], order: list[str], path: Path, strict: b
     counts = Counter(r["status"] for r in results.values())
     tiles = sum(int(r.get("tiles") or 0) for r in results.values() if r["status"] != STATUS_FAILED)
     print(f"[compress] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
-          f"{counts[STATUS_FAILED]} failed; {tiles} tissue tiles; manifest: {path}", file=sys.stderr)
+          f"{counts[STATUS_FAILED]} failed; {tiles} tissue tiles; manifest: {display(path)}", file=sys.stderr)
     for sid in order:
         row = results.get(sid)
         if row and row["status"] == STATUS_FAILED:

@@ -38,22 +38,35 @@ class NicModel(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_object_store_uris(cls, value: Any, info: ValidationInfo) -> Any:
-        """Path() would quietly turn 's3://bucket/grids' into a local folder 's3:/bucket/grids';
-        refuse URIs by name until nic reads and writes object stores itself."""
+    def _object_store_uris(cls, value: Any, info: ValidationInfo) -> Any:
+        """Path() would quietly turn 's3://bucket/grids' into a local folder 's3:/bucket/grids':
+        a URI in a path field becomes its mirror path (nic.storage), which every stage and Ray
+        worker maps back to the object; an unsupported URI is an error naming it."""
         field = cls.model_fields.get(info.field_name or "")
-        if field is None:
+        if field is None or not _names_files(field):
             return value
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        if not (_is_path_type(field.annotation) or extra.get(LOCAL_PATH)):
-            return value
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, str) and "://" in item:
-                raise ValueError(
-                    f"{item!r} is an object-store URI; nic reads and writes local or mounted paths only "
-                    "(on a cluster, a shared file system such as the EFS mount of cluster.yaml): "
-                    "object-store URIs are not supported yet")
-        return value
+        from nic.storage import to_local
+
+        if isinstance(value, (list, tuple)):
+            return type(value)(to_local(v) if isinstance(v, str) else v for v in value)
+        return to_local(value) if isinstance(value, str) else value
+
+
+def _names_files(field: Any) -> bool:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return _is_path_type(field.annotation) or bool(extra.get(LOCAL_PATH))
+
+
+def path_fields(model: type[BaseModel]) -> list[tuple[str, bool]]:
+    """(name, lazy) of a config's fields that name files or folders; `lazy` marks the str fields
+    (slide lists, encoder names) whose files are fetched where they are opened."""
+    found = []
+    for name, field in model.model_fields.items():
+        if _is_path_type(field.annotation):
+            found.append((name, False))
+        elif _names_files(field):
+            found.append((name, True))
+    return found
 
 
 class RayOptions(NicModel):

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Sampler
 
 from nic.downstream.crops import center_crop, center_weights, crop, dihedral, sample_centers
 from nic.grids.reader import load_grid, read_grid_meta
+from nic.storage import ensure_local, local_path
 
 GridLoader = Callable[..., tuple[np.ndarray, np.ndarray]]
 
@@ -33,7 +34,8 @@ class GridSource:
     """
 
     def __init__(self, grids_dir: str | Path, cache_size: int = 4, loader: GridLoader = load_grid):
-        self.grids_dir = Path(grids_dir)
+        # On an object store, this worker's node fetches the whole store once (changed files only).
+        self.grids_dir = ensure_local(local_path(grids_dir), missing_ok=True)
         self.cache_size = max(0, int(cache_size))
         self.loader = loader
         self.loads = 0  # grid reads from storage (for tests and diagnostics)

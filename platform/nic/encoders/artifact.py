@@ -25,6 +25,7 @@ from nic.artifacts import atomic_path, write_bytes_atomic, write_json_atomic
 from nic.encoders.architectures import count_parameters
 from nic.encoders.encoder import INPUT_NORMALISATION, PatchEncoder, build_encoder
 from nic.encoders.inference import optimise_for_inference
+from nic.storage import RAY_STORAGE_DIRS, display, ensure_local
 
 ENCODER_JSON = "encoder.json"
 ENCODER_WEIGHTS = "encoder.pt"
@@ -145,9 +146,11 @@ def read_info(path: str | Path) -> EncoderInfo:
     """encoder.json of an encoder folder (or the file itself)."""
     path = Path(path)
     marker = path if path.suffix == ".json" else path / ENCODER_JSON
+    # An encoder on an object store: fetch the folder (not its training checkpoints) on this node.
+    ensure_local(marker.parent, missing_ok=True, exclude=RAY_STORAGE_DIRS)
     if not marker.is_file():
         raise FileNotFoundError(
-            f"{marker}: no encoder.json (a missing or incomplete encoder folder; "
+            f"{display(marker)}: no encoder.json (a missing or incomplete encoder folder; "
             f"built-in encoders need no file: {', '.join(BUILTIN_NAMES)})"
         )
     try:

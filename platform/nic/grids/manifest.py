@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from nic.artifacts import STATUS_FAILED, STATUS_SKIPPED
 from nic.grids.schema import GridMeta
+from nic.storage import display
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -38,7 +39,7 @@ MANIFEST_SCHEMA = pa.schema(
 
 def failed_row(slide_id: str, path: str, reason: str, kind: str = "error", seconds: float = 0.0,
                encoder_name: str | None = None, encoder_hash: str | None = None) -> dict:
-    return {"slide_id": slide_id, "path": path, "status": STATUS_FAILED, "reason": reason, "error_kind": kind,
+    return {"slide_id": slide_id, "path": display(path), "status": STATUS_FAILED, "reason": reason, "error_kind": kind,
             "seconds": seconds, "encoder_name": encoder_name, "encoder_hash": encoder_hash}
 
 

@@ -1,6 +1,7 @@
 """Reading feature grids back: one slide as a dense (C, H, W) array, the list of slides, the manifest.
 
 Plain pyarrow only (no Ray), so training code, notebooks and other tools read grids the same way.
+Every function takes a folder or an object-store URI of a grid store (fetched through nic.storage).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 
 from nic.grids.dihedral import check_transform
 from nic.grids.schema import PART_NAME, GridError, GridMeta, manifest_path, slide_file, tiles_dir
+from nic.storage import display, ensure_local, local_path
 
 
 def list_slides(grids_dir: str | Path) -> list[str]:
@@ -22,9 +24,10 @@ def list_slides(grids_dir: str | Path) -> list[str]:
 
     Grid files only appear once complete (see writer), so the folder listing is the truth; the
     manifest says in addition why the other slides have none."""
+    grids_dir = ensure_local(local_path(grids_dir), missing_ok=True)
     root = tiles_dir(grids_dir)
-    if not Path(grids_dir).exists():
-        raise GridError(f"{grids_dir}: no such grid folder")
+    if not grids_dir.exists():
+        raise GridError(f"{display(grids_dir)}: no such grid folder")
     if not root.exists():
         return []
     return sorted(
@@ -34,11 +37,12 @@ def list_slides(grids_dir: str | Path) -> list[str]:
 
 
 def _grid_path(grids_dir: str | Path, slide_id: str) -> Path:
-    path = slide_file(grids_dir, slide_id)
+    grids_dir = local_path(grids_dir)
+    path = ensure_local(slide_file(grids_dir, slide_id), missing_ok=True)
     if not path.exists():
         known = list_slides(grids_dir)
         hint = f" (it holds {len(known)} slides, e.g. {', '.join(known[:3])})" if known else " (it holds none)"
-        raise GridError(f"{path}: slide {slide_id!r} has no grid in {grids_dir}{hint}")
+        raise GridError(f"{display(path)}: slide {slide_id!r} has no grid in {display(grids_dir)}{hint}")
     return path
 
 
@@ -103,18 +107,18 @@ def load_grid(grids_dir: str | Path, slide_id: str, transform: int = 0) -> tuple
 
 def open_dataset(grids_dir: str | Path) -> ds.Dataset:
     """All grid files of a store as one pyarrow dataset (slide_id is the hive partition)."""
-    root = tiles_dir(grids_dir)
+    root = ensure_local(tiles_dir(local_path(grids_dir)), missing_ok=True)
     if not root.exists():
-        raise GridError(f"{grids_dir}: no tiles/ folder, so no grids yet")
+        raise GridError(f"{display(grids_dir)}: no tiles/ folder, so no grids yet")
     return ds.dataset(root, format="parquet", partitioning="hive")
 
 
 def read_manifest(grids_dir: str | Path) -> pd.DataFrame:
     """The manifest (slides.parquet): one row per input slide with status, reason, shape, tiles,
     seconds and encoder hash."""
-    path = manifest_path(grids_dir)
+    path = ensure_local(manifest_path(local_path(grids_dir)), missing_ok=True)
     if not path.exists():
-        raise GridError(f"{path}: no manifest; run `nic compress --out {grids_dir}` first")
+        raise GridError(f"{display(path)}: no manifest; run `nic compress --out {display(grids_dir)}` first")
     try:
         return pq.read_table(path).to_pandas()
     except (OSError, pa.ArrowException) as exc:

@@ -11,6 +11,7 @@ import numpy as np
 from nic.grids.dihedral import TRANSFORM_NAMES, transform_image
 from nic.grids.reader import load_grid, read_grid_meta
 from nic.grids.schema import GridError
+from nic.storage import ensure_local, local_path
 
 
 def pca_rgb(grid: np.ndarray, mask: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
@@ -40,7 +41,7 @@ def _thumbnail(path: str, transform: int, max_px: int) -> np.ndarray | None:
     try:
         import openslide
 
-        with openslide.OpenSlide(path) as slide:
+        with openslide.OpenSlide(ensure_local(local_path(path))) as slide:
             thumb = np.asarray(slide.get_thumbnail((max_px, max_px)).convert("RGB"))
     except Exception:  # a moved or unreadable slide: draw the grid alone, say so in the title
         return None

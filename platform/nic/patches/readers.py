@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from nic.patches.tasks import TaskSpec
+from nic.storage import ensure_local
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -237,8 +238,13 @@ READERS = {"folder": read_folder, "hdf5": read_hdf5, "manifest": read_manifest}
 
 
 def read_patches(spec: TaskSpec, path: Path, tile_px: int, limit: int | None = None, seed: int = 0) -> PatchSet:
-    """Read one dataset of a task in the task's format."""
-    return READERS[spec.format](spec, Path(path), tile_px, limit, seed)
+    """Read one dataset of a task in the task's format (fetched first when on an object store)."""
+    path = Path(path)
+    # A manifest names images beside it; PCam's x file has its labels in a sibling y file.
+    ensure_local(path.parent if spec.format == "manifest" else path, missing_ok=True)
+    if spec.format == "hdf5" and path.stem.endswith("_x"):
+        ensure_local(path.with_name(path.stem[:-2] + "_y" + path.suffix), missing_ok=True)
+    return READERS[spec.format](spec, path, tile_px, limit, seed)
 
 
 def check_classes_present(spec: TaskSpec, data: PatchSet) -> None:

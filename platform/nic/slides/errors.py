@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nic.storage import display
+
 #: Every `SlideError.kind`, with what it means.
 KINDS: dict[str, str] = {
     "missing": "the path does not exist",
@@ -59,8 +61,8 @@ class SlideError(Exception):
 
     @classmethod
     def about(cls, path: str | Path | None, problem: str, kind: str) -> SlideError:
-        """The error for `path`: message "<path>: <problem>"."""
-        return cls(path, problem, kind)
+        """The error for `path`: message "<path>: <problem>" (the URI for a mirror path)."""
+        return cls(None if path is None else display(path), problem, kind)
 
     def __reduce__(self):
         # Ray ships exceptions between processes by pickling; keep every field.

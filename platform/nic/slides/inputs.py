@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nic.storage import display, ensure_local, remote_children, remote_kind, uri_for
+
 # Extensions OpenSlide reads (plus generic TIFF); folders are scanned for these.
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi",
@@ -77,7 +79,9 @@ def expand_slide_inputs(specs: list[str]) -> list[SlideInput]:
     found: list[SlideInput] = []
     for spec in specs:
         path = Path(spec).expanduser()
-        if _is_glob(spec):
+        if uri_for(path) is not None:
+            found.extend(_remote_inputs(path))
+        elif _is_glob(spec):
             matches = sorted(glob.glob(str(path)))
             if not matches:
                 found.append(SlideInput(slide_id_for(spec), spec, f"{spec}: no file matches this pattern"))
@@ -96,6 +100,28 @@ def expand_slide_inputs(specs: list[str]) -> list[SlideInput]:
         else:
             found.append(SlideInput(slide_id_for(path), str(path)))
     return _dedupe(found)
+
+
+def _remote_inputs(path: Path) -> list[SlideInput]:
+    """The slides an object-store URI names (through its mirror path), listed without downloading."""
+    uri = display(path)
+    try:
+        if _is_glob(uri):
+            return [SlideInput(slide_id_for(path), str(path), f"{uri}: patterns are not supported in "
+                               "object-store URIs; name the folder (prefix) or list the slides in a CSV")]
+        kind = remote_kind(path)
+        if kind == "dir":
+            entries = [p for p in remote_children(path) or [] if p.name.lower().endswith(SLIDE_EXTENSIONS)]
+            if not entries:
+                return [SlideInput(slide_id_for(path), str(path), f"{uri}: prefix holds no slide files")]
+            return [SlideInput(slide_id_for(p), str(p)) for p in entries]
+        if kind == "file" and path.suffix.lower() in LIST_EXTENSIONS:
+            return _read_list(ensure_local(path))
+        if kind == "file":
+            return [SlideInput(slide_id_for(path), str(path))]
+        return [SlideInput(slide_id_for(path), str(path), f"{uri}: no such object")]
+    except OSError as exc:
+        return [SlideInput(slide_id_for(path), str(path), f"{uri}: cannot list it ({exc})")]
 
 
 def _dedupe(inputs: list[SlideInput]) -> list[SlideInput]:

@@ -16,6 +16,7 @@ import openslide
 import tifffile
 
 from nic.slides.errors import SlideError
+from nic.storage import display, ensure_local
 
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _IMAGE_MAGICS = {
@@ -88,8 +89,15 @@ def tiff_damage(path: Path) -> str | None:
 
 
 def check_slide_file(path: str | Path) -> Path:
-    """Raise SlideError for a path that cannot be a slide file (missing, a folder, empty)."""
+    """Raise SlideError for a path that cannot be a slide file (missing, a folder, empty). A mirror
+    path (nic.storage) is downloaded first, on the node that opens it."""
     path = Path(path)
+    try:
+        ensure_local(path)
+    except FileNotFoundError:
+        raise SlideError.about(display(path), "no such object in the object store", "missing") from None
+    except OSError as exc:
+        raise SlideError.about(display(path), f"cannot be downloaded ({exc})", "unopenable") from exc
     if not path.exists():
         raise SlideError.about(path, "no such file", "missing")
     if path.is_dir():

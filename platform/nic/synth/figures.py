@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from nic.storage import ensure_local
+
 
 def _plt():
     import matplotlib
@@ -58,7 +60,7 @@ def thumbnails(cohort: Path, out: Path, n: int = 6) -> None:
     picked = _pick_slides(cohort, n)
     fig, axes = plt.subplots(2, (n + 1) // 2, figsize=(4 * ((n + 1) // 2), 8.4))
     for ax, row in zip(axes.ravel(), picked):
-        slide = openslide.OpenSlide(str(cohort / row["path"]))
+        slide = openslide.OpenSlide(str(ensure_local(cohort / row["path"])))  # rendered on any node
         ax.imshow(slide.get_thumbnail((900, 900)))
         w, h = slide.dimensions
         extra = f", {'+'.join(row['artefacts'])}" if row["artefacts"] else ""

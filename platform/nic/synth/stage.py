@@ -45,6 +45,7 @@ from nic.artifacts import (
 )
 from nic.config.base import dump_config
 from nic.config.synth import SynthConfig
+from nic.storage import display, ensure_local, publish, remove, stage_storage, uri_for
 from nic.synth.labels import (
     NECROSIS_MEAN,
     NECROSIS_SD,
@@ -117,6 +118,9 @@ def render_slide(params_dict: dict, out: str, tile_size: int, quality: int, spec
         },
     }
     write_json_atomic(path.with_suffix(".json"), sidecar)
+    # On an object store, the node that rendered the slide uploads it (the driver cannot see it).
+    publish(path)
+    publish(path.with_suffix(".json"))
     return sidecar
 
 
@@ -129,6 +133,7 @@ def render_patch_chunk(config_dict: dict, chunk: Chunk, staging: str) -> dict:
         return {"x": x, "y": y}
     folder = Path(staging) / (chunk.split if spec.format == "folder" else "")
     names = write_pngs(folder, chunk.task, chunk.split, chunk.first_patch, x, y)
+    publish(folder)  # on an object store: the driver fetches the staged files before moving them
     return {"names": names, "y": y}
 
 
@@ -254,6 +259,7 @@ def _remove_stale_slides(out: Path, keep: set[str]) -> None:
             path.with_suffix(".json").unlink(missing_ok=True)
 
 
+@stage_storage
 def run_synth(config: SynthConfig) -> int:
     """Generate (or complete) the cohort in `config.out`; 0 on success."""
     import ray
@@ -343,7 +349,11 @@ def run_synth(config: SynthConfig) -> int:
                 continue
             ordered = {split: [chunk_results[task][split][i] for i in sorted(chunk_results[task][split])]
                        for split in SPLITS}
+            staging = out / PATCHES_DIR / f".{task}.staging"
+            ensure_local(staging, missing_ok=True)  # staged by tasks on other nodes (object stores)
             summary = _finish_patch_task(out, task, ordered, task_specs[task])
+            if uri_for(staging) is not None:
+                remove(staging)
             task_status[task] = {"status": STATUS_OK, "reason": "", "train": summary["train"], "val": summary["val"]}
         progress.finish(extra=f"slides {done_slides}/{len(todo)}, patch chunks {done_chunks}/{len(chunks)}")
 
@@ -376,7 +386,7 @@ def run_synth(config: SynthConfig) -> int:
     for s in slides:
         if status[s.slide_id]["status"] == STATUS_FAILED:
             print(f"[synth] slide {s.slide_id} failed: {status[s.slide_id]['reason']}", flush=True)
-    print(f"[synth] cohort in {out}: {len(ok_slides)}/{len(slides)} slides, "
+    print(f"[synth] cohort in {display(out)}: {len(ok_slides)}/{len(slides)} slides, "
           f"{sum(1 for v in task_status.values() if v['status'] != STATUS_FAILED)}/{len(config.patches.tasks)} "
           f"patch tasks", flush=True)
     if not ok_slides or (config.strict and n_failed):

@@ -27,12 +27,14 @@ from nic.config.base import dump_config
 from nic.config.tile import TileConfig
 from nic.runtime import Progress, connect
 from nic.slides.inputs import SlideInput, expand_slide_inputs
+from nic.storage import display, stage_storage
 from nic.tiling.worker import MANIFEST_SCHEMA, completed_row, failed_row, tile_one_slide
 
 MANIFEST_NAME = "slides.parquet"
 LOST_REASON = "the worker processing this slide died repeatedly (crash inside the slide library?); no output written"
 
 
+@stage_storage
 def run_tile(config: TileConfig) -> int:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ def _summarise(results: dict[str, dict], order: list[str], manifest_path: Path, 
     counts = Counter(r["status"] for r in results.values())
     tiles = sum(int(r.get("tiles") or 0) for r in results.values() if r["status"] != STATUS_FAILED)
     print(f"[tile] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
-          f"{counts[STATUS_FAILED]} failed; {tiles} tissue tiles; manifest: {manifest_path}", file=sys.stderr)
+          f"{counts[STATUS_FAILED]} failed; {tiles} tissue tiles; manifest: {display(manifest_path)}", file=sys.stderr)
     for sid in order:
         row = results.get(sid)
         if row and row["status"] == STATUS_FAILED:

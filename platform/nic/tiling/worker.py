@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nic.artifacts import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, atomic_path, write_parquet_atomic
+from nic.storage import display, publish
 
 TILE_SCHEMA = pa.schema(
     [
@@ -58,7 +59,7 @@ def overview_path(out: Path, slide_id: str) -> Path:
 
 
 def failed_row(slide_id: str, path: str, reason: str, kind: str = "error", seconds: float = 0.0) -> dict:
-    return {"slide_id": slide_id, "path": path, "status": STATUS_FAILED, "reason": reason,
+    return {"slide_id": slide_id, "path": display(path), "status": STATUS_FAILED, "reason": reason,
             "error_kind": kind, "seconds": seconds}
 
 
@@ -78,7 +79,7 @@ def completed_row(out: Path, slide_id: str, path: str, options_hash: str) -> dic
     except Exception:  # unreadable leftovers are redone, not trusted
         return None
     return {
-        "slide_id": slide_id, "path": path, "status": STATUS_SKIPPED, "reason": "already complete",
+        "slide_id": slide_id, "path": display(path), "status": STATUS_SKIPPED, "reason": "already complete",
         "mpp": float(meta[META_PREFIX + "mpp"]), "base_mpp": float(meta[META_PREFIX + "base_mpp"]),
         "mpp_source": meta[META_PREFIX + "mpp_source"], "level": int(meta[META_PREFIX + "level"]),
         "rows": int(meta[META_PREFIX + "rows"]), "cols": int(meta[META_PREFIX + "cols"]),
@@ -100,7 +101,7 @@ def tile_one_slide(item: dict[str, Any], options: Any, out: Path, thumbnail_px: 
         )
         res = plan.resolution
         meta = {
-            "slide_id": slide_id, "path": path, "tile_px": plan.grid.tile_px, "mpp": res.target_mpp,
+            "slide_id": slide_id, "path": display(path), "tile_px": plan.grid.tile_px, "mpp": res.target_mpp,
             "base_mpp": res.base_mpp, "mpp_source": res.mpp_source, "level": res.level,
             "rows": plan.grid.rows, "cols": plan.grid.cols, "tiles": len(rows), "options_hash": options_hash,
         }
@@ -116,8 +117,11 @@ def tile_one_slide(item: dict[str, Any], options: Any, out: Path, thumbnail_px: 
                 f"{path}: no tissue: none of its {plan.grid.rows * plan.grid.cols} tiles is at least "
                 f"{options.tissue.threshold:.0%} tissue (best tile: {best:.0%})", kind="no_tissue")
         write_parquet_atomic(tiles_path(out, slide_id), table)  # last: marks the slide complete
+        # On an object store, this node uploads what it wrote (the driver's node cannot see it).
+        publish(overview_path(out, slide_id))
+        publish(tiles_path(out, slide_id))
         return {
-            "slide_id": slide_id, "path": path, "status": STATUS_OK, "reason": "", "error_kind": None,
+            "slide_id": slide_id, "path": display(path), "status": STATUS_OK, "reason": "", "error_kind": None,
             "mpp": res.target_mpp, "base_mpp": res.base_mpp, "mpp_source": res.mpp_source,
             "level": res.level, "rows": plan.grid.rows, "cols": plan.grid.cols, "tiles": len(rows),
             "seconds": time.perf_counter() - start, "options_hash": options_hash,

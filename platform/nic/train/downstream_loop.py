@@ -28,6 +28,7 @@ from nic.downstream.evaluate import outputs_to_prediction, predict_slides, predi
 from nic.downstream.losses import loss_for
 from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
 from nic.downstream.models import build_model, save_model
+from nic.storage import ray_storage
 from nic.train.common import (
     EarlyStopping,
     broadcast_buffers,
@@ -306,7 +307,7 @@ def fit_fold(
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=ray_storage(storage_path),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),

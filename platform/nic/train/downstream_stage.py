@@ -22,7 +22,6 @@ patient); per-fold values of the primary metric are in each fold's record too.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
 from nic.downstream.splits import TEST_FOLD, make_splits, train_val_split
 from nic.grids.reader import list_slides, read_grid_meta
 from nic.grids.schema import GridError
+from nic.storage import child_names, display, remove, stage_storage
 from nic.train.common import ProgressRelay, stable_hash
 from nic.train.downstream_loop import FoldSpec
 
@@ -341,9 +341,10 @@ def _prepare_out(config: TrainDownstreamConfig, run_hash: str, storage: Path, na
                 raise ValueError(
                     f"{out} holds a run made with different settings (run hash {previous}, now {run_hash}); "
                     "choose another out folder or set overwrite: true to discard it")
-            shutil.rmtree(out / "folds", ignore_errors=True)
-            for old in storage.glob(f"{name_prefix}-fold*"):
-                shutil.rmtree(old, ignore_errors=True)
+            remove(out / "folds")
+            for old in child_names(storage):
+                if old.startswith(f"{name_prefix}-fold"):
+                    remove(storage / old)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, {"run_hash": run_hash, "stage": STAGE})
 
@@ -359,6 +360,7 @@ def fold_metric(config: TrainDownstreamConfig, labels: Labels, record: dict) -> 
     return split_metrics(labels.kind, part, labels, 0, config.seed)[PRIMARY_METRIC[labels.kind]]["value"]
 
 
+@stage_storage
 def run_train_downstream(config: TrainDownstreamConfig,
                          on_fold: Callable[[int, float | None], None] | None = None) -> int:
     """Train and evaluate; 0 when every fold succeeded, 1 when some failed, 2 on bad input.
@@ -384,7 +386,7 @@ def run_train_downstream(config: TrainDownstreamConfig,
         crop_size = config.crop_size or min(MAX_AUTO_CROP, info["max_side"])
         splits = make_splits(labels, config.folds, config.test_fraction, config.seed)
         run_hash = _run_hash(config, info["encoder_hash"], labels)
-        storage = Path(config.storage_path or out / "ray").resolve()
+        storage = Path(config.storage_path or out / "ray").absolute()
         name_prefix = config.run_name or out.resolve().name
         _prepare_out(config, run_hash, storage, name_prefix)
     except (LabelError, GridError, ValueError) as exc:
@@ -464,5 +466,5 @@ def run_train_downstream(config: TrainDownstreamConfig,
     if failed:
         _say(f"{len(failed)} of {len(records)} fold(s) failed: " + "; ".join(f"fold {r['fold']}: {r['reason'][:200]}" for r in failed))
         return 1
-    _say(f"done in {result['seconds']:.0f} s: {out / 'metrics.json'}, {out / 'predictions.parquet'}")
+    _say(f"done in {result['seconds']:.0f} s: {display(out / 'metrics.json')}, {display(out / 'predictions.parquet')}")
     return 0

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nic.storage import display, ray_storage, uri_for
 from nic.train.common import (
     EarlyStopping,
     any_worker,
@@ -297,14 +298,16 @@ def fit_encoder(
     from nic.train.common import ProgressRelay, configure_train_polling
 
     configure_train_polling()
-    storage_path = Path(storage_path).resolve()
-    storage_path.mkdir(parents=True, exist_ok=True)
+    storage_path = Path(storage_path).absolute()
+    storage = ray_storage(storage_path)  # a mirror path's URI: Ray writes checkpoints there itself
+    if uri_for(storage_path) is None:
+        storage_path.mkdir(parents=True, exist_ok=True)
     data_ref = ray.put(data)
     loop_config: dict[str, Any] = {"settings": asdict(settings), "data": data_ref, "epoch_hook": epoch_hook}
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
     run_config = RunConfig(
-        name=run_name, storage_path=str(storage_path),
+        name=run_name, storage_path=storage,
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
@@ -318,7 +321,7 @@ def fit_encoder(
     else:
         result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {storage_path / run_name} reported no checkpoint")
+        raise RuntimeError(f"training run {display(storage_path / run_name)} reported no checkpoint")
     state = load_checkpoint(result.checkpoint)
     return FitResult(
         best_encoder=state["best_encoder"], best_metrics=state["best_metrics"], history=state["history"],

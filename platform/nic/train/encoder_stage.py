@@ -9,9 +9,9 @@ changed config trains afresh; a complete artifact for the same hash is skipped.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from nic.encoders.objectives import ObjectiveSpec, TaskHeadSpec, finite_or_none
 from nic.patches.readers import PatchDataError, load_task
 from nic.patches.sampling import MixedPatches
 from nic.patches.tasks import TaskSpec, load_tasks, select_tasks
+from nic.storage import display, exists, remove, stage_storage
 from nic.train.common import path_fingerprint, stable_hash
 from nic.train.encoder_loop import STAGE, EpochHook, FitResult, LoopSettings, fit_encoder
 
@@ -143,35 +144,36 @@ def train_encoder(config: TrainEncoderConfig, epoch_hook: EpochHook | None = Non
     if not config.overwrite:
         existing = _existing(config, config_hash)
         if existing is not None:
-            _say(f"{config.out / ENCODER_JSON} is complete for this config (hash {config_hash[:12]}); skipping "
+            _say(f"{display(config.out / ENCODER_JSON)} is complete for this config (hash {config_hash[:12]}); skipping "
                  "(--set overwrite=true retrains)")
             return existing
     clear_marker(config.out)
     if config.kind in BUILTIN_KINDS:
         info = _write_builtin(config, config_hash, tasks)
-        _say(f"wrote built-in encoder '{config.kind}' (C={info.embedding_dim}) to {config.out}")
+        _say(f"wrote built-in encoder '{config.kind}' (C={info.embedding_dim}) to {display(config.out)}")
         return info
 
     data, heads = load_patch_data(config, tasks)
     from nic.runtime import connect
 
     connect(config.ray, config.verbose)
-    storage = (config.storage_path or config.out / "checkpoints").resolve()
+    storage = Path(config.storage_path or config.out / "checkpoints").absolute()
     run_name = config.run_name or f"{config.kind}-{config_hash[:12]}"
-    if config.overwrite and (storage / run_name).exists():
-        shutil.rmtree(storage / run_name)
+    if config.overwrite and exists(storage / run_name):
+        remove(storage / run_name)
     _say(f"training a '{config.kind}' encoder ({config.architecture}, C={config.embedding_dim}) on "
-         f"{len(data['train_tasks'])} patches with {config.num_workers} worker(s); run {storage / run_name}")
+         f"{len(data['train_tasks'])} patches with {config.num_workers} worker(s); run {display(storage / run_name)}")
     fit = fit_encoder(loop_settings(config, heads), data, storage, run_name, config.num_workers,
                       config.cpus_per_worker, config.use_gpu, config.max_failures, epoch_hook=epoch_hook)
     info = _write_trained(config, config_hash, heads, tasks, fit)
     best = info.metrics.get("epoch")
     summary = ", ".join(f"{k} {v:.4g}" for k, v in info.metrics.items() if v is not None and k != "epoch")
-    _say(f"wrote {config.out} (best epoch {int(best) if best else '?'} of {fit.epochs_run}"
+    _say(f"wrote {display(config.out)} (best epoch {int(best) if best else '?'} of {fit.epochs_run}"
          f"{', early stop' if fit.stopped_early else ''}): {summary}")
     return info
 
 
+@stage_storage
 def run_train_encoder(config: TrainEncoderConfig) -> int:
     """CLI entry: 0 on success or skip, 2 on bad tasks/data, 1 if training itself failed."""
     try:

@@ -16,6 +16,7 @@ from nic.artifacts import write_bytes_atomic
 from nic.config.base import ConfigError, dump_config
 from nic.config.tune import TuneConfig
 from nic.runtime import connect
+from nic.storage import ray_storage, stage_storage
 from nic.tune.results import trial_table, write_results
 from nic.tune.space import param_space
 from nic.tune.trial import METRIC, run_trial, trial_configs
@@ -44,6 +45,7 @@ def _static(cfg: TuneConfig) -> dict:
             "ray": cfg.ray.model_dump()}
 
 
+@stage_storage
 def run_tune(cfg: TuneConfig) -> int:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -73,11 +75,11 @@ def run_tune(cfg: TuneConfig) -> int:
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=folds + 1, grace_period=cfg.grace_folds,
                                   reduction_factor=cfg.reduction_factor)
     mode = "max"  # every primary metric here (Spearman, ROC AUC, C-index) is better when higher
-    storage = out / "ray"
-    experiment = storage / EXPERIMENT
-    if tune.Tuner.can_restore(str(experiment)):
+    storage = ray_storage(out / "ray")  # a mirror path's URI: Tune syncs there from every node
+    experiment = f"{storage}/{EXPERIMENT}"
+    if tune.Tuner.can_restore(experiment):
         _say(f"restoring the search in {experiment}: finished trials are kept, unfinished ones resume")
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True,
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
                                    restart_errored=False)
     else:
         _say(f"{trials} trials over task subsets of {names}; up to {cfg.max_concurrent_trials} at once")
@@ -86,7 +88,7 @@ def run_tune(cfg: TuneConfig) -> int:
             param_space=space,
             tune_config=tune.TuneConfig(metric=METRIC, mode=mode, scheduler=scheduler, num_samples=1,
                                         max_concurrent_trials=cfg.max_concurrent_trials),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
                                       verbose=1 if cfg.verbose else 0,
                                       callbacks=[TrialProgress(trials, METRIC)],
                                       failure_config=tune.FailureConfig(max_failures=1)),

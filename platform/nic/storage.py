@@ -1,0 +1,365 @@
+"""Object-store URIs (s3://, gs://, abfs://, hdfs://) wherever nic accepts a path, through a mirror.
+
+OpenSlide, tifffile, atomic renames and most of the libraries a stage uses need local files, and
+on a cluster every node must agree on what a path means. So a URI in a config becomes a path
+under the node-local mirror root, `<root>/<scheme>/<bucket>/<key>`: a reversible mapping, so the
+mirror path a driver hands to any Ray worker still says which object it stands for, and every
+node (same user, same `NIC_MIRROR`) maps it to the same place.
+
+- Inputs are fetched where they are opened (`ensure_local`), on whichever node that is: a slide
+  by the task or actor that reads it, an encoder by each actor that loads it, grids by each Train
+  worker. A copy is reused while the object's size and modification time are unchanged.
+- Outputs are written to the mirror as usual (atomic renames, sidecars last) and uploaded when
+  the stage ends, or by the Ray task that wrote them (`publish`): data files first, manifests and
+  sidecars last, so a reader of the bucket never sees a manifest before the data it describes.
+  Object-store writes are atomic per object (a multipart upload appears only when complete).
+- Ray Train and Ray Tune get the URI itself (`ray_storage`): they sync checkpoints themselves.
+
+Credentials and endpoints come from the usual environment of each filesystem (AWS_* variables or
+an instance profile for S3, Application Default Credentials for GCS, ...), resolved by pyarrow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+#: URI schemes read and written through pyarrow.fs, and the name each has in the mirror.
+SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "abfs": "abfs", "abfss": "abfss", "hdfs": "hdfs",
+           "viewfs": "viewfs"}
+#: Folders inside a stage's output that Ray Train/Tune write to the URI directly (checkpoints):
+#: a mirrored output never downloads or uploads them.
+RAY_STORAGE_DIRS = frozenset({"checkpoints", "ray"})
+#: Files that describe others and so are uploaded after them.
+_METADATA_SUFFIXES = (".json", ".yaml", ".yml", ".md")
+_MANIFEST_NAMES = frozenset({"slides.parquet"})
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+_DIRECT_UPLOAD = ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")  # atomic per object
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class StorageError(ValueError):
+    """A URI nic cannot use; the message names it."""
+
+
+def is_uri(text: Any) -> bool:
+    return isinstance(text, str) and _URI.match(text) is not None
+
+
+def mirror_root() -> Path:
+    """Where this node keeps copies of remote objects (`NIC_MIRROR`, default ~/.cache/nic/mirror).
+    It is a cache: deleting it loses nothing that was uploaded."""
+    return Path(os.environ.get("NIC_MIRROR") or "~/.cache/nic/mirror").expanduser().absolute()
+
+
+def _split(uri: str) -> tuple[str, str, str]:
+    match = _URI.match(uri)
+    if not match:
+        raise StorageError(f"{uri!r} is not a URI")
+    scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme not in SCHEMES:
+        raise StorageError(f"{uri!r}: unsupported URI scheme '{scheme}://' (nic reads and writes "
+                           f"{', '.join(sorted(set(SCHEMES)))} through pyarrow, and local paths)")
+    if "?" in rest or "#" in rest:
+        raise StorageError(f"{uri!r}: options in the URI are not supported; set them in the "
+                           "environment (for S3: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_PROFILE)")
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r}: no bucket (or host) in the URI")
+    parts = [p for p in key.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise StorageError(f"{uri!r}: '.' and '..' are not allowed in object keys")
+    return SCHEMES[scheme], bucket, "/".join(parts)
+
+
+def to_local(text: str) -> str:
+    """What a config keeps for a path it was given: the path itself, or a URI's mirror path."""
+    if not is_uri(text):
+        return text
+    if text.lower().startswith("file://"):
+        return text[len("file://"):]
+    return str(mirror_path(text))
+
+
+def local_path(path: str | Path) -> Path:
+    """A Python API's path argument as a local Path: a URI string becomes its mirror path."""
+    return Path(to_local(path)) if isinstance(path, str) else Path(path)
+
+
+def mirror_path(uri: str) -> Path:
+    scheme, bucket, key = _split(uri)
+    path = mirror_root() / scheme / bucket
+    return path / key if key else path
+
+
+def uri_for(path: str | Path) -> str | None:
+    """The URI a mirror path stands for, or None for an ordinary local path."""
+    path = Path(path).absolute()
+    root = mirror_root()
+    for base in dict.fromkeys((root, root.resolve())):
+        try:
+            rel = path.relative_to(base)
+        except ValueError:
+            continue
+        parts = rel.parts
+        if len(parts) >= 2 and parts[0] in SCHEMES.values():
+            return f"{parts[0]}://{'/'.join(parts[1:])}"
+    return None
+
+
+def display(path: str | Path) -> str:
+    """How a path is shown to the user and recorded in manifests: the URI when it is one."""
+    return uri_for(path) or str(path)
+
+
+def ray_storage(path: str | Path) -> str:
+    """A Ray Train/Tune `storage_path`: the URI itself for a mirror path (Ray syncs to it from every
+    node), else the absolute local path."""
+    return uri_for(path) or str(Path(path).resolve())
+
+
+@functools.cache
+def _bucket_filesystem(scheme: str, bucket: str):
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(f"{scheme}://{bucket}/")
+    return fs, base.rstrip("/")
+
+
+def _remote(uri: str):
+    """(pyarrow filesystem, path inside it) for a URI; filesystems are made once per bucket."""
+    scheme, bucket, key = _split(uri)
+    fs, base = _bucket_filesystem(scheme, bucket)
+    return fs, f"{base}/{key}" if key else base
+
+
+def _fresh(local: Path, info) -> bool:
+    """A local copy matches the object when size and (whole-second) modification time agree."""
+    try:
+        st = local.stat()
+    except OSError:
+        return False
+    if st.st_size != info.size:
+        return False
+    return info.mtime_ns is None or int(st.st_mtime) == info.mtime_ns // 1_000_000_000
+
+
+def _stamp(local: Path, info) -> None:
+    if info.mtime_ns is not None:
+        seconds = info.mtime_ns // 1_000_000_000
+        os.utime(local, (seconds, seconds))
+
+
+def _download(fs, info, local: Path) -> int:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with fs.open_input_stream(info.path) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _stamp(local, info)
+    return info.size
+
+
+def _excluded(rel: str, exclude: frozenset[str]) -> bool:
+    """Temporaries, staging folders and dot-files never move; nor do the `exclude` folders."""
+    parts = rel.split("/")
+    return any(p in exclude for p in parts[:-1]) or any(p.startswith(".") for p in parts)
+
+
+def ensure_local(path: str | Path, missing_ok: bool = False,
+                 exclude: frozenset[str] = frozenset()) -> Path:
+    """A local path holding the current content of `path`: unchanged for local paths; for a mirror
+    path, the object (or every object under the prefix) is downloaded unless the copy is current.
+    Raises FileNotFoundError naming the URI when it names nothing (unless `missing_ok`)."""
+    import pyarrow.fs as pafs
+
+    local = Path(path)
+    uri = uri_for(local)
+    if uri is None:
+        return local
+    fs, rpath = _remote(uri)
+    try:
+        info = fs.get_file_info(rpath)
+        if info.type == pafs.FileType.File:
+            if not _fresh(local, info):
+                _download(fs, info, local)
+        elif info.type == pafs.FileType.Directory:
+            for item in fs.get_file_info(pafs.FileSelector(rpath, recursive=True)):
+                rel = item.path[len(rpath):].lstrip("/")
+                if item.type == pafs.FileType.File and not _excluded(rel, exclude):
+                    target = local / rel
+                    if not _fresh(target, item):
+                        _download(fs, item, target)
+        elif not missing_ok and not local.exists():
+            raise FileNotFoundError(f"{uri}: no such object or prefix")
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise OSError(f"{uri}: cannot read it ({exc})") from exc
+    return local
+
+
+def remote_children(path: str | Path) -> list[Path] | None:
+    """Mirror paths of the objects directly under a mirror path's prefix (None for a local path,
+    [] when the prefix holds nothing): lets a driver list slides without downloading them."""
+    import pyarrow.fs as pafs
+
+    uri = uri_for(path)
+    if uri is None:
+        return None
+    fs, rpath = _remote(uri)
+    selector = pafs.FileSelector(rpath, allow_not_found=True, recursive=False)
+    return sorted(Path(path) / Path(i.path).name for i in fs.get_file_info(selector))
+
+
+def remote_kind(path: str | Path) -> str | None:
+    """'file', 'dir' or 'missing' for a mirror path's object; None for a local path."""
+    import pyarrow.fs as pafs
+
+    uri = uri_for(path)
+    if uri is None:
+        return None
+    fs, rpath = _remote(uri)
+    kind = fs.get_file_info(rpath).type
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(kind, "missing")
+
+
+def _is_metadata(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return name.endswith(_METADATA_SUFFIXES) or name in _MANIFEST_NAMES
+
+
+def upload_order(rels: list[str]) -> list[str]:
+    """Data files first, then the manifests and sidecars that describe them (each group sorted)."""
+    return sorted(rels, key=lambda rel: (_is_metadata(rel), rel))
+
+
+def _upload(fs, local: Path, rpath: str) -> None:
+    parent = rpath.rsplit("/", 1)[0]
+    direct = type(fs).__name__ in _DIRECT_UPLOAD
+    if not direct:  # object stores have no folders to make
+        fs.create_dir(parent, recursive=True)
+    target = rpath if direct else f"{parent}/.{local.name}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(local, "rb") as src, fs.open_output_stream(target) as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+    if not direct:
+        fs.move(target, rpath)
+    _stamp(local, fs.get_file_info(rpath))
+
+
+def publish(path: str | Path, exclude: frozenset[str] = RAY_STORAGE_DIRS) -> int:
+    """Upload what changed under a mirror path (a file or a folder) to its URI; returns the number
+    of files uploaded (0 for local paths). Temporaries and dot-files are never uploaded."""
+    import pyarrow.fs as pafs
+
+    local = Path(path)
+    uri = uri_for(local)
+    if uri is None or not local.exists():
+        return 0
+    fs, rpath = _remote(uri)
+    if local.is_file():
+        info = fs.get_file_info(rpath)
+        if info.type == pafs.FileType.File and _fresh(local, info):
+            return 0
+        _upload(fs, local, rpath)
+        return 1
+    remote = {i.path[len(rpath):].lstrip("/"): i
+              for i in fs.get_file_info(pafs.FileSelector(rpath, allow_not_found=True, recursive=True))
+              if i.type == pafs.FileType.File}
+    rels = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    stale = [rel for rel in rels if not _excluded(rel, exclude)
+             and not (rel in remote and _fresh(local / rel, remote[rel]))]
+    for rel in upload_order(stale):
+        _upload(fs, local / rel, f"{rpath}/{rel}")
+    return len(stale)
+
+
+def exists(path: str | Path) -> bool:
+    """Whether a path exists here or, for a mirror path, in its object store."""
+    return Path(path).exists() or remote_kind(path) in ("file", "dir")
+
+
+def remove(path: str | Path) -> None:
+    """Delete a file or folder here and, for a mirror path, its objects."""
+    import pyarrow.fs as pafs
+
+    local = Path(path)
+    if local.is_dir():
+        shutil.rmtree(local, ignore_errors=True)
+    else:
+        local.unlink(missing_ok=True)
+    uri = uri_for(local)
+    if uri is not None:
+        fs, rpath = _remote(uri)
+        kind = fs.get_file_info(rpath).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(rpath)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(rpath)
+
+
+def child_names(path: str | Path) -> list[str]:
+    """Names in a folder here and, for a mirror path, under its prefix."""
+    local = Path(path)
+    names = {p.name for p in local.iterdir()} if local.is_dir() else set()
+    names.update(p.name for p in remote_children(local) or [])
+    return sorted(names)
+
+
+@contextlib.contextmanager
+def mirrored_output(path: str | Path) -> Iterator[Path]:
+    """A stage's output folder: for a mirror path, what the URI holds already is fetched first (so
+    that a re-run skips complete work), and everything written is uploaded at the end, also when the
+    stage fails (each file is complete, so partial progress is kept for the next run)."""
+    local = ensure_local(path, missing_ok=True, exclude=RAY_STORAGE_DIRS)
+    try:
+        yield local
+    finally:
+        if uri_for(local) is not None:
+            sent = publish(local)
+            if sent:
+                print(f"nic: uploaded {sent} file(s) to {uri_for(local)}", file=sys.stderr, flush=True)
+
+
+def stage_storage(run: F) -> F:
+    """Decorator of a stage's `run_*(config, ...)`: mirrored inputs named by the config's Path fields
+    are fetched and its `out` is a `mirrored_output`. Slide lists and encoder names are resolved
+    where they are opened instead (a driver needs no copy of thousands of slides)."""
+
+    @functools.wraps(run)
+    def wrapper(config, *args, **kwargs):
+        from nic.config.base import path_fields
+
+        inputs, out = [], None
+        for name, lazy in path_fields(type(config)):
+            value = getattr(config, name)
+            if value is None or lazy or name == "storage_path":
+                continue
+            if name == "out":
+                out = value
+            else:
+                inputs.append(value)
+        try:
+            for value in inputs:
+                ensure_local(value)
+        except (FileNotFoundError, OSError) as exc:
+            print(f"nic: {exc}", file=sys.stderr)
+            return 2
+        if out is None or uri_for(out) is None:
+            return run(config, *args, **kwargs)
+        with mirrored_output(out):
+            return run(config, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

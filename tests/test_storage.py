@@ -1,0 +1,207 @@
+"""Object-store URIs through the mirror (nic.storage), against a local S3 server (moto).
+
+Unit tests of the mapping, download, upload and listing; then `nic compress` from slides in a
+bucket to grids in a bucket, and a whole `nic pipeline` study written to a bucket, resumed from an
+empty mirror as a new node would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from nic.storage import (
+    StorageError,
+    display,
+    ensure_local,
+    mirror_path,
+    mirror_root,
+    publish,
+    remote_children,
+    to_local,
+    upload_order,
+    uri_for,
+)
+
+
+def _bucket_files(uri: str) -> dict[str, pafs.FileInfo]:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(path):].lstrip("/"): i for i in infos if i.type == pafs.FileType.File}
+
+
+def _put(uri: str, data: bytes) -> None:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def _forget(uri: str) -> None:
+    """Delete this node's copies of a bucket: the next read behaves as on a new node."""
+    shutil.rmtree(mirror_path(uri), ignore_errors=True)
+
+
+def test_uris_map_to_mirror_paths_and_back():
+    path = mirror_path("s3://bucket/cohort/slides/a.tiff")
+    assert path == mirror_root() / "s3" / "bucket" / "cohort" / "slides" / "a.tiff"
+    assert uri_for(path) == "s3://bucket/cohort/slides/a.tiff"
+    assert uri_for(mirror_path("gcs://b/x")) == "gs://b/x"
+    assert display(path) == "s3://bucket/cohort/slides/a.tiff" and display("/data/a.tiff") == "/data/a.tiff"
+    assert uri_for("/data/a.tiff") is None
+    assert to_local("file:///data/x") == "/data/x" and to_local("/data/x") == "/data/x"
+    for bad, problem in (("ftp://h/x", "unsupported URI scheme"), ("s3://b/x?region=y", "options in the URI"),
+                         ("s3://b/../x", "'..'")):
+        with pytest.raises(StorageError, match=problem):
+            to_local(bad)
+
+
+def test_upload_order_puts_manifests_and_sidecars_last():
+    order = upload_order(["slides.parquet", "tiles/slide_id=a/part-0.parquet", "encoder.json", "encoder.pt",
+                          "report.md", "report/roc.png", "summary.yaml"])
+    assert order[:3] == ["encoder.pt", "report/roc.png", "tiles/slide_id=a/part-0.parquet"]
+    assert set(order[3:]) == {"encoder.json", "report.md", "slides.parquet", "summary.yaml"}
+
+
+def test_publish_uploads_what_changed_and_ensure_local_fetches_what_changed(s3_bucket):
+    out = mirror_path(f"{s3_bucket}/out")
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "a.bin").write_bytes(b"a" * 1000)
+    (out / "manifest.json").write_text("{}")
+    (out / ".a.bin.1234.tmp").write_bytes(b"half")  # a temporary: never uploaded
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "c.pt").write_bytes(b"ray writes these to the URI itself")
+    assert publish(out) == 2
+    assert set(_bucket_files(f"{s3_bucket}/out")) == {"data/a.bin", "manifest.json"}
+    assert publish(out) == 0  # nothing changed
+    (out / "data" / "a.bin").write_bytes(b"b" * 1001)
+    assert publish(out) == 1
+
+    # Another node (an empty mirror) gets the current content; a changed object is fetched again.
+    _forget(s3_bucket)
+    local = ensure_local(out)
+    assert (local / "data" / "a.bin").read_bytes() == b"b" * 1001 and (local / "manifest.json").exists()
+    stamp = (local / "data" / "a.bin").stat().st_mtime_ns
+    ensure_local(out)
+    assert (local / "data" / "a.bin").stat().st_mtime_ns == stamp  # current copies are not fetched again
+    _put(f"{s3_bucket}/out/data/a.bin", b"c" * 7)
+    assert ensure_local(out / "data" / "a.bin").read_bytes() == b"c" * 7
+
+    with pytest.raises(FileNotFoundError, match=f"{s3_bucket}/nothing: no such object"):
+        ensure_local(mirror_path(f"{s3_bucket}/nothing"))
+    assert ensure_local(mirror_path(f"{s3_bucket}/nothing"), missing_ok=True) == mirror_path(f"{s3_bucket}/nothing")
+
+
+def test_a_slide_prefix_is_listed_without_downloading(s3_bucket):
+    from nic.slides.inputs import expand_slide_inputs
+
+    for name in ("b.svs", "a.tiff", "notes.txt"):
+        _put(f"{s3_bucket}/slides/{name}", b"II*\x00")
+    folder = to_local(f"{s3_bucket}/slides")
+    inputs = expand_slide_inputs([folder, to_local(f"{s3_bucket}/missing.svs"), to_local(f"{s3_bucket}/slides/*.svs")])
+    assert [(i.slide_id, display(i.path)) for i in inputs[:2]] == [("a", f"{s3_bucket}/slides/a.tiff"),
+                                                                   ("b", f"{s3_bucket}/slides/b.svs")]
+    assert inputs[2].error == f"{s3_bucket}/missing.svs: no such object"
+    assert "patterns are not supported" in inputs[3].error
+    assert not Path(folder).exists()  # nothing was downloaded to list it
+    assert remote_children(folder) == [Path(folder) / n for n in ("a.tiff", "b.svs", "notes.txt")]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_compress_reads_slides_and_an_encoder_from_a_bucket_and_writes_grids_there(
+        s3_bucket, tiny_cohort, tmp_path, capsys):
+    from nic.cli.main import main
+    from nic.grids import list_slides, load_grid, read_manifest
+
+    slides = sorted((tiny_cohort / "slides").glob("*.tiff"))[:3]
+    for path in slides:
+        _put(f"{s3_bucket}/slides/{path.name}", path.read_bytes())
+    _put(f"{s3_bucket}/slides/broken.svs", b"not a slide at all")
+    encoder = f"{s3_bucket}/encoders/random"
+    assert main(["train-encoder", "--set", "kind=random", "--set", "embedding_dim=8", "--out", encoder]) == 0
+    assert "encoder.json" in _bucket_files(encoder)
+
+    grids = f"{s3_bucket}/grids"
+    args = ["compress", "--slides", f"{s3_bucket}/slides", f"{s3_bucket}/gone.svs", "--encoder", encoder,
+            "--batch-size", "32"]
+    assert main([*args, "--out", grids]) == 0  # the broken and the missing slide fail, the rest is done
+    files = _bucket_files(grids)
+    assert "slides.parquet" in files and sum(f.endswith(".parquet") for f in files) == 4
+    assert max(i.mtime for k, i in files.items() if k != "slides.parquet") <= files["slides.parquet"].mtime
+
+    # What a new node sees: the bucket alone.
+    _forget(s3_bucket)
+    manifest = read_manifest(grids).set_index("slide_id")
+    assert manifest.loc["broken", "status"] == "failed" and manifest.loc["gone", "status"] == "failed"
+    assert manifest.loc["gone", "reason"].startswith(f"{s3_bucket}/gone.svs: no such object")
+    assert manifest.loc["broken", "path"] == f"{s3_bucket}/slides/broken.svs"
+    ids = [p.name.removesuffix(".tiff") for p in slides]
+    assert list_slides(grids) == ids and (manifest.loc[ids, "status"] == "ok").all()
+
+    # The same slides and encoder, compressed from local files: the same grids.
+    local_encoder = tmp_path / "encoder"
+    shutil.copytree(ensure_local(mirror_path(encoder)), local_encoder)
+    assert main(["compress", "--slides", *map(str, slides), "--encoder", str(local_encoder), "--batch-size", "32",
+                 "--out", str(tmp_path / "grids")]) == 0
+    for sid in ids:
+        remote, local = load_grid(grids, sid), load_grid(tmp_path / "grids", sid)
+        assert np.array_equal(remote[1], local[1]) and np.allclose(remote[0], local[0])
+
+    # A re-run from an empty mirror skips every complete slide (their grids are in the bucket).
+    _forget(s3_bucket)
+    capsys.readouterr()
+    assert main([*args, "--out", grids]) == 0
+    manifest = read_manifest(grids).set_index("slide_id")
+    assert (manifest.loc[ids, "status"] == "skipped").all()
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("ray_session")
+def test_a_whole_study_lives_in_a_bucket_and_resumes_from_an_empty_mirror(s3_bucket, tmp_path, capsys):
+    from nic.cli.main import main
+    from nic.grids import load_grid, read_manifest
+
+    study = f"{s3_bucket}/study"
+    config = {
+        "out": study,
+        "synth": {"slides": 8, "size": 1600, "min_size": 1200, "seed": 3,
+                  "patches": {"train": 160, "val": 40, "tasks": ["tissue_type", "tumour"]}},
+        "encoders": [{"name": "mtl", "kind": "mtl"}, {"name": "mean-rgb", "kind": "mean-rgb"}],
+        "encoder": {"epochs": 1, "embedding_dim": 16, "batch_size": 32, "num_workers": 1,
+                    "max_val_samples_per_task": 40},
+        "downstream": {"folds": 2, "epochs": 2, "batch_size": 4, "val_fraction": 0.0, "tta_crops": 1,
+                       "bootstrap": 20, "patient_column": "patient_id"},
+        "targets": [{"name": "survival", "kind": "survival"}],
+        "report_slides": 1,
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["pipeline", "--config", str(path)]) == 0
+
+    files = _bucket_files(study)
+    for key in ("report.md", "cohort/labels.csv", "encoders/mtl/encoder.json", "grids/mtl/slides.parquet",
+                "models/mtl/survival/metrics.json", "models/mean-rgb/survival/metrics.json"):
+        assert key in files, key
+    assert sum(k.startswith("cohort/slides/") and k.endswith(".tiff") for k in files) == 8
+    # Ray Train wrote its checkpoints to the bucket itself (no local storage path on a cluster).
+    assert any(k.startswith("encoders/mtl/checkpoints/") for k in files)
+    assert any(k.startswith("models/mtl/survival/ray/") for k in files)
+    report_time = files["report.md"].mtime
+    assert all(i.mtime <= report_time for k, i in files.items() if k.startswith("report/"))
+
+    # A new node: nothing local. Grids read straight from the URI; a re-run skips every stage.
+    _forget(s3_bucket)
+    grid, mask = load_grid(f"{study}/grids/mtl", "S0000")
+    assert grid.shape[0] == 16 and mask.any()
+    encoder_stamp = files["encoders/mtl/encoder.json"].mtime
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(path)]) == 0
+    again = _bucket_files(study)
+    assert again["encoders/mtl/encoder.json"].mtime == encoder_stamp
+    assert set(read_manifest(f"{study}/grids/mtl")["status"]) == {"skipped"}  # no slide encoded again
+    assert "2 fold(s) already complete, skipping" in capsys.readouterr().err
+    assert os.path.exists(mirror_path(f"{study}/report.md"))
