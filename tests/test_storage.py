@@ -90,6 +90,10 @@ def test_publish_uploads_what_changed_and_ensure_local_fetches_what_changed(s3_b
     assert (local / "data" / "a.bin").stat().st_mtime_ns == stamp  # current copies are not fetched again
     _put(f"{s3_bucket}/out/data/a.bin", b"c" * 7)
     assert ensure_local(out / "data" / "a.bin").read_bytes() == b"c" * 7
+    # A copy whose object is gone is not kept as if it were current (the URI is the truth).
+    (local / "data" / "stale.bin").write_bytes(b"from a run that never uploaded")
+    ensure_local(out)
+    assert sorted(p.name for p in (local / "data").iterdir()) == ["a.bin"]
 
     with pytest.raises(FileNotFoundError, match=f"{s3_bucket}/nothing: no such object"):
         ensure_local(mirror_path(f"{s3_bucket}/nothing"))
@@ -141,6 +145,12 @@ def test_compress_reads_slides_and_an_encoder_from_a_bucket_and_writes_grids_the
     assert manifest.loc["broken", "path"] == f"{s3_bucket}/slides/broken.svs"
     ids = [p.name.removesuffix(".tiff") for p in slides]
     assert list_slides(grids) == ids and (manifest.loc[ids, "status"] == "ok").all()
+
+    # Looking at it needs no local copy either: the picture goes to the bucket too.
+    assert main(["grids", "ls", "--grids", grids]) == 0
+    assert f"{s3_bucket}/gone.svs: no such object" in capsys.readouterr().out
+    assert main(["grids", "show", "--grids", grids, "--slide", ids[0], "--out", f"{s3_bucket}/look/a.png"]) == 0
+    assert _bucket_files(f"{s3_bucket}/look")["a.png"].size > 1000
 
     # The same slides and encoder, compressed from local files: the same grids.
     local_encoder = tmp_path / "encoder"
@@ -205,3 +215,21 @@ def test_a_whole_study_lives_in_a_bucket_and_resumes_from_an_empty_mirror(s3_buc
     assert set(read_manifest(f"{study}/grids/mtl")["status"]) == {"skipped"}  # no slide encoded again
     assert "2 fold(s) already complete, skipping" in capsys.readouterr().err
     assert os.path.exists(mirror_path(f"{study}/report.md"))
+
+
+def test_a_full_mirror_drops_the_oldest_uploaded_copies_never_pending_outputs(s3_bucket, monkeypatch, tmp_path):
+    from nic.storage import _make_room
+
+    monkeypatch.setenv("NIC_MIRROR", str(tmp_path / "mirror"))  # this node's mirror holds only these files
+    folder = mirror_path(f"{s3_bucket}/lru")
+    folder.mkdir(parents=True)
+    for i, name in enumerate(("old.bin", "mid.bin", "new.bin")):
+        (folder / name).write_bytes(bytes(1000))
+        publish(folder / name)
+        os.utime(folder / name, (1_000_000 + i, (folder / name).stat().st_mtime))  # last used: old < mid < new
+    (folder / "pending.bin").write_bytes(bytes(1000))  # written here, not uploaded yet
+    os.utime(folder / "pending.bin", (1, (folder / "pending.bin").stat().st_mtime))  # the oldest of all
+    monkeypatch.setenv("NIC_MIRROR_MAX_GB", str(3000 / 1e9))
+    assert _make_room(1500, keep=folder / "new.bin") == 2000
+    assert sorted(p.name for p in folder.iterdir()) == ["new.bin", "pending.bin"]
+    assert ensure_local(folder / "old.bin").read_bytes() == bytes(1000)  # fetched again when needed

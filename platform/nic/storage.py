@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -159,7 +160,57 @@ def _stamp(local: Path, info) -> None:
         os.utime(local, (seconds, seconds))
 
 
+def mirror_limit_bytes() -> int:
+    """Most bytes the mirror may hold before old copies are dropped (`NIC_MIRROR_MAX_GB`, default
+    100): a cluster node fetches thousands of slides over a job, more than its disk holds."""
+    return int(float(os.environ.get("NIC_MIRROR_MAX_GB") or 100) * 1e9)
+
+
+def _make_room(needed: int, keep: Path) -> int:
+    """Drop the least recently used copies until `needed` more bytes fit under the limit. Only a
+    copy that matches its object is dropped (never an output still waiting for its upload); a
+    process that has a dropped file open keeps reading it. Returns the bytes freed."""
+    limit = mirror_limit_bytes()
+    files = []
+    for root, _dirs, names in os.walk(mirror_root()):
+        for name in names:
+            path = Path(root) / name
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                files.append((st.st_atime, st.st_size, path))
+    used = sum(size for _, size, _ in files)
+    freed = 0
+    for _, size, path in sorted(files):
+        if used - freed + needed <= limit:
+            break
+        uri = uri_for(path)
+        if path == keep or name_is_temporary(path.name) or uri is None:
+            continue
+        with contextlib.suppress(OSError):
+            fs, rpath = _remote(uri)
+            if _fresh(path, fs.get_file_info(rpath)):
+                path.unlink()
+                freed += size
+    return freed
+
+
+def name_is_temporary(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _touch(local: Path) -> None:
+    """Mark a copy as just used (access time) for `_make_room`, keeping the modification time that
+    says which version of the object it is."""
+    with contextlib.suppress(OSError):
+        os.utime(local, (time.time(), local.stat().st_mtime))
+
+
+_BIG = 64 << 20  # downloads this large check the mirror's limit first (slides, not manifests)
+
+
 def _download(fs, info, local: Path) -> int:
+    if info.size >= _BIG:
+        _make_room(info.size, local)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -175,7 +226,7 @@ def _download(fs, info, local: Path) -> int:
 def _excluded(rel: str, exclude: frozenset[str]) -> bool:
     """Temporaries, staging folders and dot-files never move; nor do the `exclude` folders."""
     parts = rel.split("/")
-    return any(p in exclude for p in parts[:-1]) or any(p.startswith(".") for p in parts)
+    return any(p in exclude for p in parts[:-1]) or any(name_is_temporary(p) for p in parts)
 
 
 def ensure_local(path: str | Path, missing_ok: bool = False,
@@ -195,13 +246,17 @@ def ensure_local(path: str | Path, missing_ok: bool = False,
         if info.type == pafs.FileType.File:
             if not _fresh(local, info):
                 _download(fs, info, local)
+            _touch(local)
         elif info.type == pafs.FileType.Directory:
+            wanted = set()
             for item in fs.get_file_info(pafs.FileSelector(rpath, recursive=True)):
                 rel = item.path[len(rpath):].lstrip("/")
                 if item.type == pafs.FileType.File and not _excluded(rel, exclude):
+                    wanted.add(rel)
                     target = local / rel
                     if not _fresh(target, item):
                         _download(fs, item, target)
+            _drop_unlisted(local, wanted, exclude)
         elif not missing_ok and not local.exists():
             raise FileNotFoundError(f"{uri}: no such object or prefix")
     except OSError as exc:
@@ -209,6 +264,15 @@ def ensure_local(path: str | Path, missing_ok: bool = False,
             raise
         raise OSError(f"{uri}: cannot read it ({exc})") from exc
     return local
+
+
+def _drop_unlisted(local: Path, wanted: set[str], exclude: frozenset[str]) -> None:
+    """The URI is the truth: copies of objects that are gone (a re-made grid store, a run killed
+    before its upload) must not be read as current. Temporaries of running writers are left."""
+    for path in local.rglob("*"):
+        rel = path.relative_to(local).as_posix()
+        if path.is_file() and rel not in wanted and not _excluded(rel, exclude):
+            path.unlink(missing_ok=True)
 
 
 def remote_children(path: str | Path) -> list[Path] | None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from nic.config.base import ConfigError, load_config, unwrap_model
+from nic.storage import local_path
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage.name, help=stage.help, description=stage.help, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(stage=stage)
-        p.add_argument("--config", type=Path, help="YAML config file for this stage.")
+        p.add_argument("--config", type=local_path, help="YAML config file for this stage (a path or a URI).")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="Override any config key, dotted for nested keys (e.g. slide.tile_px=256). Repeatable.")
         p.add_argument("--address", default=None,

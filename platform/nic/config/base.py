@@ -129,7 +129,9 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
+    from nic.storage import ensure_local, local_path
+
+    path = ensure_local(local_path(path), missing_ok=True)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:

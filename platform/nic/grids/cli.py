@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from nic.storage import display, local_path, publish
 
 
 def add_commands(subparsers: argparse._SubParsersAction, name: str) -> None:
@@ -15,9 +16,9 @@ def add_commands(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
 
     show = sub.add_parser("show", help="Draw a slide's thumbnail beside its grid projected to RGB by PCA.")
-    show.add_argument("--grids", type=Path, required=True, help="Grid store (the --out of nic compress).")
+    show.add_argument("--grids", type=local_path, required=True, help="Grid store (the --out of nic compress).")
     show.add_argument("--slide", required=True, help="Slide id (see `nic grids ls`).")
-    show.add_argument("--out", type=Path, required=True, help="PNG file to write.")
+    show.add_argument("--out", type=local_path, required=True, help="PNG file to write (a path or a URI).")
     show.add_argument("--transform", type=int, default=0, choices=range(8), metavar="0-7",
                       help="Which of the 8 rotations/flips to draw (needs dihedral compression for 1-7).")
     show.add_argument("--slide-path", default=None,
@@ -26,7 +27,7 @@ def add_commands(subparsers: argparse._SubParsersAction, name: str) -> None:
     show.set_defaults(handler=_show)
 
     ls = sub.add_parser("ls", help="List the slides of a grid store with status, grid shape and tiles.")
-    ls.add_argument("--grids", type=Path, required=True, help="Grid store (the --out of nic compress).")
+    ls.add_argument("--grids", type=local_path, required=True, help="Grid store (the --out of nic compress).")
     ls.set_defaults(handler=_ls)
 
 
@@ -40,7 +41,8 @@ def _show(args: argparse.Namespace) -> int:
     except GridError as exc:
         print(f"nic grids show: {exc}", file=sys.stderr)
         return 2
-    print(path)
+    publish(path)
+    print(display(path))
     return 0
 
 
