@@ -233,3 +233,46 @@ def test_a_full_mirror_drops_the_oldest_uploaded_copies_never_pending_outputs(s3
     assert _make_room(1500, keep=folder / "new.bin") == 2000
     assert sorted(p.name for p in folder.iterdir()) == ["new.bin", "pending.bin"]
     assert ensure_local(folder / "old.bin").read_bytes() == bytes(1000)  # fetched again when needed
+
+
+def _upload_tree(folder: Path, uri: str) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            _put(f"{uri}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("ray_session")
+def test_a_search_reads_its_cohort_from_a_bucket_and_keeps_trials_and_checkpoints_there(
+        s3_bucket, tiny_cohort, tmp_path, capfd):
+    import pandas as pd
+
+    from nic.cli.main import main
+
+    cohort = f"{s3_bucket}/cohort"
+    _upload_tree(tiny_cohort, cohort)
+    out = f"{s3_bucket}/tune"
+    config = {
+        "tasks": f"{cohort}/tasks.yaml", "slides": [f"{cohort}/slides"], "labels": f"{cohort}/labels.csv",
+        "kind": "binary", "target": "growth_pattern", "out": out,
+        "subsets": "sample", "num_trials": 2, "space": {"encoder_lr": [2e-3], "downstream_lr": [1e-3]},
+        "encoder": {"epochs": 1, "embedding_dim": 8, "batch_size": 32, "max_val_samples_per_task": 40,
+                    "num_workers": 2},
+        "downstream": {"folds": 2, "epochs": 1, "batch_size": 4, "val_fraction": 0.0, "tta_crops": 1,
+                       "bootstrap": 0},
+        "grace_folds": 1,
+    }
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["tune", "--config", str(path)]) == 0
+    assert "2/2 trials done" in capfd.readouterr().err
+
+    files = _bucket_files(out)
+    for key in ("trials.parquet", "trials.csv", "best_config.yaml", "tasks_vs_metric.png"):
+        assert key in files, key
+    assert any(k.startswith("ray/") for k in files)  # Tune's experiment state, for Tuner.restore
+    trials = [k for k in files if k.startswith("trials/") and k.endswith("encoder/encoder.json")]
+    assert len(trials) == 2  # each trial's encoder, grids and model, uploaded by the trial itself
+    _forget(s3_bucket)
+    table = pd.read_parquet(ensure_local(mirror_path(f"{out}/trials.parquet")))
+    assert len(table) == 2 and table["complete"].any()
