@@ -155,3 +155,27 @@ def test_actor_turns_unreadable_tiles_into_an_error_row(colour_slide, tmp_path):
     assert len(errors["slide_id"]) == 1 and errors["error_kind"][0] == "missing"
     passed = actor(errors)
     assert passed["error"][0] == errors["error"][0] and passed["embedding"].shape == (1, 3)
+
+
+def test_a_batch_spanning_slides_is_one_forward_pass_per_transform(colour_slide, tmp_path):
+    """Splitting a batch of 256 tiles at a slide boundary into two passes costs up to 2x per tile
+    on CPU; a broken slide in the batch still gets its own error rows."""
+    rows_a = plan_one("a", str(colour_slide), OPTIONS)
+    rows_b = plan_one("b", str(colour_slide), OPTIONS)
+    rows_x = {**rows_a, "slide_id": np.full(len(rows_a["slide_id"]), "x", object)}
+    batch = {k: np.concatenate([rows_a[k], rows_x[k], rows_b[k]]) for k in rows_a}
+    paths = {"a": str(colour_slide), "b": str(colour_slide), "x": str(tmp_path / "gone.tiff")}
+    actor = EncoderActor("mean-rgb", OPTIONS, paths, transforms=(0, 5), threads=1)
+    calls = []
+    encode = actor.encode
+    actor.encode = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    out = actor(batch)
+    assert calls == [2 * len(L_CELLS), 2 * len(L_CELLS)]  # slides a and b together, once per transform
+    n = len(L_CELLS)
+    for sid in ("a", "b"):
+        sel = (out["slide_id"] == sid) & (out["transform"] == 0)
+        assert sel.sum() == n and not any(out["error"][sel])
+        colours = np.array([tile_colour(r, c) for r, c in zip(out["row"][sel], out["col"][sel], strict=True)])
+        np.testing.assert_allclose(out["embedding"][sel].astype(np.float32), colours / 127.5 - 1, atol=2e-3)
+    broken = out["slide_id"] == "x"
+    assert broken.sum() == n and set(out["error_kind"][broken]) == {"missing"}

@@ -193,37 +193,47 @@ class EncoderActor:
                                f"({len(pixels)}, {self.embedding_dim})")
         return out.astype(np.float16)
 
-    def _slide_rows(self, part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Encode the rows of one slide (all transforms); a read failure becomes an error row."""
+    def _read_part(self, part: dict[str, np.ndarray]) -> tuple[np.ndarray | None, dict | None]:
+        """(pixels, None) of one slide's rows, or (None, error rows) when planning or reading failed."""
         from nic.slides import SlideError
 
         n = len(part["slide_id"])
         sid = str(part["slide_id"][0])
         if str(part["error"][0]):  # planning failed: pass the error on, nothing to read
-            return {**part, "transform": np.zeros(n, np.int8),
-                    "embedding": np.zeros((n, self.embedding_dim), np.float16)}
-        rows, cols = part["row"], part["col"]
+            return None, {**part, "transform": np.zeros(n, np.int8),
+                          "embedding": np.zeros((n, self.embedding_dim), np.float16)}
         shape = (int(part["grid_rows"][0]), int(part["grid_cols"][0]))
         t0 = time.perf_counter()
         try:
-            pixels = self._reader(sid, *shape).read(rows, cols)
+            pixels = self._reader(sid, *shape).read(part["row"], part["col"])
         except SlideError as exc:
             self._drop_reader(sid)
-            return self._failed(part, str(exc), exc.kind)
+            return None, self._failed(part, str(exc), exc.kind)
         except Exception as exc:  # unforeseen decoder failure: this slide fails, the job goes on
             self._drop_reader(sid)
-            return self._failed(part, f"{self.paths.get(sid, sid)}: unexpected error while reading tiles: "
-                                      f"{_describe(exc)}", "unreadable")
+            return None, self._failed(part, f"{self.paths.get(sid, sid)}: unexpected error while reading tiles: "
+                                            f"{_describe(exc)}", "unreadable")
         self._timing["read_s"] += time.perf_counter() - t0
+        return pixels, None
+
+    def _encode_parts(self, parts: list[dict[str, np.ndarray]], pixels: list[np.ndarray]) -> list[dict]:
+        """Embedded rows of several slides' tiles, all transforms: one forward pass per transform
+        over every slide in the batch (a batch that spans two slides is not split into two smaller,
+        slower passes)."""
         outs = []
+        sizes = np.cumsum([len(p) for p in pixels])[:-1]
         for k in self.transforms:
-            # row/col move to the cell the tile occupies in transform k's grid; grid_rows/cols
-            # stay the identity grid's shape (GridMeta.shape(k) derives the rest).
-            r, c = (rows, cols) if k == 0 else transform_positions(rows, cols, shape, k)
-            emb = self.encode(pixels if k == 0 else transform_image(pixels, k, axes=(1, 2)))
-            outs.append({**part, "row": np.asarray(r, np.int32), "col": np.asarray(c, np.int32),
-                         "transform": np.full(n, k, np.int8), "embedding": emb})
-        return outs[0] if len(outs) == 1 else {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+            stacked = np.concatenate([px if k == 0 else transform_image(px, k, axes=(1, 2)) for px in pixels])
+            embeddings = np.split(self.encode(stacked), sizes)
+            for part, emb in zip(parts, embeddings, strict=True):
+                rows, cols = part["row"], part["col"]
+                shape = (int(part["grid_rows"][0]), int(part["grid_cols"][0]))
+                # row/col move to the cell the tile occupies in transform k's grid; grid_rows/cols
+                # stay the identity grid's shape (GridMeta.shape(k) derives the rest).
+                r, c = (rows, cols) if k == 0 else transform_positions(rows, cols, shape, k)
+                outs.append({**part, "row": np.asarray(r, np.int32), "col": np.asarray(c, np.int32),
+                             "transform": np.full(len(rows), k, np.int8), "embedding": emb})
+        return outs
 
     def _failed(self, part: dict[str, np.ndarray], reason: str, kind: str) -> dict[str, np.ndarray]:
         n = len(part["slide_id"])
@@ -260,13 +270,20 @@ class EncoderActor:
         order = np.lexsort((np.asarray(batch["col"]), np.asarray(batch["row"]), ids))
         sorted_ids = ids[order]
         bounds = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1
-        parts = []
+        done, readable, pixels = [], [], []
         for idx in np.split(order, bounds):
             part = {k: np.asarray(v)[idx] for k, v in batch.items()}
-            parts.append(self._slide_rows(part))
-        if len(parts) == 1:
-            return parts[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            px, failed = self._read_part(part)
+            if failed is not None:
+                done.append(failed)
+            else:
+                readable.append(part)
+                pixels.append(px)
+        if readable:
+            done.extend(self._encode_parts(readable, pixels))
+        if len(done) == 1:
+            return done[0]
+        return {k: np.concatenate([p[k] for p in done]) for k in done[0]}
 
     def __del__(self) -> None:
         cache: Any = getattr(getattr(self, "_local", None), "readers", None)
