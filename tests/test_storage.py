@@ -91,9 +91,11 @@ def test_publish_uploads_what_changed_and_ensure_local_fetches_what_changed(s3_b
     _put(f"{s3_bucket}/out/data/a.bin", b"c" * 7)
     assert ensure_local(out / "data" / "a.bin").read_bytes() == b"c" * 7
     # A copy whose object is gone is not kept as if it were current (the URI is the truth).
-    (local / "data" / "stale.bin").write_bytes(b"from a run that never uploaded")
+    (local / "data" / "stale.bin").write_bytes(b"a copy of an object deleted since")
+    os.utime(local / "data" / "stale.bin", (1_700_000_000, 1_700_000_000))  # copies get whole seconds
+    (local / "data" / "pending.bin").write_bytes(b"written here, not uploaded yet")
     ensure_local(out)
-    assert sorted(p.name for p in (local / "data").iterdir()) == ["a.bin"]
+    assert sorted(p.name for p in (local / "data").iterdir()) == ["a.bin", "pending.bin"]
 
     with pytest.raises(FileNotFoundError, match=f"{s3_bucket}/nothing: no such object"):
         ensure_local(mirror_path(f"{s3_bucket}/nothing"))
@@ -226,9 +228,9 @@ def test_a_full_mirror_drops_the_oldest_uploaded_copies_never_pending_outputs(s3
     for i, name in enumerate(("old.bin", "mid.bin", "new.bin")):
         (folder / name).write_bytes(bytes(1000))
         publish(folder / name)
-        os.utime(folder / name, (1_000_000 + i, (folder / name).stat().st_mtime))  # last used: old < mid < new
+        os.utime(folder / name, ns=(10**15 + i * 10**9, (folder / name).stat().st_mtime_ns))  # used: old < mid < new
     (folder / "pending.bin").write_bytes(bytes(1000))  # written here, not uploaded yet
-    os.utime(folder / "pending.bin", (1, (folder / "pending.bin").stat().st_mtime))  # the oldest of all
+    os.utime(folder / "pending.bin", ns=(10**9, (folder / "pending.bin").stat().st_mtime_ns))  # the oldest of all
     monkeypatch.setenv("NIC_MIRROR_MAX_GB", str(3000 / 1e9))
     assert _make_room(1500, keep=folder / "new.bin") == 2000
     assert sorted(p.name for p in folder.iterdir()) == ["new.bin", "pending.bin"]

@@ -184,7 +184,7 @@ def _make_room(needed: int, keep: Path) -> int:
         if used - freed + needed <= limit:
             break
         uri = uri_for(path)
-        if path == keep or name_is_temporary(path.name) or uri is None:
+        if path == keep or _is_temporary(path.name) or uri is None or not _is_copy(path):
             continue
         with contextlib.suppress(OSError):
             fs, rpath = _remote(uri)
@@ -194,7 +194,7 @@ def _make_room(needed: int, keep: Path) -> int:
     return freed
 
 
-def name_is_temporary(name: str) -> bool:
+def _is_temporary(name: str) -> bool:
     return name.startswith(".")
 
 
@@ -202,7 +202,7 @@ def _touch(local: Path) -> None:
     """Mark a copy as just used (access time) for `_make_room`, keeping the modification time that
     says which version of the object it is."""
     with contextlib.suppress(OSError):
-        os.utime(local, (time.time(), local.stat().st_mtime))
+        os.utime(local, ns=(time.time_ns(), local.stat().st_mtime_ns))
 
 
 _BIG = 64 << 20  # downloads this large check the mirror's limit first (slides, not manifests)
@@ -226,7 +226,7 @@ def _download(fs, info, local: Path) -> int:
 def _excluded(rel: str, exclude: frozenset[str]) -> bool:
     """Temporaries, staging folders and dot-files never move; nor do the `exclude` folders."""
     parts = rel.split("/")
-    return any(p in exclude for p in parts[:-1]) or any(name_is_temporary(p) for p in parts)
+    return any(p in exclude for p in parts[:-1]) or any(_is_temporary(p) for p in parts)
 
 
 def ensure_local(path: str | Path, missing_ok: bool = False,
@@ -266,12 +266,22 @@ def ensure_local(path: str | Path, missing_ok: bool = False,
     return local
 
 
+def _is_copy(path: Path) -> bool:
+    """Whether a file is a copy of an object (fetched, or uploaded since it was written): those get
+    the object's whole-second modification time, a file written here keeps its nanoseconds (the
+    mirror needs a file system with sub-second times, as ext4, xfs and btrfs have)."""
+    try:
+        return path.stat().st_mtime_ns % 1_000_000_000 == 0
+    except OSError:
+        return False
+
+
 def _drop_unlisted(local: Path, wanted: set[str], exclude: frozenset[str]) -> None:
-    """The URI is the truth: copies of objects that are gone (a re-made grid store, a run killed
-    before its upload) must not be read as current. Temporaries of running writers are left."""
+    """The URI is the truth: copies of objects that are gone (a re-made grid store) must not be
+    read as current. Files written here and not uploaded yet, and temporaries, are left."""
     for path in local.rglob("*"):
         rel = path.relative_to(local).as_posix()
-        if path.is_file() and rel not in wanted and not _excluded(rel, exclude):
+        if path.is_file() and rel not in wanted and not _excluded(rel, exclude) and _is_copy(path):
             path.unlink(missing_ok=True)
 
 
