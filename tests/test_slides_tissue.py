@@ -206,3 +206,16 @@ def test_transparent_background_becomes_white():
     assert tuple(rgb[0, 0]) == (200, 100, 50)
     assert np.all(rgb[1] == 255)  # alpha 0 -> white, not black
     assert tuple(rgb[0, 1]) == (227, 177, 152)  # half transparent: halfway to white
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 6, 16])
+def test_area_reduction_is_the_rounded_mean_of_each_block(factor):
+    from nic.slides.tissue import _reduce_area
+
+    rng = np.random.default_rng(factor)
+    block = rng.integers(0, 256, (5 * factor + 1, 7 * factor - 1, 3), dtype=np.uint8)  # partial edges
+    got = _reduce_area(block, factor)
+    padded = np.pad(block, ((0, (-block.shape[0]) % factor), (0, (-block.shape[1]) % factor), (0, 0)), mode="edge")
+    h, w = padded.shape[0] // factor, padded.shape[1] // factor
+    means = padded.reshape(h, factor, w, factor, 3).astype(np.float64).mean(axis=(1, 3))
+    np.testing.assert_array_equal(got, np.floor(means + 0.5).astype(np.uint8))
