@@ -278,3 +278,13 @@ def test_a_search_reads_its_cohort_from_a_bucket_and_keeps_trials_and_checkpoint
     _forget(s3_bucket)
     table = pd.read_parquet(ensure_local(mirror_path(f"{out}/trials.parquet")))
     assert len(table) == 2 and table["complete"].any()
+
+
+def test_a_failed_upload_fails_the_stage_by_name_and_keeps_the_outputs(s3_server, capsys):
+    from nic.cli.main import main
+
+    target = "s3://nic-no-such-bucket/encoder"
+    assert main(["train-encoder", "--set", "kind=random", "--set", "embedding_dim=8", "--out", target]) == 1
+    err = capsys.readouterr().err
+    assert f"{target}: upload failed" in err and "a re-run uploads them" in err
+    assert (mirror_path(target) / "encoder.json").exists()  # nothing written is lost

@@ -52,6 +52,10 @@ class StorageError(ValueError):
     """A URI nic cannot use; the message names it."""
 
 
+class UploadError(OSError):
+    """A stage's outputs could not be uploaded; they stay in the mirror for the next run."""
+
+
 def is_uri(text: Any) -> bool:
     return isinstance(text, str) and _URI.match(text) is not None
 
@@ -401,10 +405,15 @@ def mirrored_output(path: str | Path) -> Iterator[Path]:
     try:
         yield local
     finally:
-        if uri_for(local) is not None:
-            sent = publish(local)
+        uri = uri_for(local)
+        if uri is not None:
+            try:
+                sent = publish(local)
+            except OSError as exc:
+                raise UploadError(f"{uri}: upload failed ({exc}); the outputs are kept in {local} "
+                                  "and a re-run uploads them") from exc
             if sent:
-                print(f"nic: uploaded {sent} file(s) to {uri_for(local)}", file=sys.stderr, flush=True)
+                print(f"nic: uploaded {sent} file(s) to {uri}", file=sys.stderr, flush=True)
 
 
 def stage_storage(run: F) -> F:
@@ -433,7 +442,11 @@ def stage_storage(run: F) -> F:
             return 2
         if out is None or uri_for(out) is None:
             return run(config, *args, **kwargs)
-        with mirrored_output(out):
-            return run(config, *args, **kwargs)
+        try:
+            with mirrored_output(out):
+                return run(config, *args, **kwargs)
+        except UploadError as exc:
+            print(f"nic: {exc}", file=sys.stderr)
+            return 1
 
     return wrapper  # type: ignore[return-value]
