@@ -66,7 +66,7 @@ def load_patch_data(config: TrainEncoderConfig, tasks: list[TaskSpec]) -> tuple[
                                   classes=task.classes, target_mean=mean, target_std=std))
         what = f"{len(task.classes)} classes" if task.classes else "regression"
         _say(f"task {task.name} ({task.kind}, {what}, weight {task.weight:g}): {len(train)} train, "
-             f"{len(val)} val patches ({task.format} {task.path})")
+             f"{len(val)} val patches ({task.format} {display(task.path)})")
         train_sets.append(train)
         val_sets.append(val)
     tr, va = MixedPatches.concat(train_sets), MixedPatches.concat(val_sets)
