@@ -11,6 +11,7 @@ from nic.cli.main import main
 from nic.config.base import ConfigError, load_config
 from nic.config.pipeline import PipelineConfig
 from nic.pipeline import plan_pipeline
+from study_configs import tiny_study, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,21 +56,7 @@ def test_synth_or_data_but_not_neither(tmp_path):
 @pytest.mark.integration
 @pytest.mark.usefixtures("ray_session")
 def test_tiny_study_end_to_end_and_resume(tmp_path):
-    config = {
-        "out": str(tmp_path / "study"),
-        "synth": {"slides": 8, "size": 1600, "min_size": 1200, "seed": 3,
-                  "patches": {"train": 160, "val": 40, "tasks": ["tissue_type", "tumour"]}},
-        "encoders": [{"name": "mtl", "kind": "mtl"}, {"name": "mean-rgb", "kind": "mean-rgb"}],
-        "encoder": {"epochs": 1, "embedding_dim": 16, "batch_size": 32, "num_workers": 1,
-                    "max_val_samples_per_task": 40},
-        "downstream": {"folds": 2, "epochs": 2, "batch_size": 4, "val_fraction": 0.0, "tta_crops": 1,
-                       "bootstrap": 20, "patient_column": "patient_id"},
-        "targets": [{"name": "growth", "kind": "binary", "target": "growth_pattern"},
-                    {"name": "survival", "kind": "survival"}],
-        "report_slides": 1,
-    }
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_config(tiny_study(str(tmp_path / "study")), tmp_path / "pipeline.yaml")
     assert main(["pipeline", "--config", str(path)]) == 0
 
     root = tmp_path / "study"

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-import yaml
 
 from nic.storage import (
     StorageError,
@@ -27,6 +26,7 @@ from nic.storage import (
     upload_order,
     uri_for,
 )
+from study_configs import SURVIVAL, tiny_search, tiny_study, write_config
 
 
 def _bucket_files(uri: str) -> dict[str, pafs.FileInfo]:
@@ -178,20 +178,7 @@ def test_a_whole_study_lives_in_a_bucket_and_resumes_from_an_empty_mirror(s3_buc
     from nic.grids import load_grid, read_manifest
 
     study = f"{s3_bucket}/study"
-    config = {
-        "out": study,
-        "synth": {"slides": 8, "size": 1600, "min_size": 1200, "seed": 3,
-                  "patches": {"train": 160, "val": 40, "tasks": ["tissue_type", "tumour"]}},
-        "encoders": [{"name": "mtl", "kind": "mtl"}, {"name": "mean-rgb", "kind": "mean-rgb"}],
-        "encoder": {"epochs": 1, "embedding_dim": 16, "batch_size": 32, "num_workers": 1,
-                    "max_val_samples_per_task": 40},
-        "downstream": {"folds": 2, "epochs": 2, "batch_size": 4, "val_fraction": 0.0, "tta_crops": 1,
-                       "bootstrap": 20, "patient_column": "patient_id"},
-        "targets": [{"name": "survival", "kind": "survival"}],
-        "report_slides": 1,
-    }
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_config(tiny_study(study, targets=[SURVIVAL]), tmp_path / "pipeline.yaml")
     assert main(["pipeline", "--config", str(path)]) == 0
 
     files = _bucket_files(study)
@@ -254,18 +241,9 @@ def test_a_search_reads_its_cohort_from_a_bucket_and_keeps_trials_and_checkpoint
     cohort = f"{s3_bucket}/cohort"
     _upload_tree(tiny_cohort, cohort)
     out = f"{s3_bucket}/tune"
-    config = {
-        "tasks": f"{cohort}/tasks.yaml", "slides": [f"{cohort}/slides"], "labels": f"{cohort}/labels.csv",
-        "kind": "binary", "target": "growth_pattern", "out": out,
-        "subsets": "sample", "num_trials": 2, "space": {"encoder_lr": [2e-3], "downstream_lr": [1e-3]},
-        "encoder": {"epochs": 1, "embedding_dim": 8, "batch_size": 32, "max_val_samples_per_task": 40,
-                    "num_workers": 2},
-        "downstream": {"folds": 2, "epochs": 1, "batch_size": 4, "val_fraction": 0.0, "tta_crops": 1,
-                       "bootstrap": 0},
-        "grace_folds": 1,
-    }
-    path = tmp_path / "tune.yaml"
-    path.write_text(yaml.safe_dump(config))
+    config = tiny_search(f"{cohort}/tasks.yaml", f"{cohort}/slides", f"{cohort}/labels.csv", out,
+                         space={"encoder_lr": [2e-3], "downstream_lr": [1e-3]})
+    path = write_config(config, tmp_path / "tune.yaml")
     assert main(["tune", "--config", str(path)]) == 0
     assert "2/2 trials done" in capfd.readouterr().err
 

@@ -11,6 +11,7 @@ import yaml
 
 from nic.cli.main import main
 from nic.tune.space import all_subsets, sample_subsets
+from study_configs import tiny_search, write_config
 
 
 def test_all_subsets_and_an_even_sample():
@@ -37,24 +38,11 @@ def test_sample_is_spread_over_sizes_first():
 @pytest.mark.usefixtures("ray_session")
 def test_tiny_search_writes_table_plot_and_resumes(tiny_cohort, tmp_path, capfd):
     out = tmp_path / "tune"
-    config = {
-        "tasks": str(tiny_cohort / "tasks.yaml"),
-        # relative, as users write them: trials run in other working directories
-        "slides": [os.path.relpath(tiny_cohort / "slides")],
-        "labels": str(tiny_cohort / "labels.csv"),
-        "kind": "binary", "target": "growth_pattern",
-        "out": str(out),
-        "subsets": "sample", "num_trials": 2,
-        "space": {"encoder_lr": {"low": 1e-3, "high": 3e-3}, "downstream_lr": [1e-3]},
-        # two encoder workers take all of the 2 CPUs here: the trial itself must hold none of them
-        "encoder": {"epochs": 1, "embedding_dim": 8, "batch_size": 32, "max_val_samples_per_task": 40,
-                    "num_workers": 2},
-        "downstream": {"folds": 2, "epochs": 1, "batch_size": 4, "val_fraction": 0.0, "tta_crops": 1,
-                       "bootstrap": 0},
-        "grace_folds": 1,
-    }
-    path = tmp_path / "tune.yaml"
-    path.write_text(yaml.safe_dump(config))
+    # slides relative, as users write them: trials run in other working directories
+    config = tiny_search(str(tiny_cohort / "tasks.yaml"), os.path.relpath(tiny_cohort / "slides"),
+                         str(tiny_cohort / "labels.csv"), str(out),
+                         space={"encoder_lr": {"low": 1e-3, "high": 3e-3}, "downstream_lr": [1e-3]})
+    path = write_config(config, tmp_path / "tune.yaml")
     assert main(["tune", "--config", str(path)]) == 0
     progress = capfd.readouterr().err
     # a line per trial start, per fold report and per end, on the driver's stderr

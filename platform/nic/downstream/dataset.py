@@ -9,6 +9,7 @@ the array (see nic.downstream.crops).
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,11 +34,12 @@ class GridSource:
     Crop-centre weights (a distance transform) are computed once per cached grid.
     """
 
-    def __init__(self, grids_dir: str | Path, cache_size: int = 4, loader: GridLoader = load_grid):
-        # On an object store, this worker's node fetches the whole store once (changed files only).
+    def __init__(self, grids_dir: str | Path, cache_size: int = 4, loader: GridLoader | None = None):
+        # On an object store, this worker's node fetches the whole store once (changed files only),
+        # so the reads of every epoch need no request to the store.
         self.grids_dir = ensure_local(local_path(grids_dir), missing_ok=True)
         self.cache_size = max(0, int(cache_size))
-        self.loader = loader
+        self.loader = loader or functools.partial(load_grid, fetch=False)
         self.loads = 0  # grid reads from storage (for tests and diagnostics)
         self._cache: OrderedDict[tuple[str, int], list] = OrderedDict()
         self._variants: dict[str, tuple[int, ...]] = {}
@@ -45,7 +47,7 @@ class GridSource:
     def variants(self, slide_id: str) -> tuple[int, ...]:
         """Transforms stored for a slide (read from the file's metadata once, not its rows)."""
         if slide_id not in self._variants:
-            self._variants[slide_id] = tuple(read_grid_meta(self.grids_dir, slide_id).transforms)
+            self._variants[slide_id] = tuple(read_grid_meta(self.grids_dir, slide_id, fetch=False).transforms)
         return self._variants[slide_id]
 
     def _entry(self, slide_id: str, k: int) -> list:
@@ -114,7 +116,7 @@ class GridDataset(Dataset):
         train: bool = True,
         augment: bool = True,
         cache_size: int = 4,
-        loader: GridLoader = load_grid,
+        loader: GridLoader | None = None,
     ):
         self.slide_ids = list(slide_ids)
         for name, values in targets.items():

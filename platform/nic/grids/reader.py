@@ -36,9 +36,11 @@ def list_slides(grids_dir: str | Path) -> list[str]:
     )
 
 
-def _grid_path(grids_dir: str | Path, slide_id: str) -> Path:
+def _grid_path(grids_dir: str | Path, slide_id: str, fetch: bool = True) -> Path:
     grids_dir = local_path(grids_dir)
-    path = ensure_local(slide_file(grids_dir, slide_id), missing_ok=True)
+    path = slide_file(grids_dir, slide_id)
+    if fetch or not path.exists():  # a copy dropped from a full mirror is fetched again
+        ensure_local(path, missing_ok=True)
     if not path.exists():
         known = list_slides(grids_dir)
         hint = f" (it holds {len(known)} slides, e.g. {', '.join(known[:3])})" if known else " (it holds none)"
@@ -46,9 +48,10 @@ def _grid_path(grids_dir: str | Path, slide_id: str) -> Path:
     return path
 
 
-def read_grid_meta(grids_dir: str | Path, slide_id: str) -> GridMeta:
-    """The metadata of one slide's grid file (shape, tile px, um/px, encoder, transforms)."""
-    path = _grid_path(grids_dir, slide_id)
+def read_grid_meta(grids_dir: str | Path, slide_id: str, fetch: bool = True) -> GridMeta:
+    """The metadata of one slide's grid file (shape, tile px, um/px, encoder, transforms).
+    `fetch=False` skips the object-store check (for a store already fetched as a whole)."""
+    path = _grid_path(grids_dir, slide_id, fetch)
     return read_file_meta(path)
 
 
@@ -75,12 +78,14 @@ def verify_grid_file(path: str | Path) -> GridMeta:
     return meta
 
 
-def load_grid(grids_dir: str | Path, slide_id: str, transform: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def load_grid(grids_dir: str | Path, slide_id: str, transform: int = 0,
+              fetch: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(grid, mask) of one slide: float32 (C, H, W) with zeros off tissue, and the bool (H, W) tissue
     mask (True where a tile was encoded). `transform` (0-7, see nic.grids.dihedral) selects one of
-    the 8 rotations/flips when the slide was compressed with them."""
+    the 8 rotations/flips when the slide was compressed with them. On an object store the file is
+    fetched when it changed; `fetch=False` skips that check (for a store already fetched as a whole)."""
     transform = check_transform(transform)
-    path = _grid_path(grids_dir, slide_id)
+    path = _grid_path(grids_dir, slide_id, fetch)
     meta = read_file_meta(path)
     if transform not in meta.transforms:
         raise GridError(f"{path}: transform {transform} was not written (it holds {list(meta.transforms)}; "
