@@ -63,7 +63,7 @@ def test_fold_trains_with_ddp_stops_early_resumes_and_evaluates(ray_session, coh
 
 def _config(grids, labels_csv, out, **extra):
     values = dict(grids=str(grids), labels=str(labels_csv), out=str(out), kind="survival", model="attention-mil",
-                  folds=2, test_fraction=0.25, epochs=3, batch_size=8, tta_crops=1, bootstrap=50, seed=0)
+                  pool="mean", folds=2, test_fraction=0.25, epochs=3, batch_size=8, tta_crops=1, bootstrap=50, seed=0)
     values.update(extra)
     return load_config(TrainDownstreamConfig, values=values)
 
@@ -90,6 +90,13 @@ def test_survival_end_to_end_rerun_and_settings_guard(ray_session, cohort, tmp_p
     assert (cv_rows.merge(splits, on="slide_id")["fold_x"] == cv_rows.merge(splits, on="slide_id")["fold_y"]).all()
     assert (pred.groupby("patient_id")["fold"].nunique() == 1).all()  # no patient in two folds
     assert np.isfinite(pred["prediction"]).all() and pred["prediction"].std() > 0
+    # The linear probe (on by default): the CNN's metric keys and layout, its predictions beside the CNN's.
+    probe = metrics["probe"]
+    assert probe["model"] == "cox" and "error" not in probe, probe.get("error")
+    assert set(probe["cv"]["metrics"]) == set(metrics["cv"]["metrics"])
+    assert probe["cv"]["slides"] == metrics["cv"]["slides"] and probe["test"]["slides"] == metrics["test"]["slides"]
+    probe_pred = pd.read_parquet(out / "probe_predictions.parquet")
+    assert set(probe_pred.columns) == set(pred.columns) and len(probe_pred) == len(pred)
     for png in ("cv_kaplan_meier.png", "test_kaplan_meier.png"):
         with Image.open(out / png) as img:
             assert img.format == "PNG"
@@ -99,14 +106,18 @@ def test_survival_end_to_end_rerun_and_settings_guard(ray_session, cohort, tmp_p
 
     model, meta = load_model(out / "folds" / "fold_0" / "model.pt")
     assert meta["kind"] == "survival" and meta["crop_size"] == 12
+    assert meta["pool"] == "mean" == model.pool  # the config's pooling reached the fold's model
 
     # A re-run with the same settings skips both folds (no training), and rewrites the same metrics.
     stamp = (out / "folds" / "fold_0" / "fold.json").stat().st_mtime_ns
     capsys.readouterr()
     assert run_train_downstream(config) == 0
-    assert "2 fold(s) already complete" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 fold(s) already complete" in err and "linear probe (cox" in err
     assert (out / "folds" / "fold_0" / "fold.json").stat().st_mtime_ns == stamp
-    assert json.loads((out / "metrics.json").read_text())["cv"]["metrics"] == metrics["cv"]["metrics"]
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["cv"]["metrics"] == metrics["cv"]["metrics"]
+    assert again["probe"]["cv"] == metrics["probe"]["cv"]  # the probe is written on a re-run too
 
     # Different settings in the same folder: refused with a clear message (exit 2), nothing trained.
     assert run_train_downstream(_config(grids, labels_csv, out, epochs=4)) == 2

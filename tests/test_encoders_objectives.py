@@ -80,7 +80,25 @@ def test_multitask_metrics_are_exact() -> None:
     assert m["tumour/auc"] == pytest.approx(0.75)  # pairs (pos > neg): 0.4>0.1, 0.9>0.1, 0.9>0.6 of 4
     assert m["tumour/acc"] == pytest.approx(0.5)
     assert m["cells/mae"] == pytest.approx(2.5)
+    assert m["cells/r2"] == pytest.approx(1 - (2.0**2 + 3.0**2) / (5.0**2 + 5.0**2))  # 1 - SS_res / SS_tot
     assert m["val_loss"] == pytest.approx(1.0 * 0.1 + 2.0 * 1.0 + 0.5 * 2.0)
+
+
+def test_regression_r2_is_sklearns_and_null_when_undefined() -> None:
+    from sklearn.metrics import r2_score
+
+    from nic.encoders.objectives import finite_or_none
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(10, 5, 50)
+    s = y + rng.normal(0, 2, 50)
+    columns = {"task": np.full(50, 2), "label": y, "score": s, "loss": np.ones(50)}
+    m = multitask_metrics(TASKS, columns)
+    assert m["cells/r2"] == pytest.approx(r2_score(y, s))
+    assert 0.5 < m["cells/r2"] < 1 and "tissue/acc" not in m
+    constant = {"task": np.full(3, 2), "label": np.full(3, 4.0), "score": np.array([4.0, 5.0, 3.0]),
+                "loss": np.ones(3)}
+    assert finite_or_none(multitask_metrics(TASKS, constant)["cells/r2"]) is None  # JSON null, not NaN
 
 
 def test_validation_step_reports_predictions_in_label_units() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from nic.config.base import ConfigError, load_config
 from nic.config.synth import SynthConfig
-from nic.synth.labels import covariates, mitotic_fraction, plan_cohort, targets
+from nic.synth.labels import APOPTOTIC_SPREAD, covariates, mitotic_fraction, plan_cohort, targets
 from nic.synth.params import GROWTH_PATTERNS, SlideParams
 
 
@@ -91,3 +91,20 @@ def test_config_errors_name_the_key():
         load_config(SynthConfig, values={"size": 1000, "min_size": 2000})
     with pytest.raises(ConfigError, match="unknown patch tasks"):
         load_config(SynthConfig, values={"patches.tasks": ["tissue_type", "nope"]})
+
+
+def test_apoptotic_look_alikes_vary_per_slide_independently_of_proliferation():
+    config = SynthConfig(slides=120, seed=0)
+    slides, patients = plan_cohort(config)
+    rate = np.array([s.apoptotic_fraction for s in slides])
+    z = np.array([patients[s.patient_id].log_mitotic_z for s in slides])
+    assert (rate > 0).all() and len(set(rate)) == len(slides)  # per slide, even within a patient
+    assert np.exp(np.mean(np.log(rate))) == pytest.approx(config.signal.apoptotic_fraction, rel=0.2)
+    assert np.std(np.log(rate)) == pytest.approx(APOPTOTIC_SPREAD, rel=0.25)
+    assert abs(np.corrcoef(z, np.log(rate))[0, 1]) < 0.25  # no signal of the proliferation target
+    # the knob turns them off and changes no other parameter
+    off, _ = plan_cohort(config.model_copy(update={"signal": config.signal.model_copy(
+        update={"apoptotic_fraction": 0.0})}))
+    assert all(s.apoptotic_fraction == 0.0 for s in off)
+    assert [{**s.to_dict(), "apoptotic_fraction": 0} for s in slides] == [
+        {**s.to_dict(), "apoptotic_fraction": 0} for s in off]

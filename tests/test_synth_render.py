@@ -17,7 +17,7 @@ from nic.synth.params import (
     Artefacts,
     SlideParams,
 )
-from nic.synth.render import KIND_LYMPHOCYTE, KIND_MITOSIS, KIND_TUMOUR, KINDS, Scene
+from nic.synth.render import KIND_APOPTOTIC, KIND_LYMPHOCYTE, KIND_MITOSIS, KIND_TUMOUR, KINDS, Scene
 from nic.synth.stain import E_REF, H_REF, Stain, sample_stain
 from nic.synth.textures import period_px
 
@@ -147,3 +147,47 @@ def test_quarter_micron_slides_show_the_same_cells_twice_as_large():
     # the same tissue area (256 um square) holds about the same number of nuclei
     assert 0.7 < n_quarter / n_half < 1.4
     assert quarter.banks[KIND_TUMOUR].size > 1.8 * half.banks[KIND_TUMOUR].size - 2
+
+
+def test_apoptotic_bodies_replace_tumour_nuclei_and_move_nothing_else():
+    from dataclasses import replace
+
+    assert KINDS[-1] == "apoptotic" and KIND_APOPTOTIC == len(KINDS) - 1 and KIND_MITOSIS == 5
+    p = make_params(apoptotic_fraction=0.05)
+    with_bodies = Scene(p)
+    without = Scene(replace(p, apoptotic_fraction=0.0))
+    a = with_bodies.nuclei(0, 0, p.height, p.width)
+    b = without.nuclei(0, 0, p.height, p.width)
+    # the same nuclei in the same places; only tumour nuclei became apoptotic bodies (figures stay)
+    assert np.array_equal(a[:, [0, 1, 3]], b[:, [0, 1, 3]])
+    changed = a[:, 2] != b[:, 2]
+    assert (a[changed, 2] == KIND_APOPTOTIC).all() and (b[changed, 2] == KIND_TUMOUR).all()
+    assert (a[:, 2] == KIND_MITOSIS).sum() == (b[:, 2] == KIND_MITOSIS).sum() > 0
+    tumour_cells = np.isin(b[:, 2], [KIND_TUMOUR, KIND_MITOSIS]).sum()
+    assert 0.03 < changed.sum() / tumour_cells < 0.07
+    classes = with_bodies.classes(0, 0, p.height, p.width)
+    assert (classes[a[changed, 0], a[changed, 1]] == TUMOUR).mean() > 0.99
+
+
+def test_apoptotic_bodies_are_dark_with_a_pale_halo():
+    from dataclasses import replace
+
+    p = make_params(layout="uniform", uniform_class=TUMOUR, width=768, height=768, apoptotic_fraction=0.05,
+                    mitotic_fraction=0.0, til_density=0.0)
+    scene = Scene(p)
+    img = scene.render(0, 0, 768, 768).astype(float).sum(axis=-1)
+    ref = Scene(replace(p, apoptotic_fraction=0.0)).render(0, 0, 768, 768).astype(float).sum(axis=-1)
+    bank = scene.banks[KIND_APOPTOTIC]
+    half = bank.half
+    core, halo = [], []
+    for y, x, kind, variant in scene.nuclei(half, half, 768 - 2 * half, 768 - 2 * half):
+        if kind != KIND_APOPTOTIC:
+            continue
+        win = np.s_[y - half : y + half + 1, x - half : x + half + 1]
+        dark = bank.sprites[variant] > 2.0  # the pyknotic nucleus or its fragments
+        ring = (bank.clear[variant] > 0.4) & (bank.eosin[variant] < 0.05)  # the halo outside the cell
+        core.append(img[win][dark].mean() - ref[win][dark].mean())
+        halo.append(img[win][ring].mean() - ref[win][ring].mean())
+    assert len(core) > 10
+    assert np.mean(core) < -80  # much darker than the tumour nucleus it replaced
+    assert np.mean(halo) > 80  # a pale ring around the shrunken cell

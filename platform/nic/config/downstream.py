@@ -7,11 +7,22 @@ L2 1e-5, 20 % feature-wise dropout, T = 10 test-time crops x 8 rotations/flips.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from nic.config.base import StageConfig
+
+#: What `pool: null` means, per model and target kind: the one place to change these defaults.
+#: Provisional (issue 13), to be replaced by measured choices: a rate, density or count (regression)
+#: and a risk built from the whole tumour (survival) need the tissue *mean*; a pattern present
+#: anywhere (classification) is what NIC's global max detects. Attention-MIL keeps its gated
+#: attention, which is itself a learned mean.
+DEFAULT_POOL: dict[str, dict[str, str]] = {
+    "nic-cnn": {"binary": "max", "multiclass": "max", "regression": "mean", "survival": "mean"},
+    "attention-mil": {"binary": "attention", "multiclass": "attention", "regression": "attention",
+                      "survival": "attention"},
+}
 
 
 class TrainDownstreamConfig(StageConfig):
@@ -35,13 +46,26 @@ class TrainDownstreamConfig(StageConfig):
 
     model: Literal["nic-cnn", "attention-mil"] = Field(
         "nic-cnn", description="'nic-cnn' (the NIC grid CNN) or 'attention-mil' (gated attention pooling over cells).")
+    pool: Literal["max", "mean", "attention"] | None = Field(
+        None, description="How the model pools over the tissue cells of a crop (never background): 'max' "
+        "(a pattern present anywhere; NIC's choice), 'mean' (how much of the tissue shows it: rates, "
+        "densities, counts), 'attention' (gated attention, a learned weighted mean). null = the default "
+        "for the model and target kind (DEFAULT_POOL in nic.config.downstream); the resolved value is "
+        "what config.yaml records.")
     folds: int = Field(5, ge=2, description="Cross-validation folds (grouped by patient, stratified by class/event).")
     test_fraction: float = Field(
         0.0, ge=0, lt=1, description="Fraction of patients held out as a fixed test set (0: cross-validation only).")
     val_fraction: float = Field(
         0.2, ge=0, lt=1, description="Fraction of each fold's training patients used for early stopping and the "
         "learning-rate schedule (0: use the training loss).")
-    epochs: int = Field(100, ge=1, description="Maximum epochs per fold (one random crop per slide per epoch).")
+    epochs: int = Field(
+        100, ge=1, description="Maximum epochs per fold (an epoch draws crops_per_slide random crops of every "
+        "training slide).")
+    crops_per_slide: int = Field(
+        8, ge=1, description="Random crops of each training slide per epoch: an epoch is crops_per_slide x "
+        "slides samples (in shuffled rounds of one crop per slide), so a small cohort still gets hundreds of "
+        "optimiser steps per fold (21 slides, batch 16, 20 epochs: ~210 steps at 8, 40 at 1). Patience and "
+        "the learning-rate schedule count epochs.")
     batch_size: int = Field(16, ge=2, description="Crops per batch (per worker).")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate.")
     min_lr: float = Field(1e-5, gt=0, description="Floor of the x10 reductions on plateau.")
@@ -70,11 +94,29 @@ class TrainDownstreamConfig(StageConfig):
     cache_grids: int = Field(8, ge=0, description="Grids kept in memory per worker (LRU); the rest are read on demand.")
     seed: int = Field(0, description="Seed of splits, sampling, crops and initialisation.")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95-percent confidence intervals (0: none).")
+    probe: bool = Field(
+        True, description="Also fit a linear probe on the same folds (takes seconds, no Ray): ridge, logistic or "
+        "penalised Cox regression on each slide's mean and SD of every grid channel over tissue, penalty chosen "
+        "by inner cross-validation on each fold's training slides. Its metrics are metrics.json's 'probe' and "
+        "its predictions probe_predictions.parquet: a baseline saying whether the grids carry the signal at all.")
     storage_path: Path | None = Field(
         None, description="Ray Train storage for checkpoints (default: <out>/ray). Re-running with the same "
         "storage and out resumes unfinished folds.")
     run_name: str | None = Field(None, description="Prefix of the Ray Train run names (default: the out folder's name).")
     overwrite: bool = Field(False, description="Discard an earlier run in `out` made with different settings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_pool(cls, data: Any) -> Any:
+        """`pool: null` -> DEFAULT_POOL[model][kind], resolved before validation so that the run's
+        settings hash and config.yaml name the pooling actually trained (a changed default table
+        then cannot resume folds trained with another one). Invalid model or kind values are left
+        for their own fields' errors."""
+        if not isinstance(data, dict) or data.get("pool") is not None:
+            return data
+        model = data.get("model", cls.model_fields["model"].default)
+        pool = DEFAULT_POOL.get(model, {}).get(data.get("kind"))  # type: ignore[arg-type]
+        return {**data, "pool": pool} if pool is not None else data
 
     @model_validator(mode="after")
     def _target_needed(self) -> TrainDownstreamConfig:

@@ -40,6 +40,11 @@ class SignalOptions(NicModel):
     mitotic_spread: float = Field(
         0.6, ge=0, le=2, description="Standard deviation of log(mitotic fraction) between patients."
     )
+    apoptotic_fraction: float = Field(
+        0.004, ge=0, lt=0.2,
+        description="Median fraction of tumour nuclei drawn as apoptotic bodies (dark mitosis look-alikes); "
+        "slides vary log-normally around it, independently of the mitotic rate. 0 = no look-alikes.",
+    )
     proliferation_noise: float = Field(
         0.5, ge=0,
         description="Standard deviation of the noise added to the standardised log mitotic rate to make the "
@@ -95,7 +100,9 @@ class PatchOptions(NicModel):
         4, ge=1, le=16, description="Patches per canvas side: each canvas (one stain, one scene) gives n x n patches."
     )
     mitosis_positive_fraction: float = Field(
-        0.15, gt=0, lt=1, description="Fraction of mitosis patches with a mitotic figure (positives are rare)."
+        0.35, gt=0, lt=1,
+        description="Fraction of mitosis patches holding a mitotic figure (exact over each split); the "
+        "rest are figure-free tiles of the same tumour-rich tissue, look-alikes included.",
     )
     chunk_canvases: int = Field(16, ge=1, description="Canvases per Ray task.")
 

@@ -157,39 +157,48 @@ def balanced_weights(classes: np.ndarray) -> np.ndarray:
 
 
 class EpochSampler(Sampler[int]):
-    """Per-epoch order of samples for one DDP rank: a shuffled permutation, or (balanced) draws
-    with replacement in proportion to `weights`; padded to a multiple of the world size and split
-    by rank so every rank runs the same number of steps. Call set_epoch() before each epoch."""
+    """Per-epoch order of samples for one DDP rank: `repeats` rounds, each a shuffled permutation
+    of the n samples (so every sample comes `repeats` times, and a batch rarely holds the same
+    slide twice), or (balanced) n x repeats draws with replacement in proportion to `weights`;
+    padded to a multiple of the world size and split by rank so every rank runs the same number of
+    steps. With GridDataset(train=True) every repeat is a fresh random crop, which is how
+    `crops_per_slide` gives a small cohort enough optimiser steps. Call set_epoch() before each
+    epoch."""
 
     def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 weights: np.ndarray | None = None, shuffle: bool = True):
+                 weights: np.ndarray | None = None, shuffle: bool = True, repeats: int = 1):
         if n < 1:
             raise ValueError("EpochSampler needs at least one sample")
+        if repeats < 1:
+            raise ValueError(f"EpochSampler repeats must be >= 1, got {repeats}")
         self.n = n
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.weights = weights
         self.shuffle = shuffle
+        self.repeats = int(repeats)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self) -> np.ndarray:
+    def _epoch_order(self) -> np.ndarray:
+        """The whole epoch's order (all ranks), n x repeats samples."""
         rng = np.random.default_rng((self.seed, self.epoch))
         if self.weights is not None:
-            order = rng.choice(self.n, size=self.n, replace=True, p=self.weights)
-        elif self.shuffle:
-            order = rng.permutation(self.n)
-        else:
-            order = np.arange(self.n)
-        per_rank = -(-len(order) // self.world_size)
-        order = np.resize(order, per_rank * self.world_size)  # pad by repeating the start
+            return rng.choice(self.n, size=self.n * self.repeats, replace=True, p=self.weights)
+        if self.shuffle:
+            return np.concatenate([rng.permutation(self.n) for _ in range(self.repeats)])
+        return np.tile(np.arange(self.n), self.repeats)
+
+    def _order(self) -> np.ndarray:
+        order = self._epoch_order()
+        order = np.resize(order, len(self) * self.world_size)  # pad by repeating the start
         return order[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(int(i) for i in self._order())
 
     def __len__(self) -> int:
-        return -(-self.n // self.world_size)
+        return -(-(self.n * self.repeats) // self.world_size)

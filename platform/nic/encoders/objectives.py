@@ -181,9 +181,10 @@ class MultiTaskObjective(Objective):
 
 
 def multitask_metrics(tasks: list[TaskHeadSpec], columns: dict[str, np.ndarray]) -> dict[str, float]:
-    """Per task: loss, and accuracy (multiclass), ROC AUC and accuracy (binary) or MAE (regression);
+    """Per task: loss, and accuracy (multiclass), ROC AUC and accuracy (binary) or MAE and R^2
+    (regression: MAE in label units, R^2 comparable across tasks and with the slide-level models);
     `val_loss` is the weighted sum of task losses, the quantity training minimises."""
-    from sklearn.metrics import mean_absolute_error, roc_auc_score
+    from sklearn.metrics import mean_absolute_error, r2_score, roc_auc_score
 
     metrics: dict[str, float] = {}
     val_loss = 0.0
@@ -202,6 +203,8 @@ def multitask_metrics(tasks: list[TaskHeadSpec], columns: dict[str, np.ndarray])
             metrics[f"{spec.name}/auc"] = float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else float("nan")
         else:
             metrics[f"{spec.name}/mae"] = float(mean_absolute_error(y, s))
+            # undefined for fewer than two samples or constant labels: NaN (null in encoder.json)
+            metrics[f"{spec.name}/r2"] = float(r2_score(y, s)) if len(y) >= 2 and np.ptp(y) > 0 else float("nan")
     metrics["val_loss"] = val_loss
     return metrics
 

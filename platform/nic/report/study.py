@@ -20,8 +20,15 @@ from nic.report.markdown import image, table
 
 METRIC_NAMES = {
     "spearman": "Spearman", "pearson": "Pearson", "roc_auc": "ROC AUC", "accuracy": "accuracy",
-    "c_index": "C-index", "kappa": "quadratic kappa", "concordance_index": "C-index",
+    "c_index": "C-index", "kappa": "quadratic kappa", "kappa_quadratic": "quadratic kappa",
+    "concordance_index": "C-index",
 }
+PROBE_NOTE = (
+    "The **linear probe** is a baseline fitted in seconds on the same folds and scored the same way: "
+    "ridge, logistic or penalised Cox regression on each slide's mean and standard deviation of every "
+    "grid channel over its tissue, the penalty chosen by cross-validation inside each fold's training "
+    "slides. A probe near chance says the grids carry little of the target whatever model reads them; "
+    "a trained model well below its probe has not learned what the grids do carry.")
 
 
 def _rel(path: Path, start: Path) -> str:
@@ -139,6 +146,25 @@ def grid_pictures(grids: dict[str, Path], report_dir: Path, root: Path, count: i
     return lines
 
 
+def _result_cell(result: dict, primary: str | None) -> tuple[str, dict | None]:
+    """'value [CI]; test value [CI]' of a metrics.json entry holding cv/test (the CNN's or the
+    probe's), and its cv entry for the chart."""
+    entry = (result.get("cv") or {}).get("metrics", {}).get(primary)
+    test = (result.get("test") or {}).get("metrics", {}).get(primary)
+    cell = _fmt_metric(entry) + (f"; test {_fmt_metric(test)}" if test else "")
+    return cell, entry if entry and entry.get("value") is not None else None
+
+
+def _probe_cell(metrics: dict) -> tuple[str, dict | None]:
+    probe = metrics.get("probe")
+    if not probe:
+        return "not run", None
+    if probe.get("error"):
+        return f"failed: {probe['error'][:80]}", None
+    cell, entry = _result_cell(probe, metrics.get("primary_metric"))
+    return f"{cell} ({probe.get('model', '?')})", entry
+
+
 def downstream_section(models: dict[tuple[str, str], Path], targets: list[Any], encoders: list[str],
                        report_dir: Path, root: Path) -> list[str]:
     lines = ["## Slide-level models", "",
@@ -146,23 +172,27 @@ def downstream_section(models: dict[tuple[str, str], Path], targets: list[Any], 
              "test-set results where a test split was held out.", ""]
     header = ["encoder"] + [f"{t.name} ({METRIC_NAMES.get(_primary(models, t.name, encoders) or '', 'metric')})"
                             for t in targets]
-    rows, chart = [], {}
+    rows, probe_rows, chart, probe_chart = [], [], {}, {}
     for enc in encoders:
-        row = [enc]
+        row, probe_row = [enc], [enc]
         for t in targets:
             metrics = _read_json(models[(enc, t.name)] / "metrics.json") or {}
-            primary = metrics.get("primary_metric")
-            entry = (metrics.get("cv") or {}).get("metrics", {}).get(primary)
-            test = (metrics.get("test") or {}).get("metrics", {}).get(primary)
-            cell = _fmt_metric(entry) + (f"; test {_fmt_metric(test)}" if test else "")
+            cell, entry = _result_cell(metrics, metrics.get("primary_metric"))
+            probe_cell, probe_entry = _probe_cell(metrics)
             row.append(cell)
-            if entry and entry.get("value") is not None:
+            probe_row.append(probe_cell)
+            if entry:
                 chart.setdefault(t.name, {})[enc] = entry
+            if probe_entry:
+                probe_chart.setdefault(t.name, {})[enc] = probe_entry
         rows.append(row)
+        probe_rows.append(probe_row)
     lines += table(header, rows) + [""]
+    if probe_chart:
+        lines += ["Linear probe on the same folds:", "", *table(header, probe_rows), "", PROBE_NOTE, ""]
     if chart:
         png = plot_comparison(chart, {t.name: METRIC_NAMES.get(_primary(models, t.name, encoders) or "", "")
-                                      for t in targets}, report_dir / "comparison.png")
+                                      for t in targets}, report_dir / "comparison.png", probe=probe_chart)
         lines += [image("downstream metric by encoder and target", _rel(png, root)), ""]
     for t in targets:
         lines += [f"### {t.name}", ""]

@@ -28,6 +28,8 @@ TIL_MEAN, TIL_SD = 0.4, 0.2
 NECROSIS_LOW, NECROSIS_HIGH = 0.02, 0.3
 NECROSIS_MEAN = (NECROSIS_LOW + NECROSIS_HIGH) / 2
 NECROSIS_SD = (NECROSIS_HIGH - NECROSIS_LOW) / math.sqrt(12)
+APOPTOTIC_SPREAD = 0.5
+"""SD of log(apoptotic fraction) between slides."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,15 @@ def mitotic_fraction(patient: Patient, config: SynthConfig) -> float:
     sig = config.signal
     rate = sig.mitotic_fraction * math.exp(sig.mitotic_spread * patient.log_mitotic_z)
     return float(min(0.15, rate * (0.3 + 0.7 * sig.snr)))
+
+
+def apoptotic_fraction(rng: np.random.Generator, config: SynthConfig) -> float:
+    """Fraction of tumour nuclei drawn as apoptotic bodies (mitosis look-alikes) on one slide.
+
+    Log-normal around `signal.apoptotic_fraction`, drawn per slide and independent of the patient,
+    so the look-alikes add realistic noise to a mitosis counter but carry no target signal.
+    """
+    return float(min(0.15, config.signal.apoptotic_fraction * math.exp(APOPTOTIC_SPREAD * rng.standard_normal())))
 
 
 def covariates(patient: Patient) -> dict[str, float]:
@@ -197,6 +208,9 @@ def plan_cohort(config: SynthConfig) -> tuple[list[SlideParams], dict[str, Patie
                     appearance=appearance,
                     artefacts=artefacts,
                     texture_offset=(float(srng.uniform(0, 512)), float(srng.uniform(0, 512))),
+                    # the last draw (keyword arguments are evaluated in order): the draws above,
+                    # hence every other parameter of existing slides, are unchanged by it
+                    apoptotic_fraction=apoptotic_fraction(srng, config),
                 )
             )
             del k

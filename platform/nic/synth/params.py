@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from nic.synth.stain import Stain
 
-GENERATOR_VERSION = "nic-synth-1"
+GENERATOR_VERSION = "nic-synth-2"
 """Bumped whenever the same parameters would render different pixels."""
 
 CLASSES = ("background", "stroma", "tumour", "lymphocytes", "necrosis", "fat")
@@ -67,6 +67,9 @@ class SlideParams:
     tissue_pieces: int = 1
     tissue_fraction: float = 0.45  # of the slide area
     snr: float = 0.7  # 0..1: how visible mitotic figures are (size, darkness)
+    # probability that a (non-mitotic) tumour nucleus is an apoptotic body, a dark mitosis
+    # look-alike; per slide, independent of the patient's mitotic rate (no target depends on it)
+    apoptotic_fraction: float = 0.004
     appearance: Appearance = field(default_factory=Appearance)
     artefacts: Artefacts = field(default_factory=Artefacts)
     texture_offset: tuple[int, int] = (0, 0)  # um; decorrelates slides that share textures

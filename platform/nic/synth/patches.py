@@ -5,12 +5,29 @@ they look exactly like tiles of the synthetic slides. Each canvas has its own st
 (like a small slide), and gives canvas_patches^2 patches. Every patch carries its own task's label
 only:
 
-| task | kind | label | format |
-| --- | --- | --- | --- |
-| tissue_type | multiclass | the canvas's single tissue class | folders of PNG by class |
-| tumour | binary | tumour in the central 32 x 32 px (PCam's rule) | HDF5 `x`/`y` as PCam |
-| mitosis | binary | a mitotic figure placed near the centre (rare) | folders of PNG by class |
-| lymphocyte_density | regression | lymphocyte nuclei centred in the patch | CSV manifest path,label |
+| task | kind | canvases | label | format | review for nic-synth-2 |
+| --- | --- | --- | --- | --- | --- |
+| tissue_type | multiclass | one tissue class, few TILs | the canvas's class | folders of PNG by class | labels right (pure-class tiles, as Kather's); tumour now with the slides' mitotic and apoptotic rates |
+| tumour | binary | mixed tissue, 35-60 % tumour | tumour in the central 32 x 32 px (PCam's rule) | HDF5 `x`/`y` as PCam | labels right (from the rendered class of every pixel); tumour as in slides, as above |
+| mitosis | binary | mixed tissue, 65-95 % tumour, TILs, apoptotic bodies, figures at an enriched rate | 1: a figure centre >= 2 um inside the tile; 0: none inside nor within 5 um (at snr 0.7) outside | folders of PNG by class | redesigned, below; loss weight 2 |
+| lymphocyte_density | regression | mixed tissue, TIL density ~ Beta(1.2, 1.5) | lymphocyte centres inside the tile | CSV manifest path,label | labels right (apoptotic bodies, new look-alikes, are not counted); tumour as in slides |
+
+All canvases now draw the mitotic fraction as a slide does (median x exp(spread z) x (0.3 + 0.7 snr);
+it used to ignore snr and the configured spread) and carry apoptotic bodies at a slide's rate, so
+their tumour looks like the slides' tumour.
+
+Mitosis. The encoder must find figures as they appear in tiles cut from slides, where the
+proliferation target is a count of them. Figures therefore arise as in slides, tumour nuclei drawn
+as mitotic figures (`SlideParams.mitotic_fraction`), anywhere in the tile, one or several. (The
+positives of nic-synth-1, one figure pasted within 16 px of the centre of figure-free tumour,
+taught a centre detector blind to most figures of a slide: val AUC 0.61-0.68.) A canvas's rate is
+enriched over slides' (`_figures_per_tile`, log-normal between canvases so some tiles hold
+several), then tiles are taken per chunk in a fixed order until the split holds exactly
+`mitosis_positive_fraction` positives. Tiles with a figure centre in the border band (less than
+2 um inside, up to ~5 um outside: only part of a figure shows) are ambiguous and dropped, not
+mislabelled. Negatives are figure-free tiles of the same canvases, 85 % of them tumour-bearing, so
+they hold the look-alikes of slides: lymphocytes, apoptotic bodies (enriched like the figures),
+necrotic debris and lymphoid aggregates; darkness alone does not tell the classes apart.
 
 The formats differ on purpose, so every reader of `nic.patches` is exercised by the demo.
 """
@@ -25,10 +42,10 @@ import numpy as np
 from PIL import Image
 
 from nic.config.synth import SynthConfig
-from nic.synth.labels import sample_look
+from nic.synth.labels import apoptotic_fraction, sample_look
 from nic.synth.params import BACKGROUND, CLASSES, FAT, GROWTH_PATTERNS, TUMOUR, Artefacts, SlideParams
-from nic.synth.render import KIND_LYMPHOCYTE, KIND_MITOSIS, Scene
-from nic.synth.sprites import VARIANTS
+from nic.synth.render import KIND_APOPTOTIC, KIND_LYMPHOCYTE, KIND_MITOSIS, KIND_TUMOUR, NUCLEI, Scene
+from nic.synth.sprites import mitosis_scale
 
 # tissue_type classes in the order of the task's label indices
 TISSUE_TYPE_CLASSES = ("stroma", "tumour", "lymphocytes", "necrosis", "fat", "background")
@@ -56,6 +73,12 @@ class TaskSpec:
         return out
 
 
+MITOSIS_WEIGHT = 2.0
+"""Loss weight of the mitosis task in tasks.yaml (the others have 1; train-encoder's task_weights
+override it). A figure covers ~1 % of a tile while the other tasks read the whole tile, and the
+binary loss at chance (~0.65 at 35 % positives) is well below tissue_type's (ln 6 = 1.8), so at
+weight 1 its share of the shared trunk's gradient is the smallest of the four."""
+
 TASKS: dict[str, TaskSpec] = {
     "tissue_type": TaskSpec(
         "tissue_type", "multiclass", TISSUE_TYPE_CLASSES, "folder", "patches/tissue_type", "patches/tissue_type_val"
@@ -63,7 +86,9 @@ TASKS: dict[str, TaskSpec] = {
     "tumour": TaskSpec(
         "tumour", "binary", ("non_tumour", "tumour"), "hdf5", "patches/tumour/train.h5", "patches/tumour/val.h5"
     ),
-    "mitosis": TaskSpec("mitosis", "binary", ("absent", "present"), "folder", "patches/mitosis", "patches/mitosis_val"),
+    "mitosis": TaskSpec(
+        "mitosis", "binary", ("absent", "present"), "folder", "patches/mitosis", "patches/mitosis_val", MITOSIS_WEIGHT
+    ),
     "lymphocyte_density": TaskSpec(
         "lymphocyte_density",
         "regression",
@@ -109,6 +134,12 @@ def plan_chunks(config: SynthConfig) -> list[Chunk]:
 
 
 def _canvas_params(rng: np.random.Generator, config: SynthConfig, canvas_px: int, **overrides) -> SlideParams:
+    """A canvas's parameters, sampled like a slide's; `overrides` replace any of them.
+
+    Draw order is part of the datasets' definition (a chunk is a pure function of its seed): new
+    draws go at the end.
+    """
+    sig = config.signal
     stain, appearance = sample_look(rng, config.render.stain_variation)
     values = dict(
         slide_id="canvas",
@@ -120,7 +151,9 @@ def _canvas_params(rng: np.random.Generator, config: SynthConfig, canvas_px: int
         stain=stain,
         appearance=appearance,
         growth_pattern=GROWTH_PATTERNS[int(rng.integers(2))],
-        mitotic_fraction=float(config.signal.mitotic_fraction * math.exp(rng.normal(0, 0.6))),
+        # as a slide's (labels.mitotic_fraction), the patient's z drawn here
+        mitotic_fraction=float(min(0.15, sig.mitotic_fraction * math.exp(sig.mitotic_spread * rng.normal())
+                                   * (0.3 + 0.7 * sig.snr))),
         til_density=float(rng.uniform(0.0, 1.0)),
         necrosis_fraction=float(rng.uniform(0.02, 0.3)),
         tumour_fraction=float(rng.uniform(0.3, 0.6)),
@@ -129,9 +162,174 @@ def _canvas_params(rng: np.random.Generator, config: SynthConfig, canvas_px: int
         artefacts=Artefacts(),
         texture_offset=(float(rng.uniform(0, 512)), float(rng.uniform(0, 512))),
         layout="fill",
+        apoptotic_fraction=apoptotic_fraction(rng, config),
     )
     values.update(overrides)
     return SlideParams(**values)
+
+
+# ---------------------------------------------------------------------------------------- mitosis
+MITOSIS_MARGIN_IN_UM = 2.0
+"""A positive's figure centre lies at least this far inside the tile: most of the figure shows."""
+MITOSIS_MARGIN_OUT_UM = 5.0
+"""A negative has no figure centre within this distance (times `mitosis_scale(snr)`: 4.9 um at
+snr 0.7, 5.8 at 1) outside the tile either: a figure reaches 4.5 um from its centre at snr 0.7
+(median; 5.8 um at the 90th percentile), so at most a sliver of one shows. Tiles with a figure
+centre in the band between are ambiguous and not used."""
+MITOSIS_SPREAD = 0.8
+"""SD of log(figures per tumour tile) between mitosis canvases: some canvases have several per tile."""
+MITOSIS_TUMOUR = (0.65, 0.95)
+"""Tumour fraction of mitosis canvases (uniform): tumour-rich, with stroma, fat and aggregates."""
+MITOSIS_TILS = (0.1, 1.0)
+"""TIL density of mitosis canvases (uniform): dense lymphocytes are the commonest look-alike."""
+MITOSIS_APOPTOTIC = 0.02
+"""Median apoptotic fraction of mitosis canvases (log-normal, SD 0.7): about as many apoptotic bodies
+as figures, i.e. enriched over slides (0.004) like the figures themselves."""
+_TUMOUR_CELL_KINDS = (KIND_TUMOUR, KIND_MITOSIS, KIND_APOPTOTIC)
+_TUMOUR_SPEC = next(spec for spec in NUCLEI if spec.kind == KIND_TUMOUR)
+TUMOUR_NUCLEI_PER_UM2 = _TUMOUR_SPEC.accept[TUMOUR] / _TUMOUR_SPEC.spacing_um**2 * 0.85
+"""Tumour nuclei per um^2 of tumour (the grid's, less ~15 % for gland lumens; measured ~28 per
+64 um tile). Converts figures per tile into a mitotic fraction."""
+MITOSIS_TUMOUR_BEARING = 8
+"""Tumour-cell nuclei (tumour, mitotic, apoptotic) centred in a tile that make it tumour-bearing,
+about a third of a tile full of tumour."""
+MITOSIS_OTHER_NEGATIVES = 0.15
+"""Share of the negatives that are not tumour-bearing (stroma, fat, lymphoid aggregates, necrotic
+debris). The rest are tumour-bearing, like nearly all positives, so that the amount of tumour in a
+tile does not stand in for the figure. Measured, a tile's tumour-cell count alone separates the
+classes with AUC 0.69 when negatives are left to chance, 0.64 with this split: about the 0.60 found
+among tumour-bearing tiles, where more tumour cells do mean more chances of a figure."""
+
+
+@dataclass(frozen=True)
+class MitosisTile:
+    """One tile of a mitosis canvas: where, its label and what it holds."""
+
+    canvas: int  # index of the canvas in the chunk's sequence
+    y0: int
+    x0: int
+    label: float | None  # None: ambiguous (a figure centre in the border band), never used
+    figures: np.ndarray  # (k, 2) figure centres (y, x) relative to the tile, within the outer margin
+    tumour_nuclei: int  # tumour-cell nuclei centred in the tile
+
+    @property
+    def group(self) -> str | None:
+        """The quota the tile counts against: positive, tumour (negative) or other (negative)."""
+        if self.label is None:
+            return None
+        if self.label == 1.0:
+            return "positive"
+        return "tumour" if self.tumour_nuclei >= MITOSIS_TUMOUR_BEARING else "other"
+
+
+def _figures_per_tile(positive_fraction: float, core_share: float) -> float:
+    """Median figures per tumour tile m at which tiles full of tumour are positive with probability
+    `positive_fraction`: E_z[1 - exp(-m exp(MITOSIS_SPREAD z) core_share)] = fraction (Gauss-Hermite
+    over z, bisection on log m).
+
+    Over a canvas's usable tiles the positive share then comes out close to the fraction (measured
+    0.34 at 0.35, 0.13 at 0.15): tiles with less tumour are offset by the ambiguous ones
+    dropped. The per-chunk selection makes it exact; this only keeps the canvases it discards few.
+    """
+    nodes, weights = np.polynomial.hermite_e.hermegauss(24)
+    weights = weights / weights.sum()
+    target = min(positive_fraction, 0.97)
+    lo, hi = math.log(1e-3), math.log(20.0)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        share = float(np.sum(weights * (1 - np.exp(-math.exp(mid) * np.exp(MITOSIS_SPREAD * nodes) * core_share))))
+        lo, hi = (mid, hi) if share < target else (lo, mid)
+    return math.exp(0.5 * (lo + hi))
+
+
+def mitosis_tile(scene: Scene, canvas: int, y0: int, x0: int, px: int) -> MitosisTile:
+    """The tile at (y0, x0), labelled from the scene's nuclei: 1.0 if a mitotic figure's centre lies
+    MITOSIS_MARGIN_IN_UM or more inside it, 0.0 if no figure centre lies in it or within
+    MITOSIS_MARGIN_OUT_UM (scaled with the figures' size) outside it, None otherwise (ambiguous:
+    only part of a figure shows)."""
+    m_in = int(round(MITOSIS_MARGIN_IN_UM / scene.mpp))
+    m_out = int(round(MITOSIS_MARGIN_OUT_UM * mitosis_scale(scene.params.snr) / scene.mpp))
+    nuc = scene.nuclei(y0, x0, px, px, margin=m_out)
+    rel = nuc[:, :2].astype(np.int64) - np.array([y0, x0])
+    inside = ((rel >= 0) & (rel < px)).all(axis=1)
+    tumour = int(np.isin(nuc[inside, 2], _TUMOUR_CELL_KINDS).sum())
+    fig = rel[nuc[:, 2] == KIND_MITOSIS]
+    label: float | None = 0.0
+    if len(fig):
+        label = 1.0 if ((fig >= m_in) & (fig < px - m_in)).all(axis=1).any() else None
+    return MitosisTile(canvas, y0, x0, label, fig, tumour)
+
+
+def _mitosis_params(rng: np.random.Generator, config: SynthConfig, canvas_px: int, per_tile: float) -> SlideParams:
+    """A tumour-rich canvas with look-alikes, its mitotic rate drawn around `per_tile` figures/tile."""
+    tile_um2 = (config.patches.patch_px * config.patches.mpp) ** 2
+    figures = per_tile * math.exp(MITOSIS_SPREAD * rng.normal())
+    return _canvas_params(
+        rng, config, canvas_px,
+        tumour_fraction=float(rng.uniform(*MITOSIS_TUMOUR)),
+        til_density=float(rng.uniform(*MITOSIS_TILS)),
+        mitotic_fraction=float(min(0.15, figures / (TUMOUR_NUCLEI_PER_UM2 * tile_um2))),
+        apoptotic_fraction=float(min(0.15, MITOSIS_APOPTOTIC * math.exp(0.7 * rng.normal()))),
+    )
+
+
+def plan_mitosis_chunk(config: SynthConfig, chunk: Chunk) -> tuple[list[Scene], list[MitosisTile]]:
+    """The canvases of a mitosis chunk and the tiles taken from them, before any pixel is rendered.
+
+    Canvases are drawn one after another; each tile's label comes from the scene's nuclei, and
+    tiles are taken in canvas order while their group still has room in the chunk's quota, ambiguous
+    ones never. Quotas: positives exactly as `mitosis_positive_fraction` says over the split, and
+    of the negatives MITOSIS_OTHER_NEGATIVES not tumour-bearing. A pure function of (config, chunk).
+    """
+    opts = config.patches
+    rng = _chunk_rng(config, chunk)
+    n, px = canvas_side(config, chunk.task), opts.patch_px
+    f = opts.mitosis_positive_fraction
+    n_pos = math.floor((chunk.first_patch + chunk.n_patches) * f + 0.5) - math.floor(chunk.first_patch * f + 0.5)
+    n_other = int(round(MITOSIS_OTHER_NEGATIVES * (chunk.n_patches - n_pos)))
+    room = {"positive": n_pos, "tumour": chunk.n_patches - n_pos - n_other, "other": n_other}
+    core_share = (1 - 2 * MITOSIS_MARGIN_IN_UM / (px * opts.mpp)) ** 2
+    scenes: list[Scene] = []
+    tiles: list[MitosisTile] = []
+    limit = 50 * (chunk.n_patches // (n * n) + 1)  # a bound, never reached for fractions in (0, 1)
+    while any(room.values()):
+        if len(scenes) >= limit:
+            raise RuntimeError(f"mitosis chunk {chunk}: {room} tiles still missing after {limit} canvases")
+        # steer each canvas's rate towards the positive share still missing (within a factor of 2
+        # of the configured one), so both quotas fill together and few tiles are discarded
+        missing = room["positive"] / sum(room.values())
+        per_tile = _figures_per_tile(min(max(missing, f / 2), 2 * f), core_share)
+        scene = Scene(_mitosis_params(rng, config, n * px, per_tile))
+        for k in range(n * n):
+            tile = mitosis_tile(scene, len(scenes), (k // n) * px, (k % n) * px, px)
+            if tile.group is not None and room[tile.group] > 0:
+                room[tile.group] -= 1
+                tiles.append(tile)
+        scenes.append(scene)
+    return scenes, tiles
+
+
+def _render_mitosis(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    """Render the planned tiles: a whole canvas when at least half of it is used, else tile by tile
+    (the same pixels either way, a region's pixels do not depend on how the slide is cut)."""
+    n, px = canvas_side(config, chunk.task), config.patches.patch_px
+    scenes, tiles = plan_mitosis_chunk(config, chunk)
+    used = np.bincount([t.canvas for t in tiles], minlength=len(scenes))
+    x = np.empty((len(tiles), px, px, 3), np.uint8)
+    canvas, image = -1, None
+    for i, t in enumerate(tiles):  # in canvas order
+        if 2 * used[t.canvas] < n * n:
+            x[i] = scenes[t.canvas].render(t.y0, t.x0, px, px)
+            continue
+        if t.canvas != canvas:
+            canvas, image = t.canvas, scenes[t.canvas].render(0, 0, n * px, n * px)
+        x[i] = image[t.y0 : t.y0 + px, t.x0 : t.x0 + px]
+    return x, np.array([t.label for t in tiles], np.float32)
+
+
+def _chunk_rng(config: SynthConfig, chunk: Chunk) -> np.random.Generator:
+    seq = np.random.SeedSequence([config.seed, 7, TASK_ORDER.index(chunk.task), SPLITS.index(chunk.split), chunk.index])
+    return np.random.default_rng(seq)
 
 
 def _cut(image: np.ndarray, n: int, px: int) -> list[np.ndarray]:
@@ -140,21 +338,15 @@ def _cut(image: np.ndarray, n: int, px: int) -> list[np.ndarray]:
 
 def render_chunk(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
     """Patches (N, px, px, 3) uint8 and labels (N,) float32 of one chunk; pure function of its inputs."""
+    if chunk.task == "mitosis":
+        return _render_mitosis(config, chunk)
     opts = config.patches
     n, px = canvas_side(config, chunk.task), opts.patch_px
     canvas_px = n * px
-    task_index = TASK_ORDER.index(chunk.task)
-    seq = np.random.SeedSequence([config.seed, 7, task_index, SPLITS.index(chunk.split), chunk.index])
-    rng = np.random.default_rng(seq)
+    rng = _chunk_rng(config, chunk)
     images: list[np.ndarray] = []
     labels: list[float] = []
     canvas = 0
-    if chunk.task == "mitosis":
-        # exactly the wanted fraction of positives over the split, shuffled within the chunk
-        f = opts.mitosis_positive_fraction
-        n_pos = math.floor((chunk.first_patch + chunk.n_patches) * f + 0.5) - math.floor(chunk.first_patch * f + 0.5)
-        wanted = np.zeros(-(-chunk.n_patches // (n * n)) * n * n, bool)
-        wanted[rng.choice(chunk.n_patches, n_pos, replace=False)] = True
     while len(images) < chunk.n_patches:
         global_canvas = chunk.first_patch // (n * n) + canvas
         if chunk.task == "tissue_type":
@@ -174,19 +366,6 @@ def render_chunk(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndar
                 r, c = divmod(k, n)
                 centre = scene.classes(r * px + px // 2 - q // 2, c * px + px // 2 - q // 2, q, q)
                 labels.append(float((centre == TUMOUR).any()))
-        elif chunk.task == "mitosis":
-            # tumour epithelium without natural mitoses; figures are placed near chosen centres
-            p = _canvas_params(rng, config, canvas_px, layout="uniform", uniform_class=TUMOUR, mitotic_fraction=0.0)
-            positive = wanted[canvas * n * n : (canvas + 1) * n * n]
-            jitter = rng.integers(-px // 8, px // 8 + 1, size=(n * n, 2))
-            variant = rng.integers(0, VARIANTS, n * n)
-            extra = []
-            for k in np.flatnonzero(positive):
-                r, c = divmod(int(k), n)
-                extra.append((r * px + px // 2 + jitter[k, 0], c * px + px // 2 + jitter[k, 1], KIND_MITOSIS, variant[k]))
-            scene = Scene(p, extra_nuclei=np.array(extra, np.int32).reshape(-1, 4))
-            patches = _cut(scene.render(0, 0, canvas_px, canvas_px), n, px)
-            labels.extend(float(v) for v in positive)
         elif chunk.task == "lymphocyte_density":
             p = _canvas_params(rng, config, canvas_px, til_density=float(rng.beta(1.2, 1.5)))
             scene = Scene(p)

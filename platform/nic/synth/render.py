@@ -11,7 +11,9 @@ How a region is painted, fast enough for ~20 Mpx/s on one core:
 2. stain concentrations per pixel: eosin and haematoxylin from per-class coefficients (per cell)
    times periodic textures (collagen fibres, granular cytoplasm, fat walls);
 3. nuclei: precomputed sprites stamped (elementwise max) into the haematoxylin map; which nuclei
-   exist is decided per 256 um block from the class at each candidate position;
+   exist is decided per 256 um block from the class at each candidate position; a tumour nucleus
+   becomes a mitotic figure with probability `mitotic_fraction`, else an apoptotic body (a dark
+   look-alike with a pale halo and pink cytoplasm, also stamped into eosin) with `apoptotic_fraction`;
 4. colour: a 256 x 256 Beer-Lambert lookup table of the slide's stain, plus glass noise;
 5. artefacts: tissue folds (denser stain), out-of-focus areas (blur), pen ink on top.
 """
@@ -49,8 +51,9 @@ from nic.synth.sprites import ANGLES, VARIANTS, SpriteBank, sprite_bank
 from nic.synth.stain import E_MAX, H_MAX
 from nic.synth.textures import TextureBank, texture_bank, wrap_view
 
-KINDS = ("tumour", "lymphocyte", "fibroblast", "fat", "debris", "mitosis")
-KIND_TUMOUR, KIND_LYMPHOCYTE, KIND_FIBROBLAST, KIND_FAT, KIND_DEBRIS, KIND_MITOSIS = range(len(KINDS))
+# Indices are stored in nuclei arrays and seed the sprite banks: new kinds go at the end.
+KINDS = ("tumour", "lymphocyte", "fibroblast", "fat", "debris", "mitosis", "apoptotic")
+KIND_TUMOUR, KIND_LYMPHOCYTE, KIND_FIBROBLAST, KIND_FAT, KIND_DEBRIS, KIND_MITOSIS, KIND_APOPTOTIC = range(len(KINDS))
 BLOCK_UM = 256.0
 WARP_UM = 6.0
 MAX_CHUNK = 1024
@@ -138,6 +141,11 @@ class Scene:
         h_unit = 255.0 / H_MAX
         nuclear = params.appearance.nuclear_scale
         self.sprites = [(b.sprites * (h_unit * nuclear)).astype(np.float32) for b in self.banks]
+        # kinds that also change the cytoplasm around them (apoptotic bodies): E stamp and halo
+        e_unit = 255.0 / E_MAX
+        self.eosin = [None if b.eosin is None else (b.eosin * e_unit).astype(np.float32) for b in self.banks]
+        self.clear = [None if b.clear is None else (1.0 - b.clear).astype(np.float32) for b in self.banks]
+        self._halo_kinds = np.array([k for k, b in enumerate(self.banks) if b.clear is not None], np.int32)
         self.halves = [b.half for b in self.banks]
         self.sizes = [b.size for b in self.banks]
         self.block = max(c, int(round(BLOCK_UM / self.mpp)))
@@ -296,6 +304,8 @@ class Scene:
         u = rng.random(n)
         variant = rng.integers(0, VARIANTS, n)
         mitotic = rng.random(n) < p.mitotic_fraction
+        # drawn after every other draw of the block, so adding look-alikes moved no other nucleus
+        apoptotic = rng.random(n) < p.apoptotic_fraction
         cls, extra = self.classify_points(yi, xi)
         prob = _ACCEPT[si, cls] + _TIL_ACCEPT[si, cls] * extra[:, CH_TIL - K]
         prob = np.where(_KIND[si] == KIND_FIBROBLAST, prob * extra[:, CH_STROMA_DENSITY - K], prob)
@@ -305,6 +315,7 @@ class Scene:
             lum = self.tex.lumens[(yi[tum] + self.offset[0]) % self.period, (xi[tum] + self.offset[1]) % self.period]
             prob[tum] *= 1.0 - np.minimum(1.0, 1.3 * p.appearance.glands * lum)
         kind[tum & mitotic] = KIND_MITOSIS
+        kind[tum & apoptotic & ~mitotic] = KIND_APOPTOTIC
         oriented = (kind == KIND_FIBROBLAST) | (kind == KIND_FAT)
         if oriented.any():
             per = VARIANTS // ANGLES
@@ -432,7 +443,7 @@ class Scene:
             gain_map = None
             if self.layout.has_fold:
                 gain_map = 1.0 + FOLD_GAIN * np.repeat(np.repeat(extra[..., CH_FOLD - K], c, 0), c, 1)
-            self._stamp_list(hm, y0, x0, nuc_near, gain_map)
+            self._stamp_list(hm, y0, x0, nuc_near, gain_map, e)
         np.clip(hm, 0, 255, out=hm)
         np.clip(e, 0, 255, out=e)
         idx = hm.astype(np.uint16)
@@ -484,13 +495,46 @@ class Scene:
         hm[py, px] = hv
 
     def _stamp_list(
-        self, hmap: np.ndarray, y0: int, x0: int, nuc: np.ndarray, gain: np.ndarray | None = None
+        self,
+        hmap: np.ndarray,
+        y0: int,
+        x0: int,
+        nuc: np.ndarray,
+        gain: np.ndarray | None = None,
+        emap: np.ndarray | None = None,
     ) -> None:
-        """Stamp nuclei (elementwise max of sprite and H) into the region's H map at (y0, x0)."""
+        """Stamp nuclei (elementwise max of sprite and H) into the region's H map at (y0, x0).
+
+        Kinds with a halo (apoptotic bodies) first clear their surroundings (H and E times
+        1 - clear), then stamp their eosin (max); only then are all H sprites stamped. Each pass is
+        commutative (products, then maxima), so pixels do not depend on the order of the nuclei,
+        and neighbouring nuclei stay whole inside a halo.
+        """
         h, w = hmap.shape
         sprites = self.sprites
         halves = self.halves
         sizes = self.sizes
+        if emap is not None and len(self._halo_kinds):
+            special = nuc[np.isin(nuc[:, 2], self._halo_kinds)]
+            boxes = []
+            for y, x, kind, variant in special.tolist():
+                half = halves[kind]
+                ya, xa = y - half - y0, x - half - x0
+                sy0, sx0 = max(0, -ya), max(0, -xa)
+                yb, xb = min(ya + sizes[kind], h), min(xa + sizes[kind], w)
+                ya, xa = max(ya, 0), max(xa, 0)
+                if ya < yb and xa < xb:
+                    boxes.append((ya, xa, yb, xb, sy0, sx0, kind, variant))
+            for ya, xa, yb, xb, sy0, sx0, kind, variant in boxes:
+                keep = self.clear[kind][variant, sy0 : sy0 + yb - ya, sx0 : sx0 + xb - xa]
+                hmap[ya:yb, xa:xb] *= keep
+                emap[ya:yb, xa:xb] *= keep
+            for ya, xa, yb, xb, sy0, sx0, kind, variant in boxes:
+                src = self.eosin[kind][variant, sy0 : sy0 + yb - ya, sx0 : sx0 + xb - xa]
+                if gain is not None:
+                    src = src * gain[ya:yb, xa:xb]
+                dst = emap[ya:yb, xa:xb]
+                np.maximum(dst, src, out=dst)
         for y, x, kind, variant in nuc.tolist():
             half = halves[kind]
             ya, xa = y - half - y0, x - half - x0

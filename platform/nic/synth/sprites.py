@@ -4,6 +4,10 @@ Rendering millions of nuclei one by one from a shape model would dominate the co
 each kind of nucleus is drawn once as a bank of varied sprites (shape, size, chromatin, darkness),
 and the renderer only stamps them (an elementwise max on a small window). Sizes are in um and
 converted at the slide's resolution, so a 0.25 um/px slide shows the same cells twice as large.
+
+Most kinds are a haematoxylin stamp only. Apoptotic bodies also carry an eosin stamp (their
+shrunken, hypereosinophilic cytoplasm) and a "clear" mask (the retraction halo that separates them
+from their neighbours), which the renderer applies before stamping nuclei.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from scipy import ndimage
 
 SPRITE_SEED = 77031
 VARIANTS = 48
-KINDS = ("tumour", "lymphocyte", "fibroblast", "fat", "debris", "mitosis")
+# New kinds go at the end: a kind's index seeds its bank and is stored in nuclei arrays.
+KINDS = ("tumour", "lymphocyte", "fibroblast", "fat", "debris", "mitosis", "apoptotic")
 ANGLES = 12  # orientations of elongated (spindle) nuclei
 
 
@@ -24,12 +29,17 @@ ANGLES = 12  # orientations of elongated (spindle) nuclei
 class SpriteBank:
     """`sprites[i]` is a (size, size) float32 H-concentration stamp centred at (size // 2, size // 2).
 
-    For oriented kinds, variant i has angle `angles[i]` (radians, in [0, pi)).
+    For oriented kinds, variant i has angle `angles[i]` (radians, in [0, pi)). Kinds that change
+    the cytoplasm around the nucleus (apoptotic bodies) also have `eosin[i]`, an E-concentration
+    stamp (elementwise max), and `clear[i]` in 0..1, the fraction of the surrounding stain removed
+    (a pale halo); both are None for the other kinds.
     """
 
     kind: str
     sprites: np.ndarray
     angles: np.ndarray | None = None
+    eosin: np.ndarray | None = None
+    clear: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -146,6 +156,11 @@ def _debris(rng: np.random.Generator, mpp: float, size: int) -> np.ndarray:
     return val.astype(np.float32)
 
 
+def mitosis_scale(snr: float) -> float:
+    """Linear size of mitotic figures relative to snr ~0.75 (0.6 at snr 0, 1.15 at snr 1)."""
+    return 0.6 + 0.55 * snr
+
+
 def _mitosis(rng: np.random.Generator, mpp: float, size: int, snr: float) -> np.ndarray:
     """A mitotic figure: dark, irregular chromosome clumps (metaphase plate or clustered).
 
@@ -153,7 +168,7 @@ def _mitosis(rng: np.random.Generator, mpp: float, size: int, snr: float) -> np.
     as dark as a normal tumour nucleus, i.e. hard to tell apart.
     """
     yy, xx = _grid(size)
-    scale = 0.6 + 0.55 * snr
+    scale = mitosis_scale(snr)
     dark = 1.8 + 1.6 * snr
     length = _size_px(rng.uniform(5.5, 9.0) * scale, mpp)
     width = _size_px(rng.uniform(1.4, 2.6) * scale, mpp)
@@ -179,18 +194,51 @@ def _mitosis(rng: np.random.Generator, mpp: float, size: int, snr: float) -> np.
     return ndimage.gaussian_filter(val, 0.25 / mpp).astype(np.float32)
 
 
+def _apoptotic(rng: np.random.Generator, mpp: float, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An apoptotic body, the classic mitosis look-alike: (H, E, clear) stamps.
+
+    A shrunken round cell of dense pink (hypereosinophilic) cytoplasm, 5-7.5 um across, inside a
+    pale retraction halo, holding either one small, round, homogeneously near-black pyknotic
+    nucleus (40 %) or two to four round karyorrhectic fragments. Like a mitotic figure it is small
+    and very dark; unlike one it is round and smooth, with no chromosome arms, and sits in a halo.
+    """
+    yy, xx = _grid(size)
+    cell_um = rng.uniform(2.5, 3.8)
+    cell, _ = _blob(rng, size, _size_px(cell_um, mpp), _size_px(cell_um * rng.uniform(0.8, 1.0), mpp),
+                    rng.uniform(0, np.pi), 0.06)
+    halo_px = _size_px(cell_um + rng.uniform(0.8, 1.6), mpp)
+    halo, _ = _blob(rng, size, halo_px, halo_px * rng.uniform(0.85, 1.0), rng.uniform(0, np.pi), 0.08)
+    clear = rng.uniform(0.55, 0.85) * halo
+    eosin = rng.uniform(0.6, 1.0) * cell
+    val = np.zeros((size, size), np.float32)
+    pyknotic = rng.random() < 0.4
+    pieces = 1 if pyknotic else int(rng.integers(2, 5))
+    for _ in range(pieces):
+        rad_um = rng.uniform(1.2, 2.0) if pyknotic else rng.uniform(0.6, 1.2)
+        reach = _size_px(max(0.0, cell_um - rad_um - 0.3), mpp)
+        cy, cx = rng.uniform(-0.5, 0.5, 2) * reach if pyknotic else rng.uniform(-0.7, 0.7, 2) * reach
+        dot = _smooth_inside(_size_px(rad_um, mpp) - np.hypot(yy - cy, xx - cx))
+        val = np.maximum(val, rng.uniform(2.6, 3.2) * dot)
+    blur = 0.2 / mpp
+    return (
+        ndimage.gaussian_filter(val, blur).astype(np.float32),
+        ndimage.gaussian_filter(eosin, blur).astype(np.float32),
+        ndimage.gaussian_filter(clear, blur).astype(np.float32),
+    )
+
+
 def _sprite_size(max_radius_um: float, mpp: float) -> int:
     return int(np.ceil(2 * max_radius_um / mpp)) | 1
 
 
 @functools.lru_cache(maxsize=16)
 def sprite_bank(kind: str, mpp: float, snr: float = 1.0) -> SpriteBank:
-    """The bank of `kind` (tumour, lymphocyte, fibroblast, fat, debris, mitosis) at `mpp`."""
+    """The bank of `kind` (tumour, lymphocyte, fibroblast, fat, debris, mitosis, apoptotic) at `mpp`."""
     if kind not in KINDS:
         raise ValueError(f"unknown nucleus kind {kind!r}; known: {', '.join(KINDS)}")
     # Seeded by kind index, not hash(kind): str hashes change between processes.
     rng = np.random.default_rng([SPRITE_SEED, KINDS.index(kind), int(round(mpp * 1000)), int(round(snr * 1000))])
-    angles = None
+    angles = eosin = clear = None
     if kind == "tumour":
         size = _sprite_size(8.0, mpp)
         sprites = [_tumour(rng, mpp, size) for _ in range(VARIANTS)]
@@ -205,7 +253,11 @@ def sprite_bank(kind: str, mpp: float, snr: float = 1.0) -> SpriteBank:
     elif kind == "debris":
         size = _sprite_size(7.5, mpp)
         sprites = [_debris(rng, mpp, size) for _ in range(VARIANTS)]
-    else:  # mitosis
+    elif kind == "mitosis":
         size = _sprite_size(9.0, mpp)
         sprites = [_mitosis(rng, mpp, size, snr) for _ in range(VARIANTS)]
-    return SpriteBank(kind=kind, sprites=np.stack(sprites).astype(np.float32), angles=angles)
+    else:  # apoptotic
+        size = _sprite_size(6.5, mpp)
+        sprites, eosin, clear = (np.stack(v) for v in zip(*(_apoptotic(rng, mpp, size) for _ in range(VARIANTS))))
+    return SpriteBank(kind=kind, sprites=np.stack(sprites).astype(np.float32), angles=angles, eosin=eosin,
+                      clear=clear)

@@ -47,6 +47,7 @@ from nic.config.base import dump_config
 from nic.config.synth import SynthConfig
 from nic.storage import display, ensure_local, publish, remove, stage_storage, uri_for
 from nic.synth.labels import (
+    APOPTOTIC_SPREAD,
     NECROSIS_MEAN,
     NECROSIS_SD,
     TIL_MEAN,
@@ -99,6 +100,7 @@ def render_slide(params_dict: dict, out: str, tile_size: int, quality: int, spec
             tmp, params.width, params.height, scene.render, mpp=params.mpp, tile_size=tile_size, quality=quality
         )
     counts = scene.count_nuclei()
+    tumour_cells = counts["tumour"] + counts["mitosis"] + counts["apoptotic"]
     fractions = scene.layout.fractions()
     tumour_area_mm2 = fractions["tumour"] * (1 - fractions["background"]) * params.width * params.height * (
         params.mpp / 1000.0
@@ -114,7 +116,9 @@ def render_slide(params_dict: dict, out: str, tile_size: int, quality: int, spec
             "class_fractions": {k: round(float(v), 6) for k, v in fractions.items()},
             "nuclei": counts,
             "mitoses_per_mm2_tumour": round(counts["mitosis"] / tumour_area_mm2, 4) if tumour_area_mm2 else 0.0,
-            "mitotic_fraction": round(counts["mitosis"] / max(1, counts["mitosis"] + counts["tumour"]), 6),
+            # apoptotic bodies are tumour cells too: the fractions estimate the parameters
+            "mitotic_fraction": round(counts["mitosis"] / max(1, tumour_cells), 6),
+            "apoptotic_fraction": round(counts["apoptotic"] / max(1, tumour_cells), 6),
         },
     }
     write_json_atomic(path.with_suffix(".json"), sidecar)
@@ -442,6 +446,12 @@ def _write_labels_and_truth(
             "median_mitotic_fraction": config.signal.mitotic_fraction,
             "spread": config.signal.mitotic_spread,
             "proliferation_noise_sd": config.signal.proliferation_noise,
+        },
+        "apoptosis": {
+            "definition": "apoptotic_fraction = median * exp(spread * z), z standard normal per slide, independent "
+            "of the patient; apoptotic bodies are mitosis look-alikes and no target depends on them",
+            "median_apoptotic_fraction": config.signal.apoptotic_fraction,
+            "spread": APOPTOTIC_SPREAD,
         },
         "survival": {
             "model": "Weibull proportional hazards: S(t|x) = exp(-(t / scale)^shape * exp(beta . x)); "

@@ -1,11 +1,12 @@
 """The Ray Train loop of one cross-validation fold of a slide-level model.
 
-One fold is one TorchTrainer run (Train V2): DDP workers each draw their share of random crops per
-epoch, validate on centred crops of the fold's validation slides, reduce the learning rate x10 on
-plateau, stop early, and report a checkpoint every epoch. The checkpoint holds the last state (to
-resume) *and* the best weights so far (to evaluate), so keeping only the latest checkpoint is
-enough and a resumed run still ends with the best model. Re-running with the same storage path and
-run name resumes from the latest checkpoint: Ray Train V2 restores it from the run's snapshot.
+One fold is one TorchTrainer run (Train V2): DDP workers each draw their share of the epoch's random
+crops (crops_per_slide per training slide), validate on centred crops of the fold's validation
+slides, reduce the learning rate x10 on plateau, stop early, and report a checkpoint every epoch.
+The checkpoint holds the last state (to resume) *and* the best weights so far (to evaluate), so
+keeping only the latest checkpoint is enough and a resumed run still ends with the best model.
+Re-running with the same storage path and run name resumes from the latest checkpoint: Ray Train
+V2 restores it from the run's snapshot.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ class FoldSpec:
     train_targets: dict[str, list]
     val_ids: list[str] = field(default_factory=list)
     val_targets: dict[str, list] = field(default_factory=dict)
+    pool: str | None = None  # None: the model's own pooling (nic.downstream.models.MODEL_POOL)
     epochs: int = 100
+    crops_per_slide: int = 8  # random crops of each training slide per epoch
     batch_size: int = 16
     lr: float = 1e-2
     min_lr: float = 1e-5
@@ -155,7 +158,7 @@ def train_fold(config: dict) -> None:
     torch.manual_seed(spec.seed * 1000 + rank)
     device = resolve_device()
 
-    model = build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout)
+    model = build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout, pool=spec.pool)  # type: ignore[arg-type]
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.l2)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -191,7 +194,8 @@ def train_fold(config: dict) -> None:
         val_ds = GridDataset(spec.grids, spec.val_ids, _targets(spec.val_targets, spec.kind, spec.target_mean,
                              spec.target_std), spec.crop_size, train=False, cache_size=spec.cache_grids)
     weights = balanced_weights(train_targets["target"]) if spec.balanced and spec.kind in ("binary", "multiclass") else None
-    sampler = EpochSampler(len(train_ds), rank=rank, world_size=world, seed=spec.seed, weights=weights)
+    sampler = EpochSampler(len(train_ds), rank=rank, world_size=world, seed=spec.seed, weights=weights,
+                           repeats=spec.crops_per_slide)
     loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.loader_workers)
 
     while epoch < spec.epochs and not stopper.should_stop:
@@ -247,7 +251,7 @@ def train_fold(config: dict) -> None:
         ray.train.report(final)
         return
     started = time.monotonic()
-    best = build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout)
+    best = build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout, pool=spec.pool)  # type: ignore[arg-type]
     best.load_state_dict(best_state if best_state is not None else _unwrap(model).state_dict())
     best.to(device).eval()
     with checkpoint_dir() as folder:

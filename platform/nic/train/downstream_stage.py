@@ -56,7 +56,8 @@ MAX_AUTO_CROP = 400
 # Settings that do not change what a fold learns or predicts; changing them keeps a run resumable.
 _RUNTIME_FIELDS = {"ray", "verbose", "bootstrap", "max_parallel_folds", "max_failures", "loader_workers",
                    "cache_grids", "overwrite", "risk_groups", "num_workers", "cpus_per_worker", "use_gpu",
-                   "storage_path", "run_name", "out"}
+                   "storage_path", "run_name", "out", "probe"}
+PROBE_PREDICTIONS = "probe_predictions.parquet"
 
 
 def _say(message: str) -> None:
@@ -120,6 +121,7 @@ def build_fold_specs(config: TrainDownstreamConfig, labels: Labels, splits: pd.D
             in_channels=info["in_channels"], outputs=labels.num_outputs, crop_size=crop_size,
             train_ids=fit["slide_id"].tolist(), train_targets=_targets_of(labels, fit["slide_id"]),
             val_ids=val["slide_id"].tolist(), val_targets=_targets_of(labels, val["slide_id"]),
+            pool=config.pool, crops_per_slide=config.crops_per_slide,
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, min_lr=config.min_lr,
             lr_patience=config.lr_patience, patience=config.patience, l2=config.l2, dropout=config.dropout,
             dihedral=config.dihedral, balanced=config.balanced, ties=config.ties, target_mean=mean,
@@ -268,7 +270,16 @@ def aggregate_predictions(config: TrainDownstreamConfig, labels: Labels, records
              for r in records if r["status"] == STATUS_OK]
     if not parts:
         return pd.DataFrame()
-    frame = pd.concat(parts, ignore_index=True)
+    return pool_predictions(pd.concat(parts, ignore_index=True), labels)
+
+
+def pool_predictions(frame: pd.DataFrame, labels: Labels) -> pd.DataFrame:
+    """Fold predictions (slide_id, split, fold, prediction columns; a test slide once per fold
+    model) -> one row per slide with its labels: out-of-fold rows as they are, test rows averaged
+    over the fold models. The CNN and the linear probe both go through here, so they are pooled
+    and then scored the same way."""
+    if not len(frame):
+        return pd.DataFrame()
     cv = frame[frame["split"] == "cv"]
     test = frame[frame["split"] == "test"]
     if len(test):
@@ -297,6 +308,77 @@ def split_metrics(kind: str, part: pd.DataFrame, labels: Labels, bootstrap: int,
     else:
         pred = part["prediction"].to_numpy()
     return compute_metrics(kind, target=part["target"].to_numpy(), prediction=pred, n_bootstrap=bootstrap, seed=seed)
+
+
+def evaluate_predictions(labels: Labels, predictions: pd.DataFrame, bootstrap: int,
+                         seed: int) -> tuple[dict[str, dict], dict[int, float | None]]:
+    """metrics.json's `cv` and `test` entries ({metrics, slides}; `cv` also `fold_mean`) of pooled
+    predictions, and the primary metric of each fold's held-out slides."""
+    primary = PRIMARY_METRIC[labels.kind]
+    cv = predictions[predictions["split"] == "cv"]
+    per_fold = {int(k): split_metrics(labels.kind, part, labels, 0, seed)[primary]["value"]
+                for k, part in cv.groupby("fold", sort=True)}
+    entries: dict[str, dict] = {}
+    for split in ("cv", "test"):
+        part = predictions[predictions["split"] == split]
+        if len(part):
+            entries[split] = {"metrics": split_metrics(labels.kind, part, labels, bootstrap, seed),
+                              "slides": int(len(part))}
+    values = [v for v in per_fold.values() if v is not None]
+    if "cv" in entries and values:
+        # Pooled out-of-fold ranks mix fold models whose scales differ; the mean of the
+        # per-fold values is the usual other summary of a cross-validation.
+        entries["cv"]["fold_mean"] = {primary: {"mean": float(np.mean(values)),
+                                                "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                                                "folds": len(values)}}
+    return entries, per_fold
+
+
+def run_probe(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """The linear-probe baseline on the CNN's own folds (nic.downstream.probe): metrics.json's
+    `probe` entry (model, features, cv/test like the CNN's, per-fold penalties, seconds) and its
+    pooled predictions. It takes seconds and needs no Ray. It never raises: a probe that cannot be
+    fitted (e.g. a degenerate fold) is recorded in `error` and the CNN's results stand."""
+    from nic.downstream.probe import FEATURES, MODEL_OF_KIND, cross_validate_probe, slide_features
+
+    started = time.monotonic()
+    entry: dict[str, Any] = {"model": MODEL_OF_KIND[labels.kind], "features": FEATURES}
+    predictions = pd.DataFrame()
+    try:
+        features = slide_features(config.grids, labels.slide_ids)
+        run = cross_validate_probe(features, labels, splits, config.seed)
+        predictions = pool_predictions(run.predictions, labels)
+        entries, _ = evaluate_predictions(labels, predictions, config.bootstrap, config.seed)
+        entry.update(entries)
+        entry["folds"] = run.folds
+    except Exception as exc:  # the probe is a baseline: its failure must not fail the stage
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+    entry["seconds"] = round(time.monotonic() - started, 2)
+    return entry, predictions
+
+
+def _metric_text(entry: dict) -> str:
+    """'0.812, 95 % CI [0.700, 0.900]' of a metrics entry."""
+    value = "n/a" if entry["value"] is None else f"{entry['value']:.3f}"
+    ci = "" if entry["ci_low"] is None else f", 95 % CI [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
+    return value + ci
+
+
+def _probe_line(probe: dict, primary: str, cnn: dict | None = None, cnn_name: str = "CNN") -> str:
+    """One line on the probe: its primary metric (and the trained model's beside it when given)."""
+    head = f"linear probe ({probe['model']} on the {probe['features']})"
+    if "error" in probe:
+        return f"{head} failed: {probe['error'][:300]}"
+    parts = []
+    for split in ("cv", "test"):
+        if split not in probe:
+            continue
+        name = "cross-validation" if split == "cv" else "test set"
+        text = f"{name} {primary} = {_metric_text(probe[split]['metrics'][primary])}"
+        if cnn is not None and split in cnn:
+            text += f" ({cnn_name} {_metric_text(cnn[split]['metrics'][primary])})"
+        parts.append(text)
+    return f"{head}: " + "; ".join(parts) + f" [{probe['seconds']:.1f} s]"
 
 
 def write_plots(config: TrainDownstreamConfig, labels: Labels, part: pd.DataFrame, split: str, metrics: dict) -> dict:
@@ -402,6 +484,15 @@ def run_train_downstream(config: TrainDownstreamConfig,
     write_bytes_atomic(out / "config.yaml", dump_config(config).encode())
     write_parquet_atomic(out / "splits.parquet", pa.Table.from_pandas(splits, preserve_index=False))
 
+    probe = None
+    if config.probe:
+        probe, probe_predictions = run_probe(config, labels, splits)
+        _say(_probe_line(probe, PRIMARY_METRIC[labels.kind]))
+        if len(probe_predictions):
+            write_parquet_atomic(out / PROBE_PREDICTIONS, pa.Table.from_pandas(probe_predictions, preserve_index=False))
+        else:
+            remove(out / PROBE_PREDICTIONS)  # not a stale file from an earlier run beside this run's error
+
     connect(config.ray, config.verbose)
     specs = build_fold_specs(config, labels, splits, info, crop_size)
     test_ids = splits.loc[splits["fold"] == TEST_FOLD, "slide_id"].tolist()
@@ -427,28 +518,17 @@ def run_train_downstream(config: TrainDownstreamConfig,
     }
     if len(predictions):
         primary_name = PRIMARY_METRIC[labels.kind]
-        per_fold = []
+        entries, per_fold = evaluate_predictions(labels, predictions, config.bootstrap, config.seed)
         for rec in result["folds"]:
-            part = predictions[(predictions["split"] == "cv") & (predictions["fold"] == rec["fold"])]
-            if rec["status"] == STATUS_OK and len(part):
-                value = split_metrics(labels.kind, part, labels, 0, config.seed)[primary_name]["value"]
-                rec[f"cv_{primary_name}"] = value
-                if value is not None:
-                    per_fold.append(value)
-        for split in ("cv", "test"):
+            if rec["status"] == STATUS_OK and rec["fold"] in per_fold:
+                rec[f"cv_{primary_name}"] = per_fold[rec["fold"]]
+        for split, entry in entries.items():
             part = predictions[predictions["split"] == split]
-            if not len(part):
-                continue
-            metrics = split_metrics(labels.kind, part, labels, config.bootstrap, config.seed)
-            result[split] = {"metrics": metrics, "slides": int(len(part)),
-                             "plots": write_plots(config, labels, part, split, metrics)}
-            if split == "cv" and per_fold:
-                # Pooled out-of-fold ranks mix fold models whose scales differ; the mean of the
-                # per-fold values is the usual other summary of a cross-validation.
-                result["cv"]["fold_mean"] = {primary_name: {"mean": float(np.mean(per_fold)),
-                                                            "sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else None,
-                                                            "folds": len(per_fold)}}
+            entry["plots"] = write_plots(config, labels, part, split, entry["metrics"])
+            result[split] = entry
         write_parquet_atomic(out / "predictions.parquet", pa.Table.from_pandas(predictions, preserve_index=False))
+    if probe is not None:
+        result["probe"] = probe
     result["seconds"] = round(time.monotonic() - started, 2)
     write_json_atomic(out / "metrics.json", result)
 
@@ -463,6 +543,8 @@ def run_train_downstream(config: TrainDownstreamConfig,
                 fm = result["cv"]["fold_mean"][primary]
                 folds = f"; mean of {fm['folds']} folds {fm['mean']:.3f}"
             _say(f"{'cross-validation' if split == 'cv' else 'test set'} {primary} = {value}{ci}, n={m['n']}{folds}")
+    if probe is not None:
+        _say(_probe_line(probe, primary, cnn=result, cnn_name=config.model))
     if failed:
         _say(f"{len(failed)} of {len(records)} fold(s) failed: " + "; ".join(f"fold {r['fold']}: {r['reason'][:200]}" for r in failed))
         return 1
