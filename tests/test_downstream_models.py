@@ -206,3 +206,23 @@ def test_config_rejects_unknown_pools_and_crop_counts():
         _config(pool="median")
     with pytest.raises(ConfigError, match="key 'crops_per_slide'.*greater than or equal to 1"):
         _config(crops_per_slide=0)
+
+
+def test_strided_layers_follow_the_paper_at_400_and_keep_a_map_on_small_crops():
+    from nic.downstream.models import strided_layers_for
+
+    assert strided_layers_for(400) == 6  # the paper: 400 / 2^6 -> a 7 x 7 last map
+    assert strided_layers_for(46) == 2   # the demo grids: 12 x 12, not 1 x 1
+    assert strided_layers_for(8) == 0
+    model = NicGridCNN(8, 1, strided=strided_layers_for(46)).eval()
+    x, weight = model.feature_map(torch.randn(2, 8, 46, 46), torch.ones(2, 46, 46, dtype=torch.bool))
+    assert x.shape[-2:] == (12, 12) and weight.shape[-2:] == (12, 12)
+
+
+def test_strided_layers_survive_save_and_load(tmp_path):
+    model = build_model("nic-cnn", 8, 1, pool="mean", strided=2).eval()
+    save_model(tmp_path / "m.pt", model, {"model": "nic-cnn", "in_channels": 8, "outputs": 1})
+    loaded, meta = load_model(tmp_path / "m.pt")
+    assert meta["strided"] == 2 and loaded.strided == 2
+    grid, mask = torch.randn(1, 8, 30, 30), torch.ones(1, 30, 30, dtype=torch.bool)
+    assert torch.equal(model(grid, mask), loaded(grid, mask))

@@ -42,3 +42,36 @@ def test_probe_table_and_markers_beside_the_cnn(tmp_path):
     assert "| mean-rgb | failed: ValueError: one class |" in text and "| raw | not run |" in text
     with Image.open(report_dir / "comparison.png") as img:
         assert img.format == "PNG"
+
+
+def test_oracle_ceilings_score_the_hidden_truth_against_the_labels(tmp_path):
+    """A label that is a monotone copy of the true rate has Spearman 1; noise lowers the ceiling; the
+    survival ceiling ranks the true linear predictor against (time, event)."""
+    import numpy as np
+
+    from nic.report.oracle import oracle_ceilings
+    from nic.report.study import oracle_lines
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(60)
+    lp = rng.standard_normal(60)
+    times = np.exp(-lp + 0.1 * rng.standard_normal(60))
+
+    def truth(noise: float) -> dict:
+        return {"slides": [{"targets": {"proliferation": float(z[i] + noise * rng.standard_normal()),
+                                        "growth_pattern": i % 2, "time": float(times[i]), "event": 1,
+                                        "linear_predictor": float(lp[i])},
+                            "covariates": {"proliferation": float(z[i])},
+                            "realised": {"mitoses_per_mm2_tumour": float(np.exp(z[i]))}} for i in range(60)]}
+
+    (tmp_path / "exact.json").write_text(json.dumps(truth(0.0)))
+    (tmp_path / "noisy.json").write_text(json.dumps(truth(1.0)))
+    exact, noisy = oracle_ceilings(tmp_path / "exact.json", 100), oracle_ceilings(tmp_path / "noisy.json", 100)
+    assert exact["proliferation"]["value"] == 1.0
+    assert exact["proliferation (mitosis count)"]["value"] == 1.0
+    assert 0.3 < noisy["proliferation"]["value"] < 0.9
+    assert noisy["proliferation"]["ci_low"] < noisy["proliferation"]["value"] < noisy["proliferation"]["ci_high"]
+    assert exact["survival"]["value"] > 0.85 and exact["growth_pattern"]["value"] == 1.0
+    text = "\n".join(oracle_lines(tmp_path / "noisy.json"))
+    assert "Oracle ceilings" in text and "true log mitotic rate" in text
+    assert oracle_ceilings(tmp_path / "missing.json") == {}

@@ -52,6 +52,10 @@ class TrainDownstreamConfig(StageConfig):
         "densities, counts), 'attention' (gated attention, a learned weighted mean). null = the default "
         "for the model and target kind (DEFAULT_POOL in nic.config.downstream); the resolved value is "
         "what config.yaml records.")
+    strided_layers: int | None = Field(
+        None, ge=0, le=8, description="nic-cnn: how many of its first layers have stride 2. null = the paper's "
+        "rule scaled to the crop: 6 at R = 400 (a 7 x 7 last map), fewer on smaller crops so the last map keeps "
+        ">= 6 cells a side for pooling (a 46-cell crop: 2 layers, 12 x 12).")
     folds: int = Field(5, ge=2, description="Cross-validation folds (grouped by patient, stratified by class/event).")
     test_fraction: float = Field(
         0.0, ge=0, lt=1, description="Fraction of patients held out as a fixed test set (0: cross-validation only).")

@@ -45,6 +45,20 @@ POOLS: tuple[str, ...] = get_args(Pool)
 #: was a choice (meta without "pool") were trained with.
 MODEL_POOL: dict[str, Pool] = {"nic-cnn": "max", "attention-mil": "attention"}
 _TINY = 1e-12
+#: Side (cells) the NIC CNN's last feature map should keep at least: the paper's R = 400 crop after
+#: its six stride-2 layers is a 7 x 7 map, so pooling has cells to pool over.
+MIN_FINAL_SIDE = 6
+
+
+def strided_layers_for(crop_size: int, layers: int = 8) -> int:
+    """How many of the CNN's first layers use stride 2 for an R x R crop: the paper's six at R = 400
+    (400 / 2^6 = 6.25), fewer on small grids so the last map keeps >= MIN_FINAL_SIDE cells a side.
+    With six on a 46-cell demo grid every crop would end as one cell, where max, mean and attention
+    pooling are the same thing and a masked mean cannot be taken at all."""
+    n = 0
+    while n < layers - 2 and crop_size / 2 ** (n + 1) >= MIN_FINAL_SIDE:
+        n += 1
+    return n
 
 
 def check_pool(pool: str) -> Pool:
@@ -162,6 +176,7 @@ class NicGridCNN(TissuePooling):
         pool: Pool | None = None,
         attention: int = 64,
         masked: bool = True,
+        strided: int | None = None,
     ):
         super().__init__()
         if layers < 2:
@@ -169,10 +184,14 @@ class NicGridCNN(TissuePooling):
         pool = pool or MODEL_POOL["nic-cnn"]
         if not masked and pool == "attention":
             raise ValueError("the unmasked (legacy) NicGridCNN pools with max or mean only")
+        # The paper: stride 2 in all but the last two layers; `strided` (strided_layers_for) fewer.
+        self.strided = layers - 2 if strided is None else int(strided)
+        if not 0 <= self.strided <= layers:
+            raise ValueError(f"strided layers must be in [0, {layers}], got {strided}")
         blocks = []
         channels = in_channels
         for i in range(layers):
-            stride = 1 if i >= layers - 2 else 2  # the last two layers keep the resolution
+            stride = 2 if i < self.strided else 1
             blocks.append(SeparableConvBlock(channels, width, stride, dropout))
             channels = width
         self.features = nn.Sequential(*blocks)
@@ -255,7 +274,10 @@ def build_model(name: ModelName, in_channels: int, outputs: int, dropout: float 
 def model_meta(model: nn.Module) -> dict:
     """What of a model's structure save_model must record beyond its name and sizes: the pooling."""
     module = model.module if hasattr(model, "module") else model
-    return {"pool": module.pool} if hasattr(module, "pool") else {}
+    meta = {"pool": module.pool} if hasattr(module, "pool") else {}
+    if isinstance(module, NicGridCNN):
+        meta["strided"] = module.strided
+    return meta
 
 
 def save_model(path: str | Path, model: nn.Module, meta: dict) -> Path:
@@ -279,6 +301,8 @@ def _model_from_meta(meta: dict) -> nn.Module:
         kwargs["pool"] = meta["pool"]
     elif name == "nic-cnn":
         kwargs["masked"] = False
+    if name == "nic-cnn" and "strided" in meta:
+        kwargs["strided"] = int(meta["strided"])
     return build_model(name, int(meta["in_channels"]), int(meta["outputs"]), **kwargs)
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 from nic.artifacts import write_bytes_atomic
 from nic.report.figures import plot_comparison
 from nic.report.markdown import image, table
+from nic.report.oracle import oracle_ceilings
 
 METRIC_NAMES = {
     "spearman": "Spearman", "pearson": "Pearson", "roc_auc": "ROC AUC", "accuracy": "accuracy",
@@ -73,7 +74,21 @@ def cohort_section(labels_path: Path, cohort_dir: Path | None) -> list[str]:
     if truth:
         lines += ["Synthetic cohort: every target comes from hidden per-slide parameters recorded in "
                   f"`{_rel(cohort_dir / 'truth.json', cohort_dir.parent)}` (seed {truth.get('seed', '?')}).", ""]
+        lines += oracle_lines(cohort_dir / "truth.json")
     return lines
+
+
+def oracle_lines(truth_path: Path) -> list[str]:
+    """The ceilings a perfect reader of the hidden truth reaches (nic.report.oracle), as a table."""
+    ceilings = oracle_ceilings(truth_path)
+    if not ceilings:
+        return []
+    rows = [[name, METRIC_NAMES.get(c["metric"], c["metric"]), c["truth"], _fmt_metric(c)]
+            for name, c in ceilings.items()]
+    return ["### Oracle ceilings", "",
+            "What the hidden truth itself scores against the labels (label noise and censoring bound every "
+            "model below these; bootstrap 95 % CIs over slides):", "",
+            *table(["target", "metric", "predictor", "value [95 % CI]"], rows), ""]
 
 
 def _encoder_metrics(metrics: dict) -> str:

@@ -66,6 +66,7 @@ class FoldSpec:
     val_ids: list[str] = field(default_factory=list)
     val_targets: dict[str, list] = field(default_factory=dict)
     pool: str | None = None  # None: the model's own pooling (nic.downstream.models.MODEL_POOL)
+    strided: int | None = None  # nic-cnn: stride-2 layers (None: the paper's 6)
     epochs: int = 100
     crops_per_slide: int = 8  # random crops of each training slide per epoch
     batch_size: int = 16
@@ -141,6 +142,13 @@ def _validate(model, dataset: GridDataset, loss_fn, spec: FoldSpec, device, rank
     return {"val_loss": loss, f"val_{primary}": math.nan if value is None else value}
 
 
+def _build(spec: FoldSpec) -> torch.nn.Module:
+    """The fold's model: its pooling, and for the CNN its number of stride-2 layers."""
+    extra = {"strided": spec.strided} if spec.model == "nic-cnn" and spec.strided is not None else {}
+    return build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout,  # type: ignore[arg-type]
+                       pool=spec.pool, **extra)  # type: ignore[arg-type]
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -158,7 +166,7 @@ def train_fold(config: dict) -> None:
     torch.manual_seed(spec.seed * 1000 + rank)
     device = resolve_device()
 
-    model = build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout, pool=spec.pool)  # type: ignore[arg-type]
+    model = _build(spec)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.l2)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -251,7 +259,7 @@ def train_fold(config: dict) -> None:
         ray.train.report(final)
         return
     started = time.monotonic()
-    best = build_model(spec.model, spec.in_channels, spec.outputs, dropout=spec.dropout, pool=spec.pool)  # type: ignore[arg-type]
+    best = _build(spec)
     best.load_state_dict(best_state if best_state is not None else _unwrap(model).state_dict())
     best.to(device).eval()
     with checkpoint_dir() as folder:

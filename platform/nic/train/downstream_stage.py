@@ -44,6 +44,7 @@ from nic.config.base import dump_config
 from nic.config.downstream import TrainDownstreamConfig
 from nic.downstream.labels import LabelError, Labels, load_labels
 from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
+from nic.downstream.models import strided_layers_for
 from nic.downstream.splits import TEST_FOLD, make_splits, train_val_split
 from nic.grids.reader import list_slides, read_grid_meta
 from nic.grids.schema import GridError
@@ -122,6 +123,8 @@ def build_fold_specs(config: TrainDownstreamConfig, labels: Labels, splits: pd.D
             train_ids=fit["slide_id"].tolist(), train_targets=_targets_of(labels, fit["slide_id"]),
             val_ids=val["slide_id"].tolist(), val_targets=_targets_of(labels, val["slide_id"]),
             pool=config.pool, crops_per_slide=config.crops_per_slide,
+            strided=(config.strided_layers if config.strided_layers is not None
+                     else strided_layers_for(crop_size)) if config.model == "nic-cnn" else None,
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, min_lr=config.min_lr,
             lr_patience=config.lr_patience, patience=config.patience, l2=config.l2, dropout=config.dropout,
             dihedral=config.dihedral, balanced=config.balanced, ties=config.ties, target_mean=mean,
