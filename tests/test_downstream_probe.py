@@ -235,3 +235,43 @@ def test_stage_probe_failure_is_recorded_not_raised(cohort, tmp_path, monkeypatc
     assert entry["error"].startswith("ValueError: This solver needs") and "cv" not in entry
     assert predictions.empty and entry["model"] == "logistic"
     assert "failed" in _probe_line(entry, "roc_auc")
+
+
+def test_probe_only_run_trains_nothing_and_writes_the_probe(cohort, tmp_path):
+    """train_model: false = the linear probe alone (nic tune's cheap trial metric): metrics.json holds
+    `probe` and no `cv`, no fold is trained, and a run with nothing to do is refused at load time."""
+    import json
+
+    from nic.config.base import ConfigError, load_config
+    from nic.config.downstream import TrainDownstreamConfig
+    from nic.train.downstream_stage import run_train_downstream
+
+    grids, labels_csv = cohort
+    values = dict(grids=str(grids), labels=str(labels_csv), out=str(tmp_path / "m"), kind="regression",
+                  target="score", folds=3, bootstrap=50, train_model=False)
+    assert run_train_downstream(load_config(TrainDownstreamConfig, values=values)) == 0
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert "cv" not in metrics and metrics["folds"] == [] and metrics["trained_model"] is False
+    assert metrics["probe"]["cv"]["metrics"]["spearman"]["value"] > 0.8
+    assert (tmp_path / "m" / "probe_predictions.parquet").exists() and not (tmp_path / "m" / "folds").exists()
+    with pytest.raises(ConfigError, match="nothing would be trained"):
+        load_config(TrainDownstreamConfig, values={**values, "probe": False})
+
+
+def test_tune_trials_judged_by_the_probe_train_no_downstream_model(tmp_path):
+    from nic.config.base import ConfigError, load_config
+    from nic.config.tune import TuneConfig
+    from nic.tune.trial import _final_metric, trial_configs
+
+    base = dict(tasks="t.yaml", slides=["s"], labels="l.csv", kind="regression", target="y", out=str(tmp_path))
+    with pytest.raises(ConfigError, match="set asha: false"):
+        load_config(TuneConfig, values={**base, "trial_metric": "probe"})
+    static = {"tasks": "t.yaml", "slides": ["s"], "labels": "l.csv", "kind": "regression", "target": "y",
+              "out": str(tmp_path), "encoder": {}, "compress": {}, "downstream": {"folds": 3}, "ray": {},
+              "trial_metric": "probe"}
+    _, _, downstream = trial_configs({"tasks": ["a"]}, static, tmp_path / "trial")
+    assert downstream.train_model is False and downstream.probe is True
+    metrics = {"primary_metric": "spearman", "probe": {"cv": {"metrics": {"spearman": {"value": 0.61}}}}}
+    (tmp_path / "metrics.json").write_text(__import__("json").dumps(metrics))
+    assert _final_metric(tmp_path / "metrics.json", "probe") == 0.61
+    assert _final_metric(tmp_path / "metrics.json", "cnn") is None

@@ -103,6 +103,9 @@ class TrainDownstreamConfig(StageConfig):
         "penalised Cox regression on each slide's mean and SD of every grid channel over tissue, penalty chosen "
         "by inner cross-validation on each fold's training slides. Its metrics are metrics.json's 'probe' and "
         "its predictions probe_predictions.parquet: a baseline saying whether the grids carry the signal at all.")
+    train_model: bool = Field(
+        True, description="Train the slide-level model (Ray Train folds). false = the linear probe only: seconds, "
+        "no Ray; metrics.json then holds 'probe' and no 'cv'/'test' (nic tune's cheap trial metric).")
     storage_path: Path | None = Field(
         None, description="Ray Train storage for checkpoints (default: <out>/ray). Re-running with the same "
         "storage and out resumes unfinished folds.")
@@ -121,6 +124,12 @@ class TrainDownstreamConfig(StageConfig):
         model = data.get("model", cls.model_fields["model"].default)
         pool = DEFAULT_POOL.get(model, {}).get(data.get("kind"))  # type: ignore[arg-type]
         return {**data, "pool": pool} if pool is not None else data
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> TrainDownstreamConfig:
+        if not self.train_model and not self.probe:
+            raise ValueError("train_model and probe are both false: nothing would be trained")
+        return self
 
     @model_validator(mode="after")
     def _target_needed(self) -> TrainDownstreamConfig:

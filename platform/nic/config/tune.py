@@ -59,6 +59,10 @@ class TuneConfig(StageConfig):
     encoder: dict[str, Any] = Field(default_factory=dict, description="nic train-encoder keys for every trial.")
     compress: dict[str, Any] = Field(default_factory=dict, description="nic compress keys for every trial.")
     downstream: dict[str, Any] = Field(default_factory=dict, description="nic train-downstream keys for every trial.")
+    trial_metric: Literal["cnn", "probe"] = Field(
+        "cnn", description="What a trial reports: 'cnn' = the downstream model's pooled out-of-fold metric "
+        "(Ray Train folds, reported per fold so ASHA can stop weak trials); 'probe' = the linear probe's on the "
+        "same folds (seconds instead of minutes per trial, no ASHA: one report per trial).")
     asha: bool = Field(True, description="Stop weak trials early with ASHA (rungs are downstream folds finished).")
     grace_folds: int = Field(1, ge=1, description="ASHA: folds every trial finishes before it can be stopped.")
     reduction_factor: int = Field(2, ge=2, description="ASHA: keep the best 1/reduction_factor at each rung.")
@@ -81,4 +85,7 @@ class TuneConfig(StageConfig):
             clash = sorted(wired & set(getattr(self, section)))
             if clash:
                 raise ValueError(f"{section}: {', '.join(clash)} are set by nic tune; remove them")
+        if self.trial_metric == "probe" and self.asha:
+            raise ValueError("trial_metric: probe reports once per trial, so ASHA has nothing to stop early; "
+                             "set asha: false")
         return self

@@ -57,7 +57,7 @@ MAX_AUTO_CROP = 400
 # Settings that do not change what a fold learns or predicts; changing them keeps a run resumable.
 _RUNTIME_FIELDS = {"ray", "verbose", "bootstrap", "max_parallel_folds", "max_failures", "loader_workers",
                    "cache_grids", "overwrite", "risk_groups", "num_workers", "cpus_per_worker", "use_gpu",
-                   "storage_path", "run_name", "out", "probe"}
+                   "storage_path", "run_name", "out", "probe", "train_model"}
 PROBE_PREDICTIONS = "probe_predictions.parquet"
 
 
@@ -445,6 +445,28 @@ def fold_metric(config: TrainDownstreamConfig, labels: Labels, record: dict) -> 
     return split_metrics(labels.kind, part, labels, 0, config.seed)[PRIMARY_METRIC[labels.kind]]["value"]
 
 
+def _train_folds(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFrame, info: dict, crop_size: int,
+                 run_hash: str, storage: Path, name_prefix: str,
+                 on_fold: Callable[[int, float | None], None] | None) -> list[dict]:
+    """Every fold's TorchTrainer run (complete folds skipped), with rank 0's progress relayed here."""
+    from nic.runtime import connect
+
+    connect(config.ray, config.verbose)
+    specs = build_fold_specs(config, labels, splits, info, crop_size)
+    test_ids = splits.loc[splits["fold"] == TEST_FOLD, "slide_id"].tolist()
+    _say(f"{labels.kind} '{config.target or 'survival'}': {len(labels.frame)} slides, {config.folds} folds"
+         f"{f', {len(test_ids)} test slides' if test_ids else ''}, model {config.model} (pool {config.pool}), "
+         f"crop {crop_size}")
+    run = {"run_hash": run_hash, "storage_path": str(storage), "name_prefix": name_prefix,
+           "num_workers": config.num_workers, "use_gpu": config.use_gpu, "cpus_per_worker": config.cpus_per_worker,
+           "max_failures": config.max_failures}
+    with ProgressRelay() as relay:
+        run["progress"] = relay.queue
+        fold_hook = None if on_fold is None else (
+            lambda rec: on_fold(rec["fold"], fold_metric(config, labels, rec)))
+        return _run_all_folds(config, specs, run, run_hash, fold_hook)
+
+
 @stage_storage
 def run_train_downstream(config: TrainDownstreamConfig,
                          on_fold: Callable[[int, float | None], None] | None = None) -> int:
@@ -452,8 +474,6 @@ def run_train_downstream(config: TrainDownstreamConfig,
 
     `on_fold(fold, metric)` is called as each newly trained fold finishes, with the primary metric
     on its held-out slides: `nic tune` reports it to Ray Tune so ASHA can stop weak trials early."""
-    from nic.runtime import connect
-
     started = time.monotonic()
     out = Path(config.out)
     grids = Path(config.grids)
@@ -496,19 +516,9 @@ def run_train_downstream(config: TrainDownstreamConfig,
         else:
             remove(out / PROBE_PREDICTIONS)  # not a stale file from an earlier run beside this run's error
 
-    connect(config.ray, config.verbose)
-    specs = build_fold_specs(config, labels, splits, info, crop_size)
-    test_ids = splits.loc[splits["fold"] == TEST_FOLD, "slide_id"].tolist()
-    _say(f"{labels.kind} '{config.target or 'survival'}': {len(labels.frame)} slides, {config.folds} folds"
-         f"{f', {len(test_ids)} test slides' if test_ids else ''}, model {config.model}, crop {crop_size}")
-    run = {"run_hash": run_hash, "storage_path": str(storage), "name_prefix": name_prefix,
-           "num_workers": config.num_workers, "use_gpu": config.use_gpu, "cpus_per_worker": config.cpus_per_worker,
-           "max_failures": config.max_failures}
-    with ProgressRelay() as relay:
-        run["progress"] = relay.queue
-        fold_hook = None if on_fold is None else (
-            lambda rec: on_fold(rec["fold"], fold_metric(config, labels, rec)))
-        records = _run_all_folds(config, specs, run, run_hash, fold_hook)
+    records: list[dict] = []
+    if config.train_model:
+        records = _train_folds(config, labels, splits, info, crop_size, run_hash, storage, name_prefix, on_fold)
     failed = [r for r in records if r["status"] != STATUS_OK]
 
     predictions = aggregate_predictions(config, labels, records)
@@ -517,6 +527,7 @@ def run_train_downstream(config: TrainDownstreamConfig,
         "encoder_hash": info["encoder_hash"], "crop_size": crop_size, "tta_views": config.tta_crops * (8 if config.dihedral else 1),
         "primary_metric": PRIMARY_METRIC[labels.kind], "labels": labels.summary(),
         "unlabelled_grids": labels.unlabelled_grids, "run_hash": run_hash,
+        "trained_model": config.train_model,
         "folds": [{k: v for k, v in r.items() if k != "history"} for r in records],
     }
     if len(predictions):
@@ -551,5 +562,6 @@ def run_train_downstream(config: TrainDownstreamConfig,
     if failed:
         _say(f"{len(failed)} of {len(records)} fold(s) failed: " + "; ".join(f"fold {r['fold']}: {r['reason'][:200]}" for r in failed))
         return 1
-    _say(f"done in {result['seconds']:.0f} s: {display(out / 'metrics.json')}, {display(out / 'predictions.parquet')}")
+    written = [out / "metrics.json", out / ("predictions.parquet" if config.train_model else PROBE_PREDICTIONS)]
+    _say(f"done in {result['seconds']:.0f} s: " + ", ".join(display(p) for p in written))
     return 0

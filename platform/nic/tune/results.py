@@ -109,9 +109,11 @@ def write_results(frame: pd.DataFrame, out: Path, cfg: Any, mode: str) -> dict[s
     label = {"regression": "Spearman", "binary": "ROC AUC", "multiclass": "ROC AUC", "survival": "C-index"}[cfg.kind]
     (rho, p, n), (rho_all, p_all, n_all) = correlations = (
         tasks_metric_correlation(frame), tasks_metric_correlation(frame, complete_only=False))
-    plot = plot_tasks_vs_metric(frame, f"downstream {label} ({cfg.target or 'survival'})", out / "tasks_vs_metric.png",
+    judge = "linear probe" if getattr(cfg, "trial_metric", "cnn") == "probe" else "downstream model"
+    plot = plot_tasks_vs_metric(frame, f"{judge}: {label} ({cfg.target or 'survival'})", out / "tasks_vs_metric.png",
                                 correlations)
-    summary = {"spearman_tasks_vs_metric": rho, "p_value": p, "complete_trials": n, "trials": len(frame),
+    summary = {"trial_metric": f"{judge}, out-of-fold {label}",
+               "spearman_tasks_vs_metric": rho, "p_value": p, "complete_trials": n, "trials": len(frame),
                "spearman_all_trials": rho_all, "p_value_all_trials": p_all, "reported_trials": n_all}
     write_bytes_atomic(out / "summary.yaml", yaml.safe_dump(summary).encode())
     return {"parquet": parquet, "csv": csv, "plot": plot}

@@ -42,6 +42,7 @@ def _static(cfg: TuneConfig) -> dict:
     return {"tasks": str(Path(cfg.tasks).resolve()), "slides": slides, "labels": str(Path(cfg.labels).resolve()),
             "kind": cfg.kind, "target": cfg.target, "out": str(Path(cfg.out).resolve()),
             "encoder": cfg.encoder, "compress": cfg.compress, "downstream": cfg.downstream,
+            "trial_metric": cfg.trial_metric,
             "ray": cfg.ray.model_dump()}
 
 

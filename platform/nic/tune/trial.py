@@ -39,6 +39,8 @@ def trial_configs(params: dict[str, Any], static: dict[str, Any], trial_dir: Pat
                   "kind": static["kind"], "out": str(trial_dir / "model")}
     if static.get("target"):
         downstream["target"] = static["target"]
+    if static.get("trial_metric") == "probe":
+        downstream.update(train_model=False, probe=True)
     if "downstream_lr" in params:
         downstream["lr"] = params["downstream_lr"]
     return (build_config(TrainEncoderConfig, encoder, "nic tune: encoder"),
@@ -76,17 +78,19 @@ def run_trial(params: dict[str, Any], static: dict[str, Any]) -> None:
     code = run_train_downstream(downstream_cfg, on_fold=on_fold)
     if code == 2:
         raise RuntimeError(f"downstream training could not start (see the trial's log); out: {trial_dir / 'model'}")
-    final = _final_metric(trial_dir / "model" / "metrics.json")
+    final = _final_metric(trial_dir / "model" / "metrics.json", static.get("trial_metric", "cnn"))
     tune.report({**base, METRIC: final if final is not None else float("nan"), "folds_done": len(values),
                  "complete": True})
 
 
-def _final_metric(path: Path) -> float | None:
-    """The pooled out-of-fold metric the downstream stage wrote (better than a mean of per-fold values)."""
+def _final_metric(path: Path, which: str = "cnn") -> float | None:
+    """The pooled out-of-fold metric the downstream stage wrote (better than a mean of per-fold
+    values): the trained model's, or the linear probe's (`which` = "probe")."""
     import json
 
     try:
         data = json.loads(path.read_text())
-        return data["cv"]["metrics"][data["primary_metric"]]["value"]
+        entry = data["probe"] if which == "probe" else data
+        return entry["cv"]["metrics"][data["primary_metric"]]["value"]
     except (OSError, KeyError, ValueError, TypeError):
         return None
