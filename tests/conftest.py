@@ -60,6 +60,50 @@ def ray_session():
     ray.shutdown()
 
 
+LEAK_GRACE_S = 30.0  # Ray's placement-group cleaner polls a dead controller every few seconds
+
+
+def _ray_objects() -> tuple[dict[str, str], dict[str, str]]:
+    """Alive non-detached actors {id: description} and created placement groups {id: description}
+    of the session's Ray instance, from the GCS tables (the state API needs the dashboard, which
+    an embedded instance does not start). Detached actors are Ray's own singletons (Ray Data's
+    stats actor, Train's placement-group cleaner); nic creates none."""
+    import ray._private.state as ray_state
+    from ray.util.placement_group import placement_group_table
+
+    actors = {k: f"actor {a['ActorClassName']} (pid {a['Pid']})" for k, a in ray_state.actors().items()
+              if a["State"] == "ALIVE" and not a["IsDetached"]}
+    groups = {k: f"placement group {g.get('name') or k[:12]} (bundles {list((g.get('bundles') or {}).values())})"
+              for k, g in placement_group_table().items() if g["state"] == "CREATED"}
+    return actors, groups
+
+
+@pytest.fixture(autouse=True)
+def ray_leak_guard(request):
+    """After every test that uses the session's Ray instance: nothing the test started (actors such
+    as Train controllers and workers, Ray Data actor pools, placement groups) is still alive. A leak
+    here is what once made a later 2-worker Train run wait for ever for CPUs held by an earlier one."""
+    if "ray_session" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("ray_session")
+    before_actors, before_groups = _ray_objects()
+    yield
+    import time
+
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while True:
+        actors, groups = _ray_objects()
+        leaked = [d for k, d in actors.items() if k not in before_actors]
+        leaked += [d for k, d in groups.items() if k not in before_groups]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if leaked:
+        pytest.fail(f"{request.node.nodeid} left Ray objects alive {LEAK_GRACE_S:.0f} s after it ended: "
+                    + "; ".join(leaked), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory, ray_session) -> Path:
     """A small synthetic cohort made once per session with `nic synth` (8 slides, 2 patch tasks)."""

@@ -189,8 +189,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nic {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _abort_trainers()
         print(f"nic {args.command}: interrupted; re-run the same command to resume.", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if type(exc).__name__ != "ResourceError":
+            raise
+        _abort_trainers()
+        print(f"nic {args.command}: {exc}", file=sys.stderr)
+        return 3
+
+
+def _abort_trainers() -> None:
+    """Stop any Ray Train run this process started (their workers hold the cluster's CPUs)."""
+    if "nic.train.trainer" in sys.modules:  # nothing to stop if no trainer was ever imported
+        from nic.train.trainer import abort_running_trainers
+
+        abort_running_trainers()
 
 
 if __name__ == "__main__":

@@ -83,6 +83,11 @@ class RayOptions(NicModel):
     num_gpus: int | None = Field(
         None, ge=0, description="GPUs for an embedded local instance (default: detected)."
     )
+    resource_timeout_s: float = Field(
+        300.0, ge=0, description="How long a stage waits for the CPUs/GPUs its workers ask for while other "
+        "work holds them, before it fails with exit code 3 naming what it asked for and what holds them "
+        "(a request larger than the whole cluster fails at once).",
+    )
 
 
 class StageConfig(NicModel):

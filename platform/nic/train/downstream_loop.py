@@ -303,24 +303,28 @@ def fit_fold(
     cpus_per_worker: float = 1.0,
     max_failures: int = 2,
     progress: Any = None,
+    resource_timeout_s: float = 300.0,
 ):
     """Run (or resume) one fold's TorchTrainer; returns the Ray Train Result. `progress` is a
     ProgressRelay queue (nic.train.common) that rank 0's epoch lines go to, or None to print them."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from nic.train.trainer import OwnedTorchTrainer, controller_failure_limit, wait_for_resources
 
     configure_train_polling()
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    wait_for_resources(num_workers, resources, resource_timeout_s, f"train-downstream fold {spec.fold} ({name})")
+    trainer = OwnedTorchTrainer(
         train_fold,
         train_loop_config={**spec.to_dict(), "progress": progress},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
             storage_path=ray_storage(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=max_failures,
+                                         controller_failure_limit=controller_failure_limit(resource_timeout_s)),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
     )

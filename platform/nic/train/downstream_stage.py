@@ -46,7 +46,7 @@ from nic.downstream.labels import LabelError, Labels, load_labels
 from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
 from nic.downstream.models import strided_layers_for
 from nic.downstream.splits import TEST_FOLD, make_splits, train_val_split
-from nic.grids.reader import list_slides, read_grid_meta
+from nic.grids.reader import list_slides, verify_store
 from nic.grids.schema import GridError
 from nic.storage import child_names, display, remove, stage_storage
 from nic.train.common import ProgressRelay, stable_hash
@@ -68,8 +68,7 @@ def _say(message: str) -> None:
 def _grid_info(grids: Path, slide_ids: list[str]) -> dict:
     """C, encoder and the largest grid side of the slides used; a mix of encoders is an error."""
     dims, encoders, side = {}, {}, 1
-    for s in slide_ids:
-        meta = read_grid_meta(grids, s)
+    for s, meta in verify_store(grids, slide_ids).items():  # complete files that agree with the manifest
         dims.setdefault(meta.embedding_dim, []).append(s)
         encoders.setdefault(meta.encoder_hash, []).append(s)
         side = max(side, meta.rows, meta.cols)
@@ -87,6 +86,14 @@ def _run_hash(config: TrainDownstreamConfig, encoder_hash: str, labels: Labels) 
     data["encoder_hash"] = encoder_hash
     data["labels"] = labels.frame.drop(columns=["row"]).sort_values("slide_id").to_dict(orient="list")
     return stable_hash(data)[:16]
+
+
+def _run_parts(config: TrainDownstreamConfig, encoder_hash: str, labels: Labels) -> dict:
+    """What the run hash covers, each part hashed on its own, so a refusal can say what changed."""
+    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _RUNTIME_FIELDS}
+    frame = labels.frame.drop(columns=["row"]).sort_values("slide_id").to_dict(orient="list")
+    return {"settings": stable_hash(data)[:16], "encoder_hash": encoder_hash,
+            "labels": stable_hash(frame)[:16], "labels_file": display(config.labels)}
 
 
 def _targets_of(labels: Labels, ids: pd.Index) -> dict[str, list]:
@@ -159,6 +166,11 @@ def run_fold(spec_dict: dict, run: dict) -> dict:
                       best_loss=stopping["best"], stopped_early=state["epoch"] < spec.epochs,
                       history=state["history"], reason="")
     except Exception as exc:  # a failed fold is recorded; the other folds still finish
+        from nic.train.trainer import resource_failure
+
+        lack = resource_failure(exc, f"fold {spec.fold}")
+        if lack is not None:  # not this fold's fault: the whole stage cannot run here (exit 3)
+            raise lack from exc
         record.update(status=STATUS_FAILED, reason=f"{type(exc).__name__}: {exc}")
     record["seconds"] = round(time.monotonic() - started, 2)
     return {"record": record, "predictions": predictions, "model": model}
@@ -176,7 +188,8 @@ def _fit_with_retries(spec: FoldSpec, run: dict):
     for attempt in range(run["max_failures"] + 1):
         try:
             return fit_fold(spec, run["storage_path"], run["name"], run["num_workers"], run["use_gpu"],
-                            run["cpus_per_worker"], run["max_failures"], progress=run.get("progress"))
+                            run["cpus_per_worker"], run["max_failures"], progress=run.get("progress"),
+                            resource_timeout_s=run["resource_timeout_s"])
         except transient as exc:
             if attempt == run["max_failures"]:
                 raise
@@ -225,7 +238,7 @@ def _run_all_folds(config: TrainDownstreamConfig, specs: list[FoldSpec], run: di
                    on_fold: Callable[[dict], None] | None = None) -> list[dict]:
     """Run the unfinished folds, `_parallel_folds` at a time, from driver threads: fit() only waits
     on its trainer's controller actor, so a thread per fold costs no process and no CPU."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    from concurrent.futures import ThreadPoolExecutor
 
     from nic.runtime import Progress
 
@@ -250,21 +263,40 @@ def _run_all_folds(config: TrainDownstreamConfig, specs: list[FoldSpec], run: di
         for spec, fold_dir in queue:
             fold_run = dict(run, name=f"{run['name_prefix']}-fold{spec.fold}")
             pending[pool.submit(run_fold, spec.to_dict(), fold_run)] = (spec.fold, fold_dir)
-        while pending:
-            finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            for future in finished:
-                fold, fold_dir = pending.pop(future)
-                records[fold] = _write_fold(fold_dir, future.result())  # run_fold records its own errors
-                rec = records[fold]
-                extra = f"fold {fold} {rec['status']}"
-                if rec["status"] == STATUS_OK:
-                    extra += f" (best epoch {rec['best_epoch']}/{rec['epochs_run']})"
-                else:
-                    extra += f": {rec['reason'][:300]}"
-                progress.update(len(records), extra=extra, force=True)
-                if on_fold is not None:
-                    on_fold(rec)
+        try:
+            _collect_folds(pending, records, progress, on_fold)
+        except BaseException:
+            # A fold that cannot run (no resources), Ctrl-C, or a caller's callback raising (a Tune
+            # trial stopped mid-search): stop the sibling folds' trainers now instead of letting the
+            # pool wait for them to train to the end while holding the cluster's CPUs.
+            from nic.train.trainer import abort_running_trainers
+
+            stopped = abort_running_trainers()
+            if stopped:
+                _say(f"stopped {stopped} running fold trainer(s)")
+            raise
     return [records[k] for k in sorted(records)]
+
+
+def _collect_folds(pending: dict, records: dict[int, dict], progress: Any,
+                   on_fold: Callable[[dict], None] | None) -> None:
+    """Write each fold as it finishes (fold.json last) and report it."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    while pending:
+        finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+        for future in finished:
+            fold, fold_dir = pending.pop(future)
+            records[fold] = _write_fold(fold_dir, future.result())  # run_fold records its own errors
+            rec = records[fold]
+            extra = f"fold {fold} {rec['status']}"
+            if rec["status"] == STATUS_OK:
+                extra += f" (best epoch {rec['best_epoch']}/{rec['epochs_run']})"
+            else:
+                extra += f": {rec['reason'][:300]}"
+            progress.update(len(records), extra=extra, force=True)
+            if on_fold is not None:
+                on_fold(rec)
 
 
 def aggregate_predictions(config: TrainDownstreamConfig, labels: Labels, records: list[dict]) -> pd.DataFrame:
@@ -415,23 +447,42 @@ def write_plots(config: TrainDownstreamConfig, labels: Labels, part: pd.DataFram
     return written
 
 
-def _prepare_out(config: TrainDownstreamConfig, run_hash: str, storage: Path, name_prefix: str) -> None:
-    """Refuse to mix runs with different settings in one folder unless overwrite is set."""
+def _prepare_out(config: TrainDownstreamConfig, run_hash: str, storage: Path, name_prefix: str,
+                 parts: dict | None = None) -> None:
+    """Refuse to mix runs with different settings, grids or labels in one folder (its folds and
+    checkpoints would be reused for another problem) unless overwrite is set."""
     out = Path(config.out)
     marker = out / "run.json"
     if marker.exists():
-        previous = read_json(marker).get("run_hash")
+        recorded = read_json(marker)
+        previous = recorded.get("run_hash")
         if previous != run_hash:
             if not config.overwrite:
                 raise ValueError(
-                    f"{out} holds a run made with different settings (run hash {previous}, now {run_hash}); "
-                    "choose another out folder or set overwrite: true to discard it")
+                    f"{out} holds a run made with {_what_changed(recorded.get('parts'), parts)} (run hash "
+                    f"{previous}, now {run_hash}); its folds were trained on that and are not reused: choose "
+                    "another out folder or set overwrite: true to discard them")
             remove(out / "folds")
             for old in child_names(storage):
                 if old.startswith(f"{name_prefix}-fold"):
                     remove(storage / old)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, {"run_hash": run_hash, "stage": STAGE})
+    write_json_atomic(marker, {"run_hash": run_hash, "stage": STAGE, **({"parts": parts} if parts else {})})
+
+
+def _what_changed(before: dict | None, now: dict | None) -> str:
+    """'other labels (labels.csv changed since)' and the like, from run.json's parts."""
+    if not before or not now:
+        return "different settings, grids or labels"
+    changed = []
+    if before.get("labels") != now.get("labels"):
+        changed.append(f"other labels ({now.get('labels_file')} differs from the labels of that run, "
+                       f"{before.get('labels_file')})")
+    if before.get("encoder_hash") != now.get("encoder_hash"):
+        changed.append("grids of another encoder")
+    if before.get("settings") != now.get("settings"):
+        changed.append("different settings")
+    return " and ".join(changed) or "different settings"
 
 
 def fold_metric(config: TrainDownstreamConfig, labels: Labels, record: dict) -> float | None:
@@ -459,7 +510,7 @@ def _train_folds(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataF
          f"crop {crop_size}")
     run = {"run_hash": run_hash, "storage_path": str(storage), "name_prefix": name_prefix,
            "num_workers": config.num_workers, "use_gpu": config.use_gpu, "cpus_per_worker": config.cpus_per_worker,
-           "max_failures": config.max_failures}
+           "max_failures": config.max_failures, "resource_timeout_s": config.ray.resource_timeout_s}
     with ProgressRelay() as relay:
         run["progress"] = relay.queue
         fold_hook = None if on_fold is None else (
@@ -493,7 +544,7 @@ def run_train_downstream(config: TrainDownstreamConfig,
         run_hash = _run_hash(config, info["encoder_hash"], labels)
         storage = Path(config.storage_path or out / "ray").absolute()
         name_prefix = config.run_name or out.resolve().name
-        _prepare_out(config, run_hash, storage, name_prefix)
+        _prepare_out(config, run_hash, storage, name_prefix, _run_parts(config, info["encoder_hash"], labels))
     except (LabelError, GridError, ValueError) as exc:
         print(f"nic {STAGE}: {exc}", file=sys.stderr)
         return 2

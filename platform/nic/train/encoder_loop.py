@@ -284,6 +284,7 @@ def fit_encoder(
     max_failures: int = 1,
     epoch_hook: EpochHook | None = None,
     show_progress: bool = True,
+    resource_timeout_s: float = 300.0,
 ) -> FitResult:
     """Run the TorchTrainer on an already connected Ray and return the best encoder's weights.
 
@@ -293,27 +294,30 @@ def fit_encoder(
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from nic.train.common import ProgressRelay, configure_train_polling
+    from nic.train.trainer import OwnedTorchTrainer, controller_failure_limit, wait_for_resources
 
     configure_train_polling()
     storage_path = Path(storage_path).absolute()
     storage = ray_storage(storage_path)  # a mirror path's URI: Ray writes checkpoints there itself
     if uri_for(storage_path) is None:
         storage_path.mkdir(parents=True, exist_ok=True)
+    per_worker = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
+    wait_for_resources(num_workers, per_worker, resource_timeout_s, f"encoder training {run_name}")
     data_ref = ray.put(data)
     loop_config: dict[str, Any] = {"settings": asdict(settings), "data": data_ref, "epoch_hook": epoch_hook}
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
     run_config = RunConfig(
         name=run_name, storage_path=storage,
-        failure_config=FailureConfig(max_failures=max_failures),
+        failure_config=FailureConfig(max_failures=max_failures,
+                                     controller_failure_limit=controller_failure_limit(resource_timeout_s)),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
     relay = ProgressRelay() if show_progress else None
     loop_config["progress"] = relay.queue if relay else None
-    trainer = TorchTrainer(train_encoder_loop, train_loop_config=loop_config, scaling_config=scaling,
+    trainer = OwnedTorchTrainer(train_encoder_loop, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config)
     if relay:
         with relay:

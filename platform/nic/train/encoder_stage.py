@@ -164,7 +164,8 @@ def train_encoder(config: TrainEncoderConfig, epoch_hook: EpochHook | None = Non
     _say(f"training a '{config.kind}' encoder ({config.architecture}, C={config.embedding_dim}) on "
          f"{len(data['train_tasks'])} patches with {config.num_workers} worker(s); run {display(storage / run_name)}")
     fit = fit_encoder(loop_settings(config, heads), data, storage, run_name, config.num_workers,
-                      config.cpus_per_worker, config.use_gpu, config.max_failures, epoch_hook=epoch_hook)
+                      config.cpus_per_worker, config.use_gpu, config.max_failures, epoch_hook=epoch_hook,
+                      resource_timeout_s=config.ray.resource_timeout_s)
     info = _write_trained(config, config_hash, heads, tasks, fit)
     best = info.metrics.get("epoch")
     summary = ", ".join(f"{k} {v:.4g}" for k, v in info.metrics.items() if v is not None and k != "epoch")

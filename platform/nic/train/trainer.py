@@ -1,0 +1,228 @@
+"""Running a Ray Train `TorchTrainer` so that it can neither outlive its stage nor wait for ever.
+
+Two failure modes seen in practice, both on a busy machine:
+
+- **A leaked run.** `TorchTrainer.fit()` starts a `TrainController` actor owned by the calling
+  process and blocks on it. When the call ends early (an RPC timeout raised in the driver while the
+  controller is still alive and training, an exception in a sibling fold thread, Ctrl-C in a thread
+  that Ray's own SIGINT handler does not cover, a Tune trial stopped mid-fold), nothing stops the
+  controller: it keeps its workers and their placement group, and in a long-lived process (the test
+  session, a notebook, `nic tune`'s trial actor) every later run waits behind it.
+  `OwnedTorchTrainer` keeps the controller's handle and kills it whenever `fit()` leaves by an
+  exception; Ray's detached placement-group cleaner then removes the workers' placement group.
+  Every controller alive in this process is in a registry, so a stage that fails or is interrupted
+  can abort all of its runs at once (`abort_running_trainers`).
+- **A run that waits for ever.** A trainer asks for `num_workers x resources`; when the cluster
+  cannot hold them, Train V2 times the worker group's start out (60 s) and retries without limit
+  (`FailureConfig.controller_failure_limit` defaults to -1). `wait_for_resources` fails at once
+  when the cluster does not have the resources at all, waits a bounded time when they exist but
+  are held, and names what holds them; the controller's retries are bounded by the same timeout.
+
+The controller-start code mirrors Ray 2.60's `DataParallelTrainer._initialize_and_run_controller`
+(the only change: the handle is kept). If a future Ray moves that seam, `OwnedTorchTrainer` falls
+back to Ray's own code and only loses the kill-on-exception guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from typing import Any
+
+from ray.train.torch import TorchTrainer
+
+#: Exit code of a stage that could not get the resources it asked for (not the input's fault: 2).
+EXIT_RESOURCES = 3
+DEFAULT_START_TIMEOUT_S = 60.0
+_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+_LIVE: dict[int, Any] = {}  # id(handle) -> TrainController handle, for every fit() running in this process
+_LIVE_LOCK = threading.Lock()
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot give a stage the workers it asks for, within the configured time."""
+
+
+def _kill(handle: Any, grace_s: float = 10.0) -> None:
+    """Stop a controller: Train's own `abort` first (it shuts the worker group down and removes its
+    placement group, then exits), a hard kill if that fails. A hard kill alone is not enough on an
+    embedded instance: the placement group outlives its creator, and Ray's placement-group cleaner
+    cannot notice the controller's death without the dashboard's state API, so the CPUs would stay
+    reserved for the rest of the process's life."""
+    import ray
+
+    try:
+        ray.get(handle.abort.remote(), timeout=grace_s)
+    except Exception:  # abort exits the actor, so its call "fails"; or it was already dead
+        pass
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # already dead, or Ray shut down: nothing left to stop
+        pass
+    remove_placement_groups_of(handle._actor_id.hex())
+
+
+def remove_placement_groups_of(actor_id: str) -> int:
+    """Remove the live placement groups an actor created (Train's controller creates its workers'
+    group). They outlive their creator, so a killed controller would keep its workers' CPUs
+    reserved. Reads the GCS table directly: the Python listing does not show who created a group."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        import ray._private.state as ray_state
+        from ray.core.generated import gcs_pb2
+
+        table = ray_state.state._connect_and_get_accessor().get_placement_group_table()
+        states = gcs_pb2.PlacementGroupTableData.PlacementGroupState
+        removed = 0
+        for raw in table:
+            data = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            if data.creator_actor_id.hex() != actor_id or states.Name(data.state) == "REMOVED":
+                continue
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
+            removed += 1
+        return removed
+    except Exception:  # a Ray whose internals moved, or Ray already shut down
+        return 0
+
+
+def abort_running_trainers() -> int:
+    """Kill every Train controller started from this process that is still running; returns how
+    many. Their workers die with them (they are the controller's actors) and Ray's placement-group
+    cleaner removes their reservations."""
+    with _LIVE_LOCK:
+        handles = list(_LIVE.values())
+        _LIVE.clear()
+    for handle in handles:
+        _kill(handle)
+    return len(handles)
+
+
+def running_trainers() -> int:
+    with _LIVE_LOCK:
+        return len(_LIVE)
+
+
+class OwnedTorchTrainer(TorchTrainer):
+    """A TorchTrainer whose controller never outlives `fit()` when fit() ends by an exception."""
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
+        try:
+            import ray
+            from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+            from ray.train.v2._internal.constants import (
+                DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+                get_env_vars_to_propagate,
+            )
+            from ray.train.v2._internal.execution.controller import TrainController
+        except ImportError:  # a Ray whose internals moved: its own code, without the guarantee
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+        env_vars = get_env_vars_to_propagate()
+        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+        controller_cls = ray.remote(
+            num_cpus=0,
+            label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
+            runtime_env={"env_vars": env_vars},
+        )(TrainController)
+        controller = controller_cls.remote(**controller_init_kwargs)
+        with _LIVE_LOCK:
+            _LIVE[id(controller)] = controller
+        finished = False
+        try:
+            if threading.current_thread() is threading.main_thread():
+                self._register_sigint_handler(controller)
+            ray.get(controller.run.remote())
+            result = ray.get(controller.get_result.remote())
+            finished = True
+            return result
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.pop(id(controller), None)
+            if not finished:
+                _kill(controller)
+
+
+# ---------------------------------------------------------------------------- resources
+
+
+def _fmt(resources: dict[str, float], zeros: bool = False) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if v or zeros) or "nothing"
+
+
+def describe_holders(limit: int = 8) -> str:
+    """Who holds the cluster's CPUs/GPUs now: placement groups (with their bundles) and named
+    actors. Read from the GCS tables, which need no dashboard (an embedded instance has none);
+    best effort, never raises."""
+    try:
+        from ray.util.placement_group import placement_group_table
+
+        parts = []
+        for pg_id, pg in placement_group_table().items():
+            if pg.get("state") != "CREATED":
+                continue
+            held: dict[str, float] = {}
+            for bundle in (pg.get("bundles") or {}).values():
+                for k, v in bundle.items():
+                    if k in ("CPU", "GPU"):
+                        held[k] = held.get(k, 0.0) + float(v)
+            if held:
+                parts.append(f"placement group {pg.get('name') or pg_id[:12]} ({_fmt(held)})")
+        shown = parts[:limit] + ([f"{len(parts) - limit} more placement groups"] if len(parts) > limit else [])
+        return "; ".join(shown) or "no placement group (tasks or actors outside placement groups)"
+    except Exception as exc:  # a diagnostic, not a requirement
+        return f"(could not list holders: {type(exc).__name__})"
+
+
+def wait_for_resources(workers: int, per_worker: dict[str, float], timeout_s: float, what: str,
+                       poll_s: float = 1.0) -> None:
+    """Return once `workers x per_worker` are free in the cluster; raise ResourceError at once when
+    the cluster does not have them in all, or after `timeout_s` when others hold them.
+
+    The check is over the cluster's totals (a placement group may still not fit one node; Train's
+    own bounded retries cover that). It is what keeps a 4-worker request on a 2-CPU machine from
+    waiting for ever with nothing on the screen."""
+    import ray
+
+    need = {k: v * workers for k, v in per_worker.items() if v}
+    total = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if total.get(k, 0.0) + 1e-9 < v}
+    ask = f"{workers} worker(s) x {_fmt(per_worker)}"
+    if short:
+        raise ResourceError(f"{what}: {ask} requested, but the whole Ray cluster has "
+                            f"{_fmt({k: total.get(k, 0.0) for k in need}, zeros=True)}; ask for fewer workers or CPUs per "
+                            "worker, or connect to a larger cluster (--address)")
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        free = ray.available_resources()
+        if all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+            return
+        if time.monotonic() >= deadline:
+            raise ResourceError(
+                f"{what}: {ask} requested, {_fmt({k: free.get(k, 0.0) for k in need}, zeros=True)} free of "
+                f"{_fmt({k: total.get(k, 0.0) for k in need})} after waiting {timeout_s:g} s; held by: "
+                f"{describe_holders()}. Raise ray.resource_timeout_s to wait longer")
+        time.sleep(poll_s)
+
+
+def resource_failure(exc: BaseException, what: str) -> ResourceError | None:
+    """A ResourceError for a Train failure that was the cluster's (its worker group never started
+    within the bounded retries), else None."""
+    failure = getattr(exc, "controller_failure", None)
+    names = {type(exc).__name__, type(failure).__name__}
+    if "WorkerGroupStartupTimeoutError" in names or "ResourceError" in names:
+        return exc if isinstance(exc, ResourceError) else ResourceError(
+            f"{what}: the workers could not be started within ray.resource_timeout_s ({failure or exc}); "
+            f"held by: {describe_holders()}")
+    return None
+
+
+def controller_failure_limit(timeout_s: float) -> int:
+    """How many times Train may retry starting its worker group (each attempt waits the worker-group
+    start timeout) within `timeout_s`: at least once, never unbounded."""
+    start = float(os.environ.get(_START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
+    return max(1, math.ceil(timeout_s / max(start, 1.0)))
