@@ -48,4 +48,14 @@ def test_a_node_removed_mid_job_loses_and_duplicates_nothing(slides, tmp_path):
     assert result["rows"] == result["unique_ids"] == 8
     assert result["statuses"] == ["ok"] * 8, result
     assert result["tiles_match"], "each slide's grid holds exactly its tiles, none twice"
-    assert 0 <= result["retry_slides"] <= 8  # compress_run.json keeps both passes' stats
+    # compress_run.json keeps both passes' stats: the first pass over all 8 slides at the top level,
+    # and under "retry" the one extra pass over just the slides whose tiles were lost with the node.
+    assert result["first_pass_slides"] == 8, result
+    assert result["first_pass_tiles"] <= result["total_tiles"], "a tile counted twice in the first pass"
+    if result["retry_slides"]:
+        assert result["retry_slides"] <= 8 and result["retry_nested"] is None, result
+        assert 0 < result["retry_tiles"] <= result["total_tiles"], result
+        # every tile was encoded in one pass or the other
+        assert result["first_pass_tiles"] + result["retry_tiles"] >= result["total_tiles"], result
+    else:  # Ray Data's own retries saved every slide: the first pass encoded each tile exactly once
+        assert result["first_pass_tiles"] == result["total_tiles"], result

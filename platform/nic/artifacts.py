@@ -7,6 +7,7 @@ that hold several files get a sidecar written last. Manifests are one row per in
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import uuid
@@ -21,24 +22,74 @@ STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 STATUS_SKIPPED = "skipped"
 STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)
+#: error_kind of the `skipped` manifest row of an input that repeats another (same file, same id).
+DUPLICATE = "duplicate"
 
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+class NoSpaceError(OSError):
+    """The disk (or quota) filled up while writing a file; the message names the file."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(errno.ENOSPC, f"no space left on device writing {path}", str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is a full disk or quota. Libraries report it
+    their own way: OSError errno 28/122, or only the system's text (pyarrow)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def no_space_message(exc: BaseException, folder: str | Path | None = None) -> str:
+    """'no space left on device writing <file>' for a full-disk error, naming the file when any
+    error in the chain does (else the folder being written)."""
+    seen, first_named = set(), None
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, NoSpaceError):
+            return str(cur)
+        if first_named is None and isinstance(cur, OSError) and cur.filename:
+            first_named = str(cur.filename)
+        cur = cur.__cause__ or cur.__context__
+    where = first_named or (f"a file in {folder}" if folder is not None else "a file")
+    return f"no space left on device writing {where} ({exc})"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it into place only if the block succeeds.
+    A full disk raises NoSpaceError naming `path` (the temporary is removed, nothing is renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except Exception as exc:
+            if is_no_space(exc) and not isinstance(exc, NoSpaceError):
+                raise NoSpaceError(path) from exc
+            raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -417,14 +417,19 @@ def mirrored_output(path: str | Path) -> Iterator[Path]:
 
 
 def stage_storage(run: F) -> F:
-    """Decorator of a stage's `run_*(config, ...)`: mirrored inputs named by the config's Path fields
-    are fetched and its `out` is a `mirrored_output`. Slide lists and encoder names are resolved
-    where they are opened instead (a driver needs no copy of thousands of slides)."""
+    """Decorator of a stage's `run_*(config, ...)`: its `out` folder is locked for the run (one run
+    per folder, nic.locks: exit code 75 naming the other run), mirrored inputs named by the config's
+    Path fields are fetched and its `out` is a `mirrored_output`. Slide lists and encoder names are
+    resolved where they are opened instead (a driver needs no copy of thousands of slides). A full
+    disk ends the stage with a message naming the file (exit code 1), not a traceback."""
 
     @functools.wraps(run)
     def wrapper(config, *args, **kwargs):
+        from nic.artifacts import is_no_space, no_space_message
         from nic.config.base import path_fields
+        from nic.locks import EXIT_LOCKED, LOCK_NAME, LockedError, out_lock
 
+        stage = run.__name__.removeprefix("run_").replace("_", "-")
         inputs, out = [], None
         for name, lazy in path_fields(type(config)):
             value = getattr(config, name)
@@ -435,18 +440,43 @@ def stage_storage(run: F) -> F:
             else:
                 inputs.append(value)
         try:
-            for value in inputs:
-                ensure_local(value)
-        except (FileNotFoundError, OSError) as exc:
-            print(f"nic: {exc}", file=sys.stderr)
-            return 2
-        if out is None or uri_for(out) is None:
-            return run(config, *args, **kwargs)
-        try:
-            with mirrored_output(out):
-                return run(config, *args, **kwargs)
-        except UploadError as exc:
-            print(f"nic: {exc}", file=sys.stderr)
+            with contextlib.ExitStack() as stack:
+                if out is not None:
+                    try:
+                        stack.enter_context(out_lock(out, stage))
+                    except OSError as exc:
+                        if is_no_space(exc):
+                            raise
+                        print(f"nic {stage}: cannot use the out folder {display(out)} ({display(Path(out) / LOCK_NAME)}): "
+                              f"{exc}", file=sys.stderr, flush=True)
+                        return 2
+                return _run_stage(run, config, args, kwargs, inputs, out)
+        except LockedError as exc:
+            print(f"nic {stage}: {exc}", file=sys.stderr, flush=True)
+            return EXIT_LOCKED
+        except Exception as exc:
+            if not is_no_space(exc):
+                raise
+            print(f"nic {stage}: {no_space_message(exc, display(out) if out is not None else None)}; free some "
+                  "space (or choose another out folder) and re-run: complete outputs are kept, partial ones never "
+                  "look complete", file=sys.stderr, flush=True)
             return 1
 
     return wrapper  # type: ignore[return-value]
+
+
+def _run_stage(run: Callable[..., Any], config: Any, args: tuple, kwargs: dict, inputs: list, out: Any) -> Any:
+    try:
+        for value in inputs:
+            ensure_local(value)
+    except (FileNotFoundError, OSError) as exc:
+        print(f"nic: {exc}", file=sys.stderr)
+        return 2
+    if out is None or uri_for(out) is None:
+        return run(config, *args, **kwargs)
+    try:
+        with mirrored_output(out):
+            return run(config, *args, **kwargs)
+    except UploadError as exc:
+        print(f"nic: {exc}", file=sys.stderr)
+        return 1

@@ -16,9 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from nic.artifacts import (
+    DUPLICATE,
     STATUS_FAILED,
     STATUS_OK,
     STATUS_SKIPPED,
+    read_manifest,
     stable_hash,
     write_bytes_atomic,
     write_json_atomic,
@@ -72,9 +74,11 @@ def options_hash_of(config: CompressConfig) -> str:
 
 
 def completed_row(out: Path, slide_id: str, path: str, facts: EncoderFacts, options_hash: str,
-                  transforms: tuple[int, ...]) -> tuple[dict | None, str]:
+                  transforms: tuple[int, ...], previous: dict | None = None) -> tuple[dict | None, str]:
     """(skipped manifest row, "") when an earlier run left a complete grid made the same way, else
-    (None, why it must be (re)encoded)."""
+    (None, why it must be (re)encoded). `previous` is the earlier manifest's row of the slide: a grid
+    whose tile count disagrees with it (for the same encoder and options) was replaced since, and
+    is not trusted."""
     target = slide_file(out, slide_id)
     if not target.exists():
         return None, "new"
@@ -90,6 +94,11 @@ def completed_row(out: Path, slide_id: str, path: str, facts: EncoderFacts, opti
         return None, "dihedral option changed"
     if meta.slide_id != slide_id:
         return None, "file belongs to another slide id"
+    if previous and previous.get("status") != STATUS_FAILED and previous.get("tiles") is not None \
+            and previous.get("encoder_hash") == meta.encoder_hash and previous.get("options_hash") == meta.options_hash \
+            and int(previous["tiles"]) != meta.tiles:
+        return None, (f"tile count disagrees with the manifest ({target} holds {meta.tiles} tiles, "
+                      f"{manifest_path(out).name} says {int(previous['tiles'])})")
     meta = type(meta)(**{**meta.__dict__, "path": display(path)})
     return grid_row(meta, STATUS_SKIPPED, 0.0, str(target.relative_to(out))), ""
 
@@ -104,14 +113,19 @@ def run_compress(config: CompressConfig) -> int:
     transforms = ALL_TRANSFORMS if config.dihedral else (0,)
     options_hash = options_hash_of(config)
 
-    from nic.slides.inputs import expand_slide_inputs
+    from nic.slides.inputs import expand_slide_inputs, note_aliases
 
     inputs = expand_slide_inputs(config.slides)
+    previous = _previous_rows(manifest_path(out))
     order = [item.slide_id for item in inputs]
     results: dict[str, dict] = {}
     todo: list[tuple[str, str]] = []
     redo = Counter()
     for item in inputs:
+        if item.duplicate_of:  # the same file under the same id again: one row, encoded once
+            results[item.slide_id] = {**failed_row(item.slide_id, item.path, item.note or "", DUPLICATE, 0.0,
+                                                   facts.name, facts.content_hash), "status": STATUS_SKIPPED}
+            continue
         error = item.error
         if error is None:
             try:
@@ -125,7 +139,7 @@ def run_compress(config: CompressConfig) -> int:
                 remove_slide_grid(out, item.slide_id)
             continue
         done, why = (None, "overwrite") if config.overwrite else completed_row(
-            out, item.slide_id, item.path, facts, options_hash, transforms)
+            out, item.slide_id, item.path, facts, options_hash, transforms, previous.get(item.slide_id))
         if done:
             results[item.slide_id] = done
             continue
@@ -136,9 +150,11 @@ def run_compress(config: CompressConfig) -> int:
 
     path = manifest_path(out)
     reasons = ", ".join(f"{n} {why}" for why, n in redo.items())
+    dups = sum(r.get("error_kind") == DUPLICATE for r in results.values())
     print(f"[compress] {len(inputs)} inputs: {len(todo)} to encode{f' ({reasons})' if reasons else ''}, "
-          f"{sum(r['status'] == STATUS_SKIPPED for r in results.values())} already complete, "
-          f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable; "
+          f"{sum(r['status'] == STATUS_SKIPPED for r in results.values()) - dups} already complete, "
+          f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable"
+          + (f", {dups} repeating another input (same file, same id)" if dups else "") + "; "
           f"encoder {facts.name} ({facts.content_hash[:8]}, C={facts.embedding_dim})"
           + (", 8 rotations/flips" if config.dihedral else ""), file=sys.stderr)
     if todo:
@@ -157,6 +173,7 @@ def run_compress(config: CompressConfig) -> int:
                                               path)
         # What this run did and how fast (both passes), for benchmarks and whoever sizes the next run.
         write_json_atomic(out / RUN_STATS, stats)
+    note_aliases(results, inputs)
     _save_manifest(path, order, results)
     return _summarise(results, order, path, config.strict)
 
@@ -226,15 +243,26 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
     return stats
 
 
+def _previous_rows(path: Path) -> dict[str, dict]:
+    """The earlier run's manifest rows by slide id ({} when there is none or it is unreadable)."""
+    try:
+        return {row["slide_id"]: row for row in read_manifest(path)}
+    except Exception:  # a damaged manifest is rewritten; the grids are verified on their own
+        return {}
+
+
 def _save_manifest(path: Path, order: list[str], results: dict[str, dict]) -> None:
     write_manifest(path, [results[sid] for sid in order if sid in results], MANIFEST_SCHEMA)
 
 
 def _summarise(results: dict[str, dict], order: list[str], path: Path, strict: bool) -> int:
     counts = Counter(r["status"] for r in results.values())
+    dups = sum(r.get("error_kind") == DUPLICATE for r in results.values())
+    counts[STATUS_SKIPPED] -= dups  # a repeated input is no slide of its own
     tiles = sum(int(r.get("tiles") or 0) for r in results.values() if r["status"] != STATUS_FAILED)
     print(f"[compress] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
-          f"{counts[STATUS_FAILED]} failed; {tiles} tissue tiles; manifest: {display(path)}", file=sys.stderr)
+          f"{counts[STATUS_FAILED]} failed" + (f", {dups} duplicate input(s) skipped" if dups else "")
+          + f"; {tiles} tissue tiles; manifest: {display(path)}", file=sys.stderr)
     for sid in order:
         row = results.get(sid)
         if row and row["status"] == STATUS_FAILED:

@@ -132,9 +132,10 @@ def save_encoder(
     else:
         info.weights = None
     info.parameters = count_parameters(encoder)
-    if extra_state:
-        with atomic_path(out / HEADS_WEIGHTS) as tmp:
-            torch.save(extra_state, tmp)
+    if extra_state:  # in memory first, like the weights: torch reports a full disk only as "write failed"
+        buffer = io.BytesIO()
+        torch.save(extra_state, buffer)
+        write_bytes_atomic(out / HEADS_WEIGHTS, buffer.getvalue())
     for name, obj in (extra_files or {}).items():
         write_json_atomic(out / name, obj)
     with atomic_path(out / ENCODER_JSON) as tmp:

@@ -12,6 +12,7 @@ from nic.grids.reader import (
     read_grid_meta,
     read_manifest,
     verify_grid_file,
+    verify_store,
 )
 from nic.grids.schema import GridError, GridMeta, slide_file, tile_schema
 
@@ -30,4 +31,5 @@ __all__ = [
     "transform_image",
     "transform_positions",
     "verify_grid_file",
+    "verify_store",
 ]

@@ -60,7 +60,8 @@ def _ls(args: argparse.Namespace) -> int:
     for row in manifest.itertuples(index=False):
         shape = f"{int(row.rows)}x{int(row.cols)}" if _known(row.rows) and _known(row.cols) else "-"
         tiles = str(int(row.tiles)) if _known(row.tiles) else "-"
-        mark = "" if (row.slide_id in complete) == (row.status != "failed") else "  (file/manifest disagree)"
+        has_grid = row.status != "failed" and row.error_kind != "duplicate"  # a repeated input has none
+        mark = "" if (row.slide_id in complete) == has_grid else "  (file/manifest disagree)"
         print(f"{row.slide_id:<32} {row.status:<8} {shape:>11} {tiles:>8}  {row.reason or ''}{mark}")
     return 0
 

@@ -94,6 +94,9 @@ def load_grid(grids_dir: str | Path, slide_id: str, transform: int = 0,
         table = pq.read_table(path, columns=["row", "col", "embedding"], filters=[("transform", "=", transform)])
     except (OSError, pa.ArrowException) as exc:
         raise GridError(f"{path}: cannot read grid rows: {exc}") from None
+    if table.num_rows != meta.tiles:  # never a grid with tiles silently missing
+        raise GridError(f"{path}: {table.num_rows} rows of transform {transform}, but its metadata promises "
+                        f"{meta.tiles} tiles (a damaged or replaced grid file; re-run nic compress)")
     h, w = meta.shape(transform)
     c = meta.embedding_dim
     grid = np.zeros((c, h, w), dtype=np.float32)
@@ -108,6 +111,39 @@ def load_grid(grids_dir: str | Path, slide_id: str, transform: int = 0,
         grid[:, rows, cols] = emb.T
         mask[rows, cols] = True
     return grid, mask
+
+
+def verify_store(grids_dir: str | Path, slide_ids: list[str], fetch: bool = True) -> dict[str, GridMeta]:
+    """The GridMeta of each slide's grid after checking that the file is complete (`verify_grid_file`)
+    and agrees with the store's manifest: the same tile count and encoder as the slide's row, and
+    not a slide the manifest calls failed. Else GridError naming the file and the disagreement (a
+    grid replaced after the manifest was written, or a compression still under way). Slides the
+    manifest does not list (grids of an earlier run's other inputs) are checked on their own."""
+    try:
+        frame = read_manifest(grids_dir)
+        rows = {r["slide_id"]: r for r in frame.to_dict(orient="records")}
+        where = display(manifest_path(local_path(grids_dir)))
+    except GridError:
+        rows, where = {}, ""
+    metas = {}
+    for slide_id in slide_ids:
+        path = _grid_path(grids_dir, slide_id, fetch)
+        meta = verify_grid_file(path)
+        row = rows.get(slide_id)
+        if row is not None:
+            fix = f"; re-run nic compress --out {display(local_path(grids_dir))} to make them agree"
+            tiles = row.get("tiles")
+            if row.get("status") == "failed":
+                raise GridError(f"{display(path)}: the manifest {where} says slide {slide_id} failed "
+                                f"({row.get('reason')}), yet this grid file exists{fix}")
+            if tiles is not None and tiles == tiles and int(tiles) != meta.tiles:
+                raise GridError(f"{display(path)}: {meta.tiles} tiles, but the manifest {where} says slide "
+                                f"{slide_id} has {int(tiles)}{fix}")
+            if row.get("encoder_hash") and row["encoder_hash"] != meta.encoder_hash:
+                raise GridError(f"{display(path)}: made by encoder {meta.encoder_hash[:12]}, but the manifest "
+                                f"{where} says {row['encoder_hash'][:12]}{fix}")
+        metas[slide_id] = meta
+    return metas
 
 
 def open_dataset(grids_dir: str | Path) -> ds.Dataset:

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nic.artifacts import NoSpaceError, is_no_space
 from nic.grids.schema import GridError, GridMeta, slide_dir, slide_file, staging_dir, tile_schema
 
 
@@ -86,6 +87,10 @@ def write_slide_grid(grids_dir: str | Path, table: pa.Table, meta: GridMeta) -> 
         pq.write_table(table, tmp, row_group_size=max(1, meta.tiles), compression="zstd")
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, target)
+    except Exception as exc:
+        if is_no_space(exc):  # name the grid, not its temporary
+            raise NoSpaceError(target) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

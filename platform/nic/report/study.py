@@ -128,6 +128,7 @@ def compression_section(grids: dict[str, Path]) -> list[str]:
         except Exception as exc:
             rows.append([name, "n/a", "", "", "", str(exc)[:100]])
             continue
+        manifest = manifest[manifest["error_kind"] != "duplicate"]  # inputs repeating another: no slide
         status = manifest["status"].value_counts()
         done = manifest[manifest["status"] != "failed"]
         rows.append([name, str(int(status.get("ok", 0) + status.get("skipped", 0))), str(int(status.get("failed", 0))),

@@ -3,6 +3,18 @@
 Users pass files, folders, glob patterns or CSV lists. Anything that cannot become a slide (a
 missing path, a duplicate id) still becomes an input, carrying its error, so that it gets its own
 row in the stage's manifest instead of disappearing.
+
+Inputs that name the same file (symbolic or hard links, a path given twice, a file reached through
+a folder and a glob) each get a row too. The slide id is the user's name for a slide (labels join
+on it), so the rule follows the id:
+
+- the same file under the same id again (a repeated path, a folder plus a glob, same-named links
+  in two folders): one slide; the repeats are `duplicate_of` the first and become `skipped` rows
+  (error_kind `duplicate`) whose reason names the row they repeat;
+- the same file under another id (a link or a CSV row with another name): processed under its own
+  id, and its row's reason says which slide it is the same file as (identical grids under two ids
+  put one slide on both sides of a train/test split: the reason makes that visible);
+- another file under an id already taken: failed, with the id clash as its reason.
 """
 
 from __future__ import annotations
@@ -28,6 +40,10 @@ class SlideInput:
     slide_id: str
     path: str
     error: str | None = None
+    #: id of the earlier input that names the same file under the same id (this one is not processed)
+    duplicate_of: str | None = None
+    #: for a duplicate, why it is skipped; for the same file under another id, which slide it repeats
+    note: str | None = None
 
 
 def slide_id_for(path: str | Path) -> str:
@@ -124,22 +140,54 @@ def _remote_inputs(path: Path) -> list[SlideInput]:
         return [SlideInput(slide_id_for(path), str(path), f"{uri}: cannot list it ({exc})")]
 
 
+def _file_key(path: str) -> tuple:
+    """What identifies the file an input names: device and inode for a local file (so links and
+    hard links to one file agree), else the resolved path (missing files, object-store URIs)."""
+    if uri_for(path) is not None:
+        return ("uri", display(path))
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return ("file", st.st_dev, st.st_ino)
+
+
 def _dedupe(inputs: list[SlideInput]) -> list[SlideInput]:
-    """The same file named twice is one slide; two files with one id keep the first and report the other."""
-    seen_paths: set[str] = set()
-    first_for_id: dict[str, str] = {}
+    """One input per name given, each with a unique slide id (the module docstring's rule): a
+    repeat of a file under the same id is marked `duplicate_of`, a clash of ids between two files
+    is an error, the same file under another id is noted."""
+    first_for_id: dict[str, tuple[tuple, str]] = {}  # id -> (file key, path)
+    first_for_file: dict[tuple, tuple[str, str]] = {}  # file key -> (id, path)
     out: list[SlideInput] = []
     for item in inputs:
-        key = os.path.realpath(item.path)
-        if key in seen_paths:
+        key = _file_key(item.path)
+        taken = first_for_id.get(item.slide_id)
+        if taken is not None and taken[0] == key:
+            out.append(SlideInput(
+                f"{item.slide_id}@{len(out)}", item.path, duplicate_of=item.slide_id,
+                note=f"{item.path}: the same file as input {taken[1]} under the same slide id "
+                     f"'{item.slide_id}' (listed twice); it is processed once, in that row"))
             continue
-        seen_paths.add(key)
-        if item.error is None and item.slide_id in first_for_id:
-            other = first_for_id[item.slide_id]
-            out.append(SlideInput(f"{item.slide_id}@{len(out)}", item.path,
-                                  f"{item.path}: slide id '{item.slide_id}' is already used by {other}; "
-                                  "rename the file or give a slide_id column in a CSV list"))
+        if taken is not None:
+            error = item.error or (f"{item.path}: slide id '{item.slide_id}' is already used by {taken[1]}; "
+                                   "rename the file or give a slide_id column in a CSV list")
+            out.append(SlideInput(f"{item.slide_id}@{len(out)}", item.path, error))
             continue
-        first_for_id.setdefault(item.slide_id, item.path)
+        first_for_id[item.slide_id] = (key, item.path)
+        same = first_for_file.get(key) if item.error is None else None
+        if same is not None:
+            item = SlideInput(item.slide_id, item.path, note=(
+                f"the same file as {same[1]} (slide '{same[0]}'), processed again under its own id"))
+        else:
+            first_for_file.setdefault(key, (item.slide_id, item.path))
         out.append(item)
     return out
+
+
+def note_aliases(rows: dict[str, dict], inputs: list[SlideInput]) -> None:
+    """Add each alias's note (the same file as another slide) to its manifest row's reason."""
+    for item in inputs:
+        row = rows.get(item.slide_id)
+        if item.note and item.duplicate_of is None and row is not None and row.get("status") != "failed":
+            reason = row.get("reason") or ""
+            row["reason"] = f"{reason}; {item.note}" if reason else item.note

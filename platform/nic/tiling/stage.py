@@ -15,10 +15,12 @@ from collections import Counter
 from pathlib import Path
 
 from nic.artifacts import (
+    DUPLICATE,
     STATUS_FAILED,
     STATUS_OK,
     STATUS_SKIPPED,
     clean_stale_temporaries,
+    read_manifest,
     stable_hash,
     write_bytes_atomic,
     write_manifest,
@@ -26,7 +28,7 @@ from nic.artifacts import (
 from nic.config.base import dump_config
 from nic.config.tile import TileConfig
 from nic.runtime import Progress, connect
-from nic.slides.inputs import SlideInput, expand_slide_inputs
+from nic.slides.inputs import SlideInput, expand_slide_inputs, note_aliases
 from nic.storage import display, stage_storage
 from nic.tiling.worker import MANIFEST_SCHEMA, completed_row, failed_row, tile_one_slide
 
@@ -43,13 +45,19 @@ def run_tile(config: TileConfig) -> int:
     options_hash = stable_hash(config.slide.model_dump(mode="json"))
 
     inputs = expand_slide_inputs(config.slides)
+    previous = _previous_rows(out / MANIFEST_NAME)
     results: dict[str, dict] = {}
     todo: list[SlideInput] = []
     for item in inputs:
         if item.error:
             results[item.slide_id] = failed_row(item.slide_id, item.path, item.error, "input")
             continue
-        done = None if config.overwrite else completed_row(out, item.slide_id, item.path, options_hash)
+        if item.duplicate_of:  # the same file under the same id again: one row, not processed twice
+            results[item.slide_id] = {**failed_row(item.slide_id, item.path, item.note or "", DUPLICATE),
+                                      "status": STATUS_SKIPPED}
+            continue
+        done = None if config.overwrite else completed_row(out, item.slide_id, item.path, options_hash,
+                                                           previous.get(item.slide_id))
         if done:
             results[item.slide_id] = done
         else:
@@ -57,11 +65,14 @@ def run_tile(config: TileConfig) -> int:
 
     order = [item.slide_id for item in inputs]
     manifest_path = out / MANIFEST_NAME
+    dups = sum(r.get("error_kind") == DUPLICATE for r in results.values())
     print(f"[tile] {len(inputs)} inputs: {len(todo)} to tile, "
-          f"{sum(r['status'] == STATUS_SKIPPED for r in results.values())} already complete, "
-          f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable", file=sys.stderr)
+          f"{sum(r['status'] == STATUS_SKIPPED for r in results.values()) - dups} already complete, "
+          f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable"
+          + (f", {dups} repeating another input (same file, same id)" if dups else ""), file=sys.stderr)
     if todo:
         _tile_on_ray(config, todo, out, options_hash, results, order, manifest_path)
+    note_aliases(results, inputs)
     _save_manifest(manifest_path, order, results)
     return _summarise(results, order, manifest_path, config.strict)
 
@@ -106,15 +117,26 @@ def _tile_on_ray(config: TileConfig, todo: list[SlideInput], out: Path, options_
     progress.finish(extra=f"{tiles} tissue tiles")
 
 
+def _previous_rows(path: Path) -> dict[str, dict]:
+    """The earlier run's manifest rows by slide id ({} when there is none or it is unreadable)."""
+    try:
+        return {row["slide_id"]: row for row in read_manifest(path)}
+    except Exception:  # a damaged manifest is rewritten; the tile files are checked on their own
+        return {}
+
+
 def _save_manifest(path: Path, order: list[str], results: dict[str, dict]) -> None:
     write_manifest(path, [results[sid] for sid in order if sid in results], MANIFEST_SCHEMA)
 
 
 def _summarise(results: dict[str, dict], order: list[str], manifest_path: Path, strict: bool) -> int:
     counts = Counter(r["status"] for r in results.values())
+    dups = sum(r.get("error_kind") == DUPLICATE for r in results.values())
+    counts[STATUS_SKIPPED] -= dups  # a repeated input is no slide of its own
     tiles = sum(int(r.get("tiles") or 0) for r in results.values() if r["status"] != STATUS_FAILED)
     print(f"[tile] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
-          f"{counts[STATUS_FAILED]} failed; {tiles} tissue tiles; manifest: {display(manifest_path)}", file=sys.stderr)
+          f"{counts[STATUS_FAILED]} failed" + (f", {dups} duplicate input(s) skipped" if dups else "")
+          + f"; {tiles} tissue tiles; manifest: {display(manifest_path)}", file=sys.stderr)
     for sid in order:
         row = results.get(sid)
         if row and row["status"] == STATUS_FAILED:

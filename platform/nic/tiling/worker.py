@@ -14,7 +14,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nic.artifacts import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, atomic_path, write_parquet_atomic
+from nic.artifacts import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    atomic_path,
+    is_no_space,
+    no_space_message,
+    write_parquet_atomic,
+)
 from nic.storage import display, publish
 
 TILE_SCHEMA = pa.schema(
@@ -63,10 +71,13 @@ def failed_row(slide_id: str, path: str, reason: str, kind: str = "error", secon
             "error_kind": kind, "seconds": seconds}
 
 
-def completed_row(out: Path, slide_id: str, path: str, options_hash: str) -> dict | None:
+def completed_row(out: Path, slide_id: str, path: str, options_hash: str,
+                  previous: dict | None = None) -> dict | None:
     """The manifest row of a slide finished by an earlier run with the same options, else None.
 
-    The tile file is written last, so its existence with matching metadata means complete."""
+    The tile file is written last, so its existence with matching metadata means complete. A
+    truncated or unreadable file, one of another slide, or one whose tile count disagrees with
+    the earlier manifest's row for the same options (`previous`) is redone, not trusted."""
     target = tiles_path(out, slide_id)
     if not (target.exists() and overview_path(out, slide_id).exists()):
         return None
@@ -74,7 +85,12 @@ def completed_row(out: Path, slide_id: str, path: str, options_hash: str) -> dic
         meta = {k.decode(): v.decode() for k, v in (pq.read_schema(target).metadata or {}).items()}
         if meta.get(META_PREFIX + "options_hash") != options_hash:
             return None
+        if meta.get(META_PREFIX + "slide_id", slide_id) != slide_id:
+            return None
         if pq.ParquetFile(target).metadata.num_rows != int(meta[META_PREFIX + "tiles"]):
+            return None
+        if previous and previous.get("status") != STATUS_FAILED and previous.get("options_hash") == options_hash \
+                and previous.get("tiles") is not None and int(previous["tiles"]) != int(meta[META_PREFIX + "tiles"]):
             return None
     except Exception:  # unreadable leftovers are redone, not trusted
         return None
@@ -129,6 +145,9 @@ def tile_one_slide(item: dict[str, Any], options: Any, out: Path, thumbnail_px: 
     except SlideError as exc:
         return failed_row(slide_id, path, str(exc), exc.kind, time.perf_counter() - start)
     except Exception as exc:  # a bug or an unforeseen file problem: report it, keep the job going
+        if is_no_space(exc):  # a full disk: the file it could not write, not a traceback line
+            return failed_row(slide_id, path, f"{path}: {no_space_message(exc, display(out))}", "no_space",
+                              time.perf_counter() - start)
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         return failed_row(slide_id, path, f"{path}: unexpected error: {detail}", "error",
                           time.perf_counter() - start)
