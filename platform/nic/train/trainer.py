@@ -132,10 +132,11 @@ class OwnedTorchTrainer(TorchTrainer):
         controller = controller_cls.remote(**controller_init_kwargs)
         with _LIVE_LOCK:
             _LIVE[id(controller)] = controller
+        # Ray's own SIGINT handler is not installed: it keeps the controller's handle alive (so the
+        # finished controller would outlive fit() until the next run replaced the handler) and
+        # turns Ctrl-C into exit 0. A KeyboardInterrupt raised in ray.get ends up in `finally`.
         finished = False
         try:
-            if threading.current_thread() is threading.main_thread():
-                self._register_sigint_handler(controller)
             ray.get(controller.run.remote())
             result = ray.get(controller.get_result.remote())
             finished = True
@@ -143,7 +144,12 @@ class OwnedTorchTrainer(TorchTrainer):
         finally:
             with _LIVE_LOCK:
                 _LIVE.pop(id(controller), None)
-            if not finished:
+            if finished:  # its work is done and its result fetched: nothing of it may stay alive
+                try:
+                    ray.kill(controller, no_restart=True)
+                except Exception:  # already gone, or Ray shut down
+                    pass
+            else:
                 _kill(controller)
 
 
