@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             from nic.config.base import dump_config
 
+            _check_sections(args.command, config)
             print(dump_config(config), end="")
             return 0
         run = _import(args.stage.run)
@@ -198,6 +199,19 @@ def main(argv: list[str] | None = None) -> int:
         _abort_trainers()
         print(f"nic {args.command}: {exc}", file=sys.stderr)
         return 3
+
+
+def _check_sections(command: str, config: Any) -> None:
+    """Stages made of other stages validate each section as they would run it, so --print-config
+    catches a typo in a study's `downstream:` before the run is an hour in (ConfigError)."""
+    if command == "pipeline":
+        from nic.pipeline import plan_pipeline
+
+        plan_pipeline(config)
+    elif command == "tune":
+        from nic.tune.stage import check_sections
+
+        check_sections(config)
 
 
 def _abort_trainers() -> None:

@@ -46,6 +46,12 @@ def _static(cfg: TuneConfig) -> dict:
             "ray": cfg.ray.model_dump()}
 
 
+def check_sections(cfg: TuneConfig, tasks: list[str] | None = None) -> None:
+    """Validate the encoder, compress and downstream sections as a trial would build them
+    (ConfigError naming the section), without reading tasks.yaml unless `tasks` is not given."""
+    trial_configs({"tasks": tasks or ["any"]}, _static(cfg), Path(cfg.out).resolve() / "trials" / "check")
+
+
 @stage_storage
 def run_tune(cfg: TuneConfig) -> int:
     from ray import tune
@@ -58,8 +64,7 @@ def run_tune(cfg: TuneConfig) -> int:
     if cfg.min_tasks > len(names):
         raise ConfigError(f"min_tasks = {cfg.min_tasks} but {cfg.tasks} has only {len(names)} tasks")
     static = _static(cfg)
-    # Check every stage section once before any trial starts.
-    trial_configs({"tasks": names[:1]}, static, out / "trials" / "check")
+    check_sections(cfg, names[:1])  # every stage section, once, before any trial starts
     out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out / "tune_config.yaml", dump_config(cfg).encode())
 
