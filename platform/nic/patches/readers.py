@@ -30,19 +30,26 @@ class PatchSet:
     """One task's patches: tiles (N, P, P, 3) uint8 RGB and labels (N,) float32.
 
     Classification labels are class indices stored as floats, so every task shares one label
-    array type when tasks are mixed in a batch.
+    array type when tasks are mixed in a batch. Dense tasks also carry per-pixel targets
+    (nic.patches.dense_readers): `masks` (N, P, P) int16 (class, or nucleus instance id; -1 =
+    ignore) and `types` (N, P, P) int16 (nucleus type, 0 = background, -1 = unknown); their
+    `labels` are zeros.
     """
 
     task: str
     images: np.ndarray
     labels: np.ndarray
     source: str
+    masks: np.ndarray | None = None
+    types: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def subset(self, index: np.ndarray) -> PatchSet:
-        return PatchSet(self.task, self.images[index], self.labels[index], self.source)
+        masks = None if self.masks is None else self.masks[index]
+        types = None if self.types is None else self.types[index]
+        return PatchSet(self.task, self.images[index], self.labels[index], self.source, masks, types)
 
 
 def _choose(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -244,12 +251,16 @@ def read_patches(spec: TaskSpec, path: Path, tile_px: int, limit: int | None = N
     ensure_local(path.parent if spec.format == "manifest" else path, missing_ok=True)
     if spec.format == "hdf5" and path.stem.endswith("_x"):
         ensure_local(path.with_name(path.stem[:-2] + "_y" + path.suffix), missing_ok=True)
+    if spec.dense:
+        from nic.patches.dense_readers import DENSE_READERS
+
+        return DENSE_READERS[spec.format](spec, path, tile_px, limit, seed)
     return READERS[spec.format](spec, path, tile_px, limit, seed)
 
 
 def check_classes_present(spec: TaskSpec, data: PatchSet) -> None:
     """Every class must have training samples, or its logit is never taught anything."""
-    if spec.kind == "regression":
+    if spec.kind == "regression" or spec.dense:  # dense tasks: pixels of every class are not required
         return
     counts = np.bincount(data.labels.astype(np.int64), minlength=len(spec.classes or []))
     empty = [spec.classes[i] for i, c in enumerate(counts) if c == 0]
@@ -277,7 +288,7 @@ def load_task(
         if len(full) < 2:
             raise PatchDataError(f"{full.source}: task '{spec.name}' needs at least 2 patches to hold out validation")
         index = np.arange(len(full))
-        stratify = full.labels if spec.kind != "regression" else None
+        stratify = full.labels if spec.kind not in ("regression", "segmentation", "nuclei") else None
         try:
             tr, va = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=stratify)
         except ValueError:  # a class too small to stratify: a plain random split still works

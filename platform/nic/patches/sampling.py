@@ -19,23 +19,54 @@ from nic.patches.readers import PatchSet
 
 @dataclass
 class MixedPatches:
-    """All tasks' patches in one set of arrays: tiles, labels and the task index of each sample."""
+    """All tasks' patches in one set of arrays: tiles, labels and the task index of each sample.
+
+    Per-pixel targets of dense tasks are kept for their samples only (`dense_index` maps a
+    sample to its row of `masks`/`types`, -1 for patch samples), so patch tasks cost no mask
+    memory; all three are None when no task is dense.
+    """
 
     images: np.ndarray  # (N, P, P, 3) uint8
     labels: np.ndarray  # (N,) float32
     task_ids: np.ndarray  # (N,) int64
     task_names: list[str]
+    dense_index: np.ndarray | None = None  # (N,) int64
+    masks: np.ndarray | None = None  # (M, P, P) int16
+    types: np.ndarray | None = None  # (M, P, P) int16 (zeros for untyped tasks)
 
     @classmethod
     def concat(cls, sets: Sequence[PatchSet]) -> MixedPatches:
         if not sets:
             raise ValueError("no patch sets to mix")
-        return cls(
+        mixed = cls(
             images=np.concatenate([s.images for s in sets]),
             labels=np.concatenate([s.labels for s in sets]).astype(np.float32),
             task_ids=np.concatenate([np.full(len(s), k, dtype=np.int64) for k, s in enumerate(sets)]),
             task_names=[s.task for s in sets],
         )
+        dense = [s for s in sets if s.masks is not None]
+        if dense:
+            rows, start = [], 0
+            for s in sets:
+                if s.masks is None:
+                    rows.append(np.full(len(s), -1, np.int64))
+                else:
+                    rows.append(np.arange(start, start + len(s), dtype=np.int64))
+                    start += len(s)
+            mixed.dense_index = np.concatenate(rows)
+            mixed.masks = np.concatenate([s.masks for s in dense]).astype(np.int16)
+            mixed.types = np.concatenate([s.types if s.types is not None else np.zeros_like(s.masks)
+                                          for s in dense]).astype(np.int16)
+        return mixed
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """The arrays the training loop reads, keys prefixed with the split (`train_`, `val_`);
+        dense keys only when a task is dense."""
+        out = {f"{prefix}images": self.images, f"{prefix}labels": self.labels, f"{prefix}tasks": self.task_ids}
+        if self.dense_index is not None:
+            out.update({f"{prefix}dense_index": self.dense_index, f"{prefix}masks": self.masks,
+                        f"{prefix}types": self.types})
+        return out
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

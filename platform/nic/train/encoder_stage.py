@@ -48,7 +48,7 @@ def training_config_hash(config: TrainEncoderConfig, tasks: list[TaskSpec]) -> s
     fingerprint of their data files."""
     return stable_hash({
         "config": config.model_dump(mode="json", exclude=_EXECUTION_FIELDS),
-        "tasks": [t.model_dump(mode="json") for t in tasks],
+        "tasks": [t.identity() for t in tasks],
         "data": [[path_fingerprint(t.path), path_fingerprint(t.val_path)] for t in tasks],
     })
 
@@ -70,8 +70,7 @@ def load_patch_data(config: TrainEncoderConfig, tasks: list[TaskSpec]) -> tuple[
         train_sets.append(train)
         val_sets.append(val)
     tr, va = MixedPatches.concat(train_sets), MixedPatches.concat(val_sets)
-    data = {"train_images": tr.images, "train_labels": tr.labels, "train_tasks": tr.task_ids,
-            "val_images": va.images, "val_labels": va.labels, "val_tasks": va.task_ids}
+    data = {**tr.arrays("train_"), **va.arrays("val_")}
     return data, heads
 
 
