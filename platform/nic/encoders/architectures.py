@@ -2,7 +2,10 @@
 
 A trunk takes a float batch (N, 3, P, P) already normalised to [-1, 1] and returns (N, C).
 `features()` returns the flattened activations before the final dense layer, which the VAE
-uses for its log-variance head.
+uses for its log-variance head. The convolutional trunks also expose `feature_maps()` (the input
+at half resolution, then every stage's output, finest first; `map_channels` their widths) and
+`embed_maps()` (the C-vector from those maps, equal to `forward`), so that dense-task decoders
+(nic.encoders.decoders) take skip connections from one shared trunk pass.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class ReferenceTrunk(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.features_dim = filters * size * size
         self.fc = nn.Linear(self.features_dim, embedding_dim)
+        self.map_channels = [3] + [filters] * 4
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-1]
@@ -45,6 +49,18 @@ class ReferenceTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[pooled input (64 px), conv 1 (31 px), conv 2 (15), conv 3 (7), conv 4 (3)]."""
+        h = self.pool(x)
+        maps = [h]
+        for i in range(0, len(self.convs), 3):
+            h = self.convs[i : i + 3](h)
+            maps.append(h)
+        return maps
+
+    def embed_maps(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return self.fc(torch.flatten(maps[-1], 1))
 
 
 class BasicBlock(nn.Module):
@@ -84,12 +100,28 @@ class ResNetTrunk(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.features_dim = cin
         self.fc = nn.Linear(cin, embedding_dim)
+        self.stage_ends = [sum(blocks[: i + 1]) for i in range(len(blocks))]  # block index after each stage
+        self.map_channels = [3] + list(widths)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[input at P/2, stage 1 (P/2), stage 2 (P/4), stage 3 (P/8), stage 4 (P/16)]."""
+        maps = [F.avg_pool2d(x, 2)]
+        h = self.stem(x)
+        start = 0
+        for end in self.stage_ends:
+            h = self.stages[start:end](h)
+            maps.append(h)
+            start = end
+        return maps
+
+    def embed_maps(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(maps[-1], 1), 1))
 
 
 class MeanRGB(nn.Module):

@@ -51,6 +51,16 @@ class PatchEncoder(nn.Module):
         """Pre-dense activations (used by the VAE's log-variance head); training path only."""
         return self.trunk.features(self.normalise(x))
 
+    def maps_and_embedding(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The trunk's intermediate maps (finest first) and the embedding from the same pass, for
+        dense-task decoders; training and validation path (no inference_mode)."""
+        self._check(x)
+        if not hasattr(self.trunk, "feature_maps"):
+            raise ValueError(f"the '{self.architecture}' trunk has no feature maps: dense tasks need the "
+                             "reference or resnet architecture")
+        maps = self.trunk.feature_maps(self.normalise(x))
+        return maps, self.trunk.embed_maps(maps)
+
     def head_from_features(self, f: torch.Tensor) -> torch.Tensor:
         """The trunk's dense layer applied to `features()`, so a caller can share one trunk pass."""
         return self.trunk.fc(f)

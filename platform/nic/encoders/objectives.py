@@ -36,9 +36,13 @@ class TaskHeadSpec:
     classes: list[str] | None = None
     target_mean: float = 0.0
     target_std: float = 1.0
+    background: int | None = None  # segmentation: the class left out of the mean foreground Dice
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        if out["background"] is None:  # patch tasks: recorded as before dense tasks existed
+            del out["background"]
+        return out
 
 
 def _pooled_target(x: torch.Tensor, size: int = 64) -> torch.Tensor:
@@ -122,7 +126,7 @@ def masked_multitask_loss(
     parts: dict[str, torch.Tensor] = {}
     for k, spec in enumerate(specs):
         mask = task_ids == k
-        if not bool(mask.any()):
+        if spec.name not in heads or not bool(mask.any()):  # dense tasks have decoders, not heads
             continue
         loss = task_loss(spec, heads[spec.name](embeddings[mask]), labels[mask])
         parts[spec.name] = loss.detach()
@@ -131,35 +135,68 @@ def masked_multitask_loss(
 
 
 class MultiTaskObjective(Objective):
-    """Shared trunk, one head per task, masked per-sample loss with per-task weights."""
+    """Shared trunk, one head per patch task and one decoder per dense task (nic.encoders.dense_tasks),
+    masked per-sample loss with per-task weights."""
 
     kind = "mtl"
 
     def __init__(self, encoder: PatchEncoder, tasks: list[TaskHeadSpec], head_hidden: int = 0):
+        from nic.encoders.dense_tasks import build_decoders, is_dense
+
         super().__init__(encoder)
         if not tasks:
             raise ValueError("multitask training needs at least one task")
         self.tasks = tasks
         self.head_hidden = head_hidden
         self.heads = nn.ModuleDict(
-            {t.name: _make_head(encoder.embedding_dim, t.num_outputs, head_hidden) for t in tasks}
+            {t.name: _make_head(encoder.embedding_dim, t.num_outputs, head_hidden) for t in tasks if not is_dense(t)}
         )
+        self.has_dense = any(is_dense(t) for t in tasks)
+        if self.has_dense:
+            if not hasattr(encoder.trunk, "feature_maps"):
+                raise ValueError(f"dense tasks need the reference or resnet trunk, not '{encoder.architecture}'")
+            self.decoders = build_decoders(tasks, encoder.trunk.map_channels)
 
-    def forward(self, x, task_ids, labels, phase="main"):
-        emb = self.encoder(x)
-        total, parts = masked_multitask_loss(emb, self.heads, self.tasks, task_ids, labels)
+    @property
+    def uses_masks(self) -> bool:
+        """The training loop hands per-pixel targets (`masks=`) only to objectives that use them."""
+        return self.has_dense
+
+    def forward(self, x, task_ids, labels, phase="main", masks=None):
+        if not self.has_dense:
+            emb = self.encoder(x)
+            total, parts = masked_multitask_loss(emb, self.heads, self.tasks, task_ids, labels)
+        else:
+            from nic.encoders.dense_tasks import masked_dense_loss
+
+            maps, emb = self.encoder.maps_and_embedding(x)
+            total, parts = masked_multitask_loss(emb, self.heads, self.tasks, task_ids, labels)
+            if masks is not None:
+                dense_total, dense_parts = masked_dense_loss(maps, self.decoders, self.tasks, task_ids, masks,
+                                                             self.encoder.tile_px)
+                total = total + dense_total
+                parts.update(dense_parts)
         out = {"loss": total}
         out.update({f"loss/{name}": value for name, value in parts.items()})
         return out
 
     @torch.no_grad()
-    def validation_step(self, x, task_ids, labels, generator=None):
-        emb = self.encoder(x).clone()
+    def validation_step(self, x, task_ids, labels, generator=None, masks=None):
+        dense_columns: dict[str, np.ndarray] = {}
+        if self.has_dense:
+            maps, emb = self.encoder.maps_and_embedding(x)
+        else:
+            emb = self.encoder(x).clone()
         loss = torch.zeros(len(x), device=x.device)
         score = torch.zeros(len(x), device=x.device)
+        if self.has_dense and masks is not None:
+            from nic.encoders.dense_tasks import validation_columns
+
+            dense_columns = validation_columns(maps, self.decoders, self.tasks, task_ids, masks,
+                                               self.encoder.tile_px, loss)
         for k, spec in enumerate(self.tasks):
             mask = task_ids == k
-            if not bool(mask.any()):
+            if spec.name not in self.heads or not bool(mask.any()):
                 continue
             logits = self.heads[spec.name](emb[mask])
             loss[mask] = task_loss(spec, logits, labels[mask], reduction="none")
@@ -170,14 +207,27 @@ class MultiTaskObjective(Objective):
             else:
                 score[mask] = logits[:, 0] * spec.target_std + spec.target_mean
         return {"task": task_ids.cpu().numpy(), "label": labels.cpu().numpy(),
-                "loss": loss.cpu().numpy(), "score": score.cpu().numpy()}
+                "loss": loss.cpu().numpy(), "score": score.cpu().numpy(), **dense_columns}
 
     def validation_metrics(self, columns):
-        return multitask_metrics(self.tasks, columns)
+        metrics = multitask_metrics(self.tasks, columns)
+        if self.has_dense and "dense_dice" in columns:
+            from nic.encoders.dense_tasks import dense_metrics
+
+            dense = dense_metrics(self.tasks, columns)
+            # the weighted sum of every task's loss, dense tasks included
+            metrics["val_loss"] += sum(t.weight * dense.get(f"{t.name}/loss", 0.0) for t in self.tasks)
+            val_loss = metrics.pop("val_loss")
+            metrics.update(dense)
+            metrics["val_loss"] = val_loss
+        return metrics
 
     def extra_state(self) -> dict:
-        return {"heads": self.heads.state_dict(), "tasks": [t.to_dict() for t in self.tasks],
-                "head_hidden": self.head_hidden}
+        state = {"heads": self.heads.state_dict(), "tasks": [t.to_dict() for t in self.tasks],
+                 "head_hidden": self.head_hidden}
+        if self.has_dense:
+            state["decoders"] = self.decoders.state_dict()
+        return state
 
 
 def multitask_metrics(tasks: list[TaskHeadSpec], columns: dict[str, np.ndarray]) -> dict[str, float]:
@@ -190,7 +240,7 @@ def multitask_metrics(tasks: list[TaskHeadSpec], columns: dict[str, np.ndarray])
     val_loss = 0.0
     for k, spec in enumerate(tasks):
         mask = columns["task"] == k
-        if not mask.any():
+        if spec.kind in ("segmentation", "nuclei") or not mask.any():  # dense: nic.encoders.dense_tasks
             continue
         y, s = columns["label"][mask], columns["score"][mask]
         task_loss_value = float(np.mean(columns["loss"][mask]))

@@ -70,9 +70,11 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Te
     return y.reshape(n, c, h, w)
 
 
-def random_resized_crop(x: torch.Tensor, scale: torch.Tensor, ratio: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def random_resized_crop(x: torch.Tensor, scale: torch.Tensor, ratio: torch.Tensor, pos: torch.Tensor,
+                        mode: str = "bilinear") -> torch.Tensor:
     """Crop a window of area fraction `scale` and aspect `ratio` at relative position `pos` (N, 2)
-    in [0, 1], resized back to the tile size (bilinear), per tile, with one grid_sample call."""
+    in [0, 1], resized back to the tile size (bilinear; nearest for label maps), per tile, with
+    one grid_sample call."""
     sx = torch.sqrt(scale * ratio).clamp(max=1.0)
     sy = torch.sqrt(scale / ratio).clamp(max=1.0)
     tx = (2 * pos[:, 0] - 1) * (1 - sx)
@@ -80,7 +82,7 @@ def random_resized_crop(x: torch.Tensor, scale: torch.Tensor, ratio: torch.Tenso
     theta = torch.zeros(x.shape[0], 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
 
 
 class Augmenter:
@@ -98,19 +100,30 @@ class Augmenter:
         u = torch.rand(shape, generator=self.generator, device=self.device)
         return low + (high - low) * u
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 3, H, W) float in [0, 1] on `device`; returns a new augmented batch in [0, 1]."""
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        """x: (N, 3, H, W) float in [0, 1] on `device`; returns a new augmented batch in [0, 1].
+
+        With `targets` (N, T, H, W) per-pixel integer maps (dense tasks), returns (x, targets):
+        the targets get the same crop (nearest neighbour, so ids and classes stay whole) and the
+        same dihedral transform as their tile; colour changes do not touch them. The random
+        draws are the same with or without targets, so patch-only batches augment as before.
+        """
         o = self.options
         if not o.enabled:
-            return x
+            return x if targets is None else (x, targets)
         n = x.shape[0]
         if self.crop_scale < 1:
             scale = self._uniform((n,), self.crop_scale, 1.0)
             ratio = torch.exp(self._uniform((n,), math.log(3 / 4), math.log(4 / 3)))
-            x = random_resized_crop(x, scale, ratio, self._uniform((n, 2), 0.0, 1.0))
+            pos = self._uniform((n, 2), 0.0, 1.0)
+            x = random_resized_crop(x, scale, ratio, pos)
+            if targets is not None:
+                targets = random_resized_crop(targets.float(), scale, ratio, pos, mode="nearest").to(targets.dtype)
         if o.dihedral:
             k = torch.randint(0, 8, (n,), generator=self.generator, device=self.device)
             x = dihedral(x, k)
+            if targets is not None:
+                targets = dihedral(targets, k)
         if o.hed_sigma > 0 or o.hed_bias > 0:
             alpha = self._uniform((n, 3, 1, 1), 1 - o.hed_sigma, 1 + o.hed_sigma)
             beta = self._uniform((n, 3, 1, 1), -o.hed_bias, o.hed_bias)
@@ -130,7 +143,7 @@ class Augmenter:
         if o.noise_std > 0:
             std = self._uniform((n, 1, 1, 1), 0.0, o.noise_std)
             x = x + std * torch.randn(x.shape, generator=self.generator, device=self.device)
-        return x.clamp(0, 1)
+        return x.clamp(0, 1) if targets is None else (x.clamp(0, 1), targets)
 
 
 def to_float01(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

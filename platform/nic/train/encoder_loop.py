@@ -96,6 +96,18 @@ def _repeat(t: torch.Tensor, num_views: int) -> torch.Tensor:
     return t if num_views == 1 else t.repeat(num_views)
 
 
+def dense_targets(data: dict[str, np.ndarray], split: str, idx: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(B, 2, P, P) int16 per-pixel targets of a batch (class or instance id, nucleus type);
+    -1 everywhere for samples of patch tasks (they carry no mask)."""
+    rows = data[f"{split}_dense_index"][idx]
+    masks = data[f"{split}_masks"]
+    out = np.full((len(idx), 2, *masks.shape[1:]), -1, np.int16)
+    has = rows >= 0
+    out[has, 0] = masks[rows[has]]
+    out[has, 1] = data[f"{split}_types"][rows[has]]
+    return torch.as_tensor(out, device=device)
+
+
 def train_encoder_loop(config: dict) -> None:
     """`train_loop_per_worker` of the encoder TorchTrainer."""
     import ray
@@ -167,6 +179,8 @@ def train_encoder_loop(config: dict) -> None:
     crop = min(augment_options.crop_scale, 0.5) if spec.kind == "contrastive" else None
     views = objective.num_views
     n_val = len(data["val_tasks"])
+    # dense tasks (segmentation, nuclei): their samples' masks go to the objectives that use them
+    dense = bool(getattr(objective, "uses_masks", False)) and "train_dense_index" in data
 
     if rank == 0 and resumed_from is not None and start_epoch <= s.epochs:
         send_progress(progress, f"[{STAGE}] resuming from the epoch-{resumed_from} checkpoint")
@@ -185,11 +199,16 @@ def train_encoder_loop(config: dict) -> None:
             if s.max_minutes_per_epoch is not None and any_worker(
                     time.monotonic() - started > 60 * s.max_minutes_per_epoch, device):
                 break
-            x = _views(to_float01(data["train_images"][idx], device), augment, views)
+            dense_kw: dict[str, torch.Tensor] = {}
+            if dense:  # per-pixel targets get the same geometric augmentation as their tiles
+                x, dense_kw["masks"] = augment(to_float01(data["train_images"][idx], device),
+                                               dense_targets(data, "train", idx, device))
+            else:
+                x = _views(to_float01(data["train_images"][idx], device), augment, views)
             t = _repeat(torch.as_tensor(data["train_tasks"][idx], device=device), views)
             y = _repeat(torch.as_tensor(data["train_labels"][idx], device=device), views)
             for phase, opt in optimizers.items():
-                out = model(x, t, y, phase=phase)
+                out = model(x, t, y, phase=phase, **dense_kw)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 opt.step()
@@ -216,7 +235,8 @@ def train_encoder_loop(config: dict) -> None:
                     x = _views(x, val_augment, views)
                 t = _repeat(torch.as_tensor(data["val_tasks"][idx], device=device), views)
                 y = _repeat(torch.as_tensor(data["val_labels"][idx], device=device), views)
-                for key, value in core.validation_step(x, t, y, generator).items():
+                val_kw = {"masks": dense_targets(data, "val", idx, device)} if dense else {}
+                for key, value in core.validation_step(x, t, y, generator, **val_kw).items():
                     columns.setdefault(key, []).append(value)
         local = {k: np.concatenate(v) for k, v in columns.items()}
         gathered = gather_columns(local)

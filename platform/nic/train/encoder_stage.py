@@ -53,6 +53,12 @@ def training_config_hash(config: TrainEncoderConfig, tasks: list[TaskSpec]) -> s
     })
 
 
+def _describe_labels(task: TaskSpec) -> str:
+    if task.kind == "nuclei":
+        return f"{len(task.classes)} nucleus types" if task.classes else "untyped"
+    return f"{len(task.classes)} classes" if task.classes else "regression"
+
+
 def load_patch_data(config: TrainEncoderConfig, tasks: list[TaskSpec]) -> tuple[dict[str, np.ndarray], list[TaskHeadSpec]]:
     """Read every task's train/val patches and describe each task's head."""
     train_sets, val_sets, heads = [], [], []
@@ -63,8 +69,9 @@ def load_patch_data(config: TrainEncoderConfig, tasks: list[TaskSpec]) -> tuple[
         if task.kind == "regression":
             mean, std = float(train.labels.mean()), float(max(train.labels.std(), 1e-6))
         heads.append(TaskHeadSpec(name=task.name, kind=task.kind, num_outputs=task.num_outputs, weight=task.weight,
-                                  classes=task.classes, target_mean=mean, target_std=std))
-        what = f"{len(task.classes)} classes" if task.classes else "regression"
+                                  classes=task.classes, target_mean=mean, target_std=std,
+                                  background=task.background if task.kind == "segmentation" else None))
+        what = _describe_labels(task)
         _say(f"task {task.name} ({task.kind}, {what}, weight {task.weight:g}): {len(train)} train, "
              f"{len(val)} val patches ({task.format} {display(task.path)})")
         train_sets.append(train)
