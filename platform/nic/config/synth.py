@@ -9,6 +9,8 @@ from pydantic import Field, model_validator
 from nic.config.base import NicModel, StageConfig
 
 PATCH_TASKS = ("tissue_type", "tumour", "mitosis", "lymphocyte_density")
+DENSE_TASKS = ("nuclei", "tissue_regions")
+"""Per-pixel datasets (nic.synth.dense); opt-in, so existing cohorts and encoder runs are unchanged."""
 
 
 class RenderOptions(NicModel):
@@ -91,7 +93,10 @@ class ArtefactOptions(NicModel):
 class PatchOptions(NicModel):
     """Labelled patch datasets for training the patch encoder."""
 
-    tasks: list[str] = Field(list(PATCH_TASKS), description=f"Tasks to generate, any of {', '.join(PATCH_TASKS)}.")
+    tasks: list[str] = Field(
+        list(PATCH_TASKS), description=f"Tasks to generate, any of {', '.join(PATCH_TASKS)}, and the dense "
+        f"(per-pixel) tasks {', '.join(DENSE_TASKS)}.",
+    )
     train: int = Field(2400, ge=0, description="Training patches per task.")
     val: int = Field(600, ge=0, description="Validation patches per task (rendered from separate canvases).")
     patch_px: int = Field(128, ge=16, description="Patch size in px.")
@@ -108,9 +113,9 @@ class PatchOptions(NicModel):
 
     @model_validator(mode="after")
     def _known_tasks(self) -> PatchOptions:
-        unknown = [t for t in self.tasks if t not in PATCH_TASKS]
+        unknown = [t for t in self.tasks if t not in PATCH_TASKS + DENSE_TASKS]
         if unknown:
-            raise ValueError(f"unknown patch tasks {unknown}; known: {', '.join(PATCH_TASKS)}")
+            raise ValueError(f"unknown patch tasks {unknown}; known: {', '.join(PATCH_TASKS + DENSE_TASKS)}")
         return self
 
 

@@ -97,7 +97,16 @@ TASKS: dict[str, TaskSpec] = {
         "patches/lymphocyte_density/train.csv",
         "patches/lymphocyte_density/val.csv",
     ),
+    # dense tasks (nic.synth.dense): new entries go at the end, a task's position seeds its chunks
+    "nuclei": TaskSpec(
+        "nuclei", "nuclei", ("tumour", "lymphocyte", "stroma", "mitotic_figure"), "hdf5", "patches/nuclei/train.h5",
+        "patches/nuclei/val.h5"
+    ),
+    "tissue_regions": TaskSpec(
+        "tissue_regions", "segmentation", CLASSES, "folder", "patches/tissue_regions", "patches/tissue_regions_val"
+    ),
 }
+DENSE = ("nuclei", "tissue_regions")
 TASK_ORDER = tuple(TASKS)
 SPLITS = ("train", "val")
 
@@ -337,7 +346,10 @@ def _cut(image: np.ndarray, n: int, px: int) -> list[np.ndarray]:
 
 
 def render_chunk(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
-    """Patches (N, px, px, 3) uint8 and labels (N,) float32 of one chunk; pure function of its inputs."""
+    """Patches (N, px, px, 3) uint8 and labels (N,) float32 of one chunk; pure function of its inputs.
+    Patch tasks only: dense tasks are rendered by nic.synth.dense.render_dense_chunk."""
+    if chunk.task in DENSE:
+        raise ValueError(f"{chunk.task} is a dense task: use nic.synth.dense.render_dense_chunk")
     if chunk.task == "mitosis":
         return _render_mitosis(config, chunk)
     opts = config.patches

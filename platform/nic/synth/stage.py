@@ -8,6 +8,8 @@ Cohort folder:
     truth.json              every hidden parameter, the hazard model, the generator version and seed
     tasks.yaml              the patch tasks for `nic.patches`
     patches/...             one dataset per task (folders of PNG, HDF5, CSV manifest)
+                            dense tasks (opt-in, nic.synth.dense): nuclei HDF5 with instance and
+                            type maps, tissue_regions image/mask PNG pairs
     config.yaml             the resolved config
     cohort.json             written last: what was made, per slide and task status
 
@@ -58,7 +60,7 @@ from nic.synth.labels import (
     targets,
 )
 from nic.synth.params import CLASSES, GENERATOR_VERSION, SlideParams
-from nic.synth.patches import SPLITS, TASKS, Chunk, plan_chunks, render_chunk, write_pngs
+from nic.synth.patches import DENSE, SPLITS, TASKS, Chunk, plan_chunks, render_chunk, write_pngs
 
 SLIDES_DIR = "slides"
 PATCHES_DIR = "patches"
@@ -131,6 +133,8 @@ def render_slide(params_dict: dict, out: str, tile_size: int, quality: int, spec
 def render_patch_chunk(config_dict: dict, chunk: Chunk, staging: str) -> dict:
     """Render one chunk of patches; image formats are written here, arrays returned for HDF5."""
     config = SynthConfig.model_validate(config_dict)
+    if chunk.task in DENSE:
+        return _render_dense_chunk(config, chunk, staging)
     x, y = render_chunk(config, chunk)
     spec = TASKS[chunk.task]
     if spec.format == "hdf5":
@@ -139,6 +143,19 @@ def render_patch_chunk(config_dict: dict, chunk: Chunk, staging: str) -> dict:
     names = write_pngs(folder, chunk.task, chunk.split, chunk.first_patch, x, y)
     publish(folder)  # on an object store: the driver fetches the staged files before moving them
     return {"names": names, "y": y}
+
+
+def _render_dense_chunk(config: SynthConfig, chunk: Chunk, staging: str) -> dict:
+    """Dense chunks: PNG pairs written here (segmentation), arrays returned for HDF5 (nuclei)."""
+    from nic.synth.dense import render_dense_chunk, write_pairs
+
+    out = render_dense_chunk(config, chunk)
+    if TASKS[chunk.task].format == "hdf5":
+        return out
+    folder = Path(staging) / chunk.split
+    write_pairs(folder, chunk.task, chunk.split, chunk.first_patch, out["x"], out["y"])
+    publish(folder)
+    return {"stats": out["stats"]}
 
 
 def _slide_is_complete(out: Path, slide_id: str, spec: str) -> dict | None:
@@ -201,9 +218,49 @@ def _csv_text(rows: list[dict], columns: tuple[str, ...] | list[str]) -> str:
     return buf.getvalue()
 
 
+def _stack(parts: list[dict], key: str, empty: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate([p[key] for p in parts]) if parts else np.zeros(empty, np.uint8)
+
+
+def _finish_dense_task(out: Path, task: str, results: dict[str, list[dict]], spec: str) -> dict:
+    """Dense tasks: HDF5 written or staged PNG pairs moved into place, then the sidecar (last),
+    which counts nuclei per type or pixels per class."""
+    from nic.synth.dense import NUCLEUS_TYPES, REGION_CLASSES, write_dense_h5
+
+    tspec = TASKS[task]
+    staging = out / PATCHES_DIR / f".{task}.staging"
+    names = NUCLEUS_TYPES if tspec.kind == "nuclei" else REGION_CLASSES
+    summary: dict = {"name": task, "spec": spec, "format": tspec.format, "kind": tspec.kind}
+    totals = {}
+    for split in SPLITS:
+        parts = results.get(split, [])
+        stats = np.concatenate([p["stats"] for p in parts]) if parts else np.zeros((0, len(names)), np.int64)
+        summary[split] = int(len(stats))
+        totals[split] = dict(zip(names, stats.sum(0).astype(int).tolist()))
+        target = out / (tspec.path if split == "train" else tspec.val_path)
+        if tspec.format == "hdf5":
+            write_dense_h5(target, _stack(parts, "x", (0, 1, 1, 3)), _stack(parts, "y", (0, 1, 1)),
+                           _stack(parts, "types", (0, 1, 1)))
+        else:
+            source = staging / split
+            (source / "images").mkdir(parents=True, exist_ok=True)
+            (source / "masks").mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+    if staging.exists():
+        shutil.rmtree(staging)
+    summary["nuclei_by_type" if tspec.kind == "nuclei" else "class_pixels"] = totals
+    write_json_atomic(out / PATCHES_DIR / f"{task}.json", summary)
+    return summary
+
+
 def _finish_patch_task(out: Path, task: str, results: dict[str, list[dict]], spec: str) -> dict:
     """Move a task's staged files into place, write its HDF5/manifest, then its sidecar (last)."""
     tspec = TASKS[task]
+    if task in DENSE:
+        return _finish_dense_task(out, task, results, spec)
     patches = out / PATCHES_DIR
     staging = patches / f".{task}.staging"
     counts = {}
