@@ -12,6 +12,7 @@ from nic.config.encoder import AugmentOptions
 from nic.encoders.dense_loss import nucleus_classes
 from nic.encoders.dense_metrics import (
     dice_parts,
+    instance_types,
     instances_from_classes,
     match_instances,
     mean_dice,
@@ -100,7 +101,7 @@ def test_masked_loss_mixes_dense_and_patch_tasks_and_absent_tasks_get_zero_gradi
     model2.load_state_dict(model.state_dict())
     x, t, y, masks = _batch([2, 2])
     a, b = model(x, t, y, masks=masks), model2(x, t, y, masks=masks)
-    assert float(b["loss"]) == pytest.approx(2.5 * float(a["loss"]), rel=1e-5)
+    assert float(b["loss"].detach()) == pytest.approx(2.5 * float(a["loss"].detach()), rel=1e-5)
 
 
 def test_validation_columns_and_metric_keys() -> None:
@@ -183,6 +184,12 @@ def test_pq_and_instances_against_hand_computed_cases() -> None:
     classes[11, 0:3] = 2  # a foreground fragment without interior: its own instance (6 px minimum: dropped)
     assert len(np.unique(instances_from_classes(classes))) == 3
     assert instances_from_classes(np.zeros((4, 4), int)).max() == 0
+    types = np.zeros_like(classes)
+    types[2:10, 1:8] = 2
+    types[2:4, 1:8] = 1  # a minority of instance 1's pixels
+    types[2:10, 8:15] = 1
+    expected = {int(inst[5, 4]): 2, int(inst[5, 11]): 1}
+    assert instance_types(inst, types, 2).tolist() == [expected[1], expected[2]]
 
 
 def test_count_r_and_dense_metrics_from_columns() -> None:

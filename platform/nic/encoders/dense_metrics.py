@@ -114,3 +114,16 @@ def pearson_r(a: np.ndarray, b: np.ndarray) -> float:
 
 def count_instances(inst: np.ndarray) -> int:
     return int(len(np.unique(inst[inst > 0])))
+
+
+def instance_types(inst: np.ndarray, types: np.ndarray, num_types: int) -> np.ndarray:
+    """Type of each instance 1..n (index i - 1): the majority of the predicted type map over its
+    pixels, background (0) votes left out; 0 when none of its pixels has a type."""
+    n = int(inst.max(initial=0))
+    if n == 0:
+        return np.zeros(0, np.int64)
+    sel = (inst > 0) & (types > 0)
+    votes = np.zeros((n + 1, num_types + 1), np.int64)
+    np.add.at(votes, (inst[sel], types[sel]), 1)
+    best = votes[1:, 1:].argmax(1) + 1
+    return np.where(votes[1:, 1:].sum(1) > 0, best, 0)
