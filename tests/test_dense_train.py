@@ -1,6 +1,7 @@
 """A tiny dense multitask run through the real `nic train-encoder` path on Ray Train: a patch task,
-a segmentation task (PNG pairs) and a typed nuclei task (HDF5) in mixed batches; encoder.json
-gets the dense metrics, the progress lines show them, the grid-facing encoder is unchanged."""
+a segmentation task (PNG pairs) and a typed nuclei task (HDF5) in mixed batches on two DDP workers
+(so a decoder can be unused on one worker's batch while used on the other's); encoder.json gets the
+dense metrics, the progress lines show them, the grid-facing encoder is unchanged."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_tiny_dense_mtl_run_writes_dense_metrics(ray_session, tmp_path: Path, ca
     out = tmp_path / "enc"
     argv = ["train-encoder", "--tasks", str(_tasks(tmp_path / "data")), "--out", str(out),
             "--set", f"tile_px={PX}", "--set", "embedding_dim=16", "--set", "batch_size=12", "--set", "epochs=2",
-            "--set", "num_workers=1", "--set", "seed=0", "--set", "samples_per_task=12",
+            "--set", "num_workers=2", "--set", "seed=0", "--set", "samples_per_task=12",
             "--set", "augment.blur_prob=0.0"]
     assert main(argv) == 0
     meta = json.loads((out / "encoder.json").read_text())

@@ -133,6 +133,8 @@ def patch_sheet(cohort: Path, out: Path, n_per_class: int = 8) -> None:
     tasks = yaml.safe_load((cohort / "tasks.yaml").read_text())["tasks"]
     rows = []
     for task in tasks:
+        if task["kind"] in ("segmentation", "nuclei"):  # per-pixel labels: no one label per patch to show
+            continue
         for name, images in _load_task(cohort, task, n_per_class):
             if images:
                 rows.append((f"{task['name']}: {name}", images))
