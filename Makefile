@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 PYTEST_ARGS ?=
 
-.PHONY: install test test-integration lint demo bench clean
+.PHONY: install test test-heavy test-integration lint demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,9 +22,14 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check platform tests jobs benchmarks
 
-# Everything, the whole-study tests included (a tiny pipeline and Tune search, a 2-node cluster).
+# Everything but the heavy tier, the whole-study tests included (a tiny pipeline and Tune search,
+# a 2-node cluster). The heavy tier (a study killed and re-run, a study or search in a bucket, a
+# pipeline job on a head) re-runs whole studies: `make test-heavy`, about 25 more minutes.
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not heavy" $(PYTEST_ARGS)
+
+test-heavy: $(STAMP)
+	$(PY) -m pytest -m heavy $(PYTEST_ARGS)
 
 # Only the whole-study tests (also part of `make test`): about 4 minutes on 2 CPUs.
 test-integration: $(STAMP)

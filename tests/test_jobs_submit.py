@@ -112,6 +112,7 @@ TINY_DEMO = [
 ]
 
 
+@pytest.mark.heavy
 @pytest.mark.integration
 def test_pipeline_job_runs_the_demo_config_on_the_head(ray_head, tmp_path):
     """`ray job submit --working-dir . -- python jobs/pipeline.py --config configs/demo/pipeline.yaml`:

@@ -425,6 +425,7 @@ def trial_rows(out: Path) -> pd.DataFrame:
     return frame.drop(columns=["trial_id"]).sort_values("tasks").reset_index(drop=True)
 
 
+@pytest.mark.heavy
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_tune_killed_and_rerun(tiny_cohort, tmp_path):
@@ -434,6 +435,7 @@ def test_tune_killed_and_rerun(tiny_cohort, tmp_path):
         config = tiny_search(str(tiny_cohort / "tasks.yaml"), str(tiny_cohort / "slides"),
                              str(tiny_cohort / "labels.csv"), str(out),
                              space={"encoder_lr": [2e-3], "downstream_lr": [1e-3]})
+        out.parent.mkdir(parents=True, exist_ok=True)
         return ["tune", "--config", str(write_config(config, out.parent / "tune.yaml")), "--num-cpus", "2"]
 
     def started(out: Path) -> bool:  # the search has started (Tune makes its experiment folder first)
@@ -457,6 +459,7 @@ def report_text(root: Path) -> str:
     return re.sub(r"\b\d+(\.\d+)? (s|min)\b", "<time>", text)
 
 
+@pytest.mark.heavy
 @pytest.mark.integration
 @pytest.mark.timeout(1200)
 def test_pipeline_killed_and_rerun(tmp_path):
@@ -465,6 +468,7 @@ def test_pipeline_killed_and_rerun(tmp_path):
     def args(out: Path) -> list[str]:
         config = tiny_study(str(out), targets=[GROWTH])
         config["encoders"] = [{"name": "mtl", "kind": "mtl"}]
+        out.parent.mkdir(parents=True, exist_ok=True)
         return ["pipeline", "--config", str(write_config(config, out.parent / "pipeline.yaml")), "--num-cpus", "2"]
 
     def started(out: Path) -> bool:  # the cohort is being generated: the first step is working

@@ -171,6 +171,7 @@ def test_compress_reads_slides_and_an_encoder_from_a_bucket_and_writes_grids_the
     assert (manifest.loc[ids, "status"] == "skipped").all()
 
 
+@pytest.mark.heavy
 @pytest.mark.integration
 @pytest.mark.usefixtures("ray_session")
 def test_a_whole_study_lives_in_a_bucket_and_resumes_from_an_empty_mirror(s3_bucket, tmp_path, capsys):
@@ -230,6 +231,7 @@ def _upload_tree(folder: Path, uri: str) -> None:
             _put(f"{uri}/{path.relative_to(folder).as_posix()}", path.read_bytes())
 
 
+@pytest.mark.heavy
 @pytest.mark.integration
 @pytest.mark.usefixtures("ray_session")
 def test_a_search_reads_its_cohort_from_a_bucket_and_keeps_trials_and_checkpoints_there(

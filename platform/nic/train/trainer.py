@@ -90,6 +90,32 @@ def remove_placement_groups_of(actor_id: str) -> int:
         return 0
 
 
+def remove_orphaned_placement_groups() -> int:
+    """Remove live placement groups whose creating actor is dead (not detached ones). A group made
+    by an actor lives until both that actor and its job are gone, so in a long-lived driver the
+    group of a Train controller that died with its owner (a Tune trial stopped by ASHA, a trial
+    actor killed) would hold its CPUs for the rest of the job. Returns how many were removed."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        import ray._private.state as ray_state
+        from ray.core.generated import gcs_pb2
+
+        table = ray_state.state._connect_and_get_accessor().get_placement_group_table()
+        states = gcs_pb2.PlacementGroupTableData.PlacementGroupState
+        removed = 0
+        for raw in table:
+            data = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            if data.is_detached or not data.creator_actor_dead or states.Name(data.state) == "REMOVED":
+                continue
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
+            removed += 1
+        return removed
+    except Exception:  # a Ray whose internals moved, or Ray not running
+        return 0
+
+
 def abort_running_trainers() -> int:
     """Kill every Train controller started from this process that is still running; returns how
     many. Their workers die with them (they are the controller's actors) and Ray's placement-group
@@ -99,6 +125,7 @@ def abort_running_trainers() -> int:
         _LIVE.clear()
     for handle in handles:
         _kill(handle)
+    remove_orphaned_placement_groups()
     return len(handles)
 
 
@@ -203,6 +230,7 @@ def wait_for_resources(workers: int, per_worker: dict[str, float], timeout_s: fl
                             f"{_fmt({k: total.get(k, 0.0) for k in need}, zeros=True)}; ask for fewer workers or CPUs per "
                             "worker, or connect to a larger cluster (--address)")
     deadline = time.monotonic() + max(0.0, timeout_s)
+    remove_orphaned_placement_groups()  # CPUs held by a dead run's group are free, not "held"
     while True:
         free = ray.available_resources()
         if all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):

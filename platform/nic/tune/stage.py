@@ -99,7 +99,12 @@ def run_tune(cfg: TuneConfig) -> int:
                                       callbacks=[TrialProgress(trials, METRIC)],
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:  # trials stopped mid-fold (ASHA) leave their Train controllers' placement groups
+        from nic.train.trainer import remove_orphaned_placement_groups
+
+        remove_orphaned_placement_groups()
     frame = trial_table(grid, names)
     paths = write_results(frame, out, cfg, mode)
     best = frame[frame["complete"]].sort_values(METRIC, ascending=False)
