@@ -107,7 +107,10 @@ def remove_orphaned_placement_groups() -> int:
         removed = 0
         for raw in table:
             data = gcs_pb2.PlacementGroupTableData.FromString(raw)
-            if data.is_detached or not data.creator_actor_dead or states.Name(data.state) == "REMOVED":
+            made_by_actor = bool(data.creator_actor_id.strip(b"\xff"))  # a driver's groups (Tune's own
+            # trial reservations) have a nil creator actor and count as "creator dead" from the start
+            if not made_by_actor or data.is_detached or not data.creator_actor_dead \
+                    or states.Name(data.state) == "REMOVED":
                 continue
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
             removed += 1
