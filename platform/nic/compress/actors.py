@@ -8,7 +8,9 @@
   slide, row, col so reads are local), encodes them (under the 8 rotations/flips when asked) and
   returns float16 embeddings. With `read_parallelism` > 1 several batches run at once per actor
   (threads): pixel decoding releases the GIL, so it overlaps the encoding of another batch, while a
-  lock keeps one forward pass at a time.
+  lock keeps one forward pass at a time. With head columns (`nic compress --heads`) it also
+  returns the MTL encoder's head outputs per tile (nic.encoders.head_maps) as a float32 `heads`
+  column; without, its rows are exactly what they were before head maps.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class EncoderActor:
         use_gpu: bool = False,
         mixed_precision: bool = True,
         threads: int = 1,
+        head_columns: tuple[str, ...] = (),
     ):
         import torch
 
@@ -143,6 +146,15 @@ class EncoderActor:
         self.options = options
         self.paths = dict(paths)
         self.transforms = tuple(int(t) for t in transforms)
+        self.head_columns = tuple(head_columns)
+        self.head_mapper = None
+        if self.head_columns:
+            from nic.encoders.head_maps import load_head_mapper
+
+            self.head_mapper = load_head_mapper(encoder, self.device)
+            if self.head_mapper.columns != self.head_columns:  # the encoder folder changed under the job
+                raise RuntimeError(f"encoder {info.name}: head columns {list(self.head_mapper.columns)} differ "
+                                   f"from the driver's {list(self.head_columns)}")
         self._encode_lock = threading.Lock()
         self._local = threading.local()
 
@@ -177,21 +189,41 @@ class EncoderActor:
     # -- encoding ------------------------------------------------------------------------------
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, P, P, 3) -> float16 (N, C); one forward pass at a time per actor."""
+        return self._forward(pixels, with_heads=False)[0]
+
+    def encode_with_heads(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, P, P, 3) -> (float16 (N, C) embeddings, float32 (N, K) head outputs); the heads
+        read the same float32 embeddings that are rounded to float16 for the grid."""
+        emb, heads = self._forward(pixels, with_heads=True)
+        assert heads is not None
+        return emb, heads
+
+    def _forward(self, pixels: np.ndarray, with_heads: bool) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         # NHWC memory seen as NCHW: channels-last strides, the layout the fused encoders run in,
         # so no copy is made here.
         tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
+        heads = None
         with self._encode_lock, torch.inference_mode():
             t0 = time.perf_counter()
             tensor = tensor.to(self.device, non_blocking=True)
-            out = self.model(tensor)
-            out = out.float().cpu().numpy()
+            emb = self.model(tensor)
+            out = emb.float().cpu().numpy()
+            if with_heads and self.head_mapper is not None:
+                heads = self.head_mapper(tensor, emb).cpu().numpy()
             self._timing["encode_s"] += time.perf_counter() - t0
         if out.shape != (len(pixels), self.embedding_dim):
             raise RuntimeError(f"encoder {self.info.name} returned {out.shape}, expected "
                                f"({len(pixels)}, {self.embedding_dim})")
-        return out.astype(np.float16)
+        return out.astype(np.float16), heads
+
+    def _blank(self, n: int) -> dict[str, np.ndarray]:
+        """The encoder's columns of `n` rows that carry no encoding (error rows, empty batches)."""
+        out = {"transform": np.zeros(n, np.int8), "embedding": np.zeros((n, self.embedding_dim), np.float16)}
+        if self.head_columns:
+            out["heads"] = np.zeros((n, len(self.head_columns)), np.float32)
+        return out
 
     def _read_part(self, part: dict[str, np.ndarray]) -> tuple[np.ndarray | None, dict | None]:
         """(pixels, None) of one slide's rows, or (None, error rows) when planning or reading failed."""
@@ -200,8 +232,7 @@ class EncoderActor:
         n = len(part["slide_id"])
         sid = str(part["slide_id"][0])
         if str(part["error"][0]):  # planning failed: pass the error on, nothing to read
-            return None, {**part, "transform": np.zeros(n, np.int8),
-                          "embedding": np.zeros((n, self.embedding_dim), np.float16)}
+            return None, {**part, **self._blank(n)}
         shape = (int(part["grid_rows"][0]), int(part["grid_cols"][0]))
         t0 = time.perf_counter()
         try:
@@ -224,21 +255,27 @@ class EncoderActor:
         sizes = np.cumsum([len(p) for p in pixels])[:-1]
         for k in self.transforms:
             stacked = np.concatenate([px if k == 0 else transform_image(px, k, axes=(1, 2)) for px in pixels])
-            embeddings = np.split(self.encode(stacked), sizes)
-            for part, emb in zip(parts, embeddings, strict=True):
+            heads: list[np.ndarray | None] = [None] * len(parts)
+            if self.head_mapper is None:
+                embeddings = np.split(self.encode(stacked), sizes)
+            else:
+                emb_all, heads_all = self.encode_with_heads(stacked)
+                embeddings, heads = np.split(emb_all, sizes), np.split(heads_all, sizes)
+            for part, emb, head in zip(parts, embeddings, heads, strict=True):
                 rows, cols = part["row"], part["col"]
                 shape = (int(part["grid_rows"][0]), int(part["grid_cols"][0]))
                 # row/col move to the cell the tile occupies in transform k's grid; grid_rows/cols
                 # stay the identity grid's shape (GridMeta.shape(k) derives the rest).
                 r, c = (rows, cols) if k == 0 else transform_positions(rows, cols, shape, k)
                 outs.append({**part, "row": np.asarray(r, np.int32), "col": np.asarray(c, np.int32),
-                             "transform": np.full(len(rows), k, np.int8), "embedding": emb})
+                             "transform": np.full(len(rows), k, np.int8), "embedding": emb,
+                             **({} if head is None else {"heads": head})})
         return outs
 
     def _failed(self, part: dict[str, np.ndarray], reason: str, kind: str) -> dict[str, np.ndarray]:
         n = len(part["slide_id"])
         return {**part, "error": np.full(n, reason, object), "error_kind": np.full(n, kind, object),
-                "transform": np.zeros(n, np.int8), "embedding": np.zeros((n, self.embedding_dim), np.float16)}
+                **self._blank(n)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self._encode_batch(batch)
@@ -265,8 +302,7 @@ class EncoderActor:
     def _encode_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["slide_id"])
         if len(ids) == 0:
-            return {**batch, "transform": np.zeros(0, np.int8),
-                    "embedding": np.zeros((0, self.embedding_dim), np.float16)}
+            return {**batch, **self._blank(0)}
         order = np.lexsort((np.asarray(batch["col"]), np.asarray(batch["row"]), ids))
         sorted_ids = ids[order]
         bounds = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1

@@ -29,6 +29,7 @@ class EncoderFacts:
     name: str
     content_hash: str
     embedding_dim: int
+    head_columns: tuple[str, ...] = ()  # `--heads`: the head-map columns the actors add
 
 
 @dataclass
@@ -44,6 +45,7 @@ class _SlideBuffer:
     embedding: np.ndarray
     transform: np.ndarray
     filled: np.ndarray
+    heads: np.ndarray
     n_filled: int = 0
 
 
@@ -110,6 +112,7 @@ class SlideCollector:
             level=int(batch["level"][i]), tiles=n, embedding_dim=self.encoder.embedding_dim,
             encoder_name=self.encoder.name, encoder_hash=self.encoder.content_hash, transforms=self.transforms,
             base_mpp=base_mpp if base_mpp == base_mpp else None, options_hash=self.options_hash,
+            head_columns=self.encoder.head_columns,
         )
         buf = _SlideBuffer(
             meta=meta, plan_seconds=float(batch["plan_seconds"][i]), first_seen=time.perf_counter(),
@@ -117,6 +120,7 @@ class SlideCollector:
             y=np.zeros(size, np.int64), tissue=np.zeros(size, np.float32),
             embedding=np.zeros((size, self.encoder.embedding_dim), np.float16),
             transform=np.zeros(size, np.int8), filled=np.zeros(size, bool),
+            heads=np.zeros((size, len(self.encoder.head_columns)), np.float32),
         )
         self._buffers[sid] = buf
         return buf
@@ -139,6 +143,8 @@ class SlideCollector:
         buf.tissue[slot] = batch["tissue"][idx]
         buf.embedding[slot] = batch["embedding"][idx]
         buf.transform[slot] = transform
+        if buf.heads.shape[1]:
+            buf.heads[slot] = batch["heads"][idx]
         buf.filled[slot] = True
         added = int(np.unique(slot[new]).size)
         buf.n_filled += added
@@ -150,7 +156,8 @@ class SlideCollector:
 
     def _write(self, sid: str, buf: _SlideBuffer) -> None:
         try:
-            table = grid_table(buf.meta, buf.row, buf.col, buf.x, buf.y, buf.tissue, buf.embedding, buf.transform)
+            table = grid_table(buf.meta, buf.row, buf.col, buf.x, buf.y, buf.tissue, buf.embedding, buf.transform,
+                               buf.heads if buf.heads.shape[1] else None)
             path = write_slide_grid(self.grids_dir, table, buf.meta)
         except (GridError, OSError) as exc:  # e.g. a full disk: this slide fails, the job goes on
             self._fail(sid, f"{buf.meta.path}: could not write its grid: {exc}", "write", 0.0)

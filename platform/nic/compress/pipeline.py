@@ -143,8 +143,9 @@ def max_node_cpus() -> float:
 
 
 def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan,
-                  transforms: tuple[int, ...], embedding_dim: int):
-    """The lazy Dataset of encoded tile rows for slides `todo` ((slide_id, path) pairs)."""
+                  transforms: tuple[int, ...], embedding_dim: int, head_columns: tuple[str, ...] = ()):
+    """The lazy Dataset of encoded tile rows for slides `todo` ((slide_id, path) pairs); with
+    `head_columns` (`--heads`) the rows also carry the encoder's head outputs."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -153,15 +154,17 @@ def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: Poo
     # and restored right after. Block size: see the module docstring. Errored blocks: a batch
     # whose actor dies on every retry is dropped instead of failing the job; the driver reports
     # its slides as failed.
-    ctx.target_max_block_size = block_bytes(pool.batch_size, embedding_dim, len(transforms))
+    # a float32 head value weighs as much as two float16 embedding numbers
+    ctx.target_max_block_size = block_bytes(pool.batch_size, embedding_dim + 2 * len(head_columns), len(transforms))
     ctx.max_errored_blocks = -1
     try:
-        return _pipeline(config, todo, pool, transforms)
+        return _pipeline(config, todo, pool, transforms, head_columns)
     finally:
         ctx.target_max_block_size, ctx.max_errored_blocks = saved
 
 
-def _pipeline(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan, transforms: tuple[int, ...]):
+def _pipeline(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan, transforms: tuple[int, ...],
+              head_columns: tuple[str, ...] = ()):
     import warnings
 
     import ray
@@ -191,6 +194,7 @@ def _pipeline(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPla
                 "encoder": config.encoder, "options": config.slide, "paths": dict(todo),
                 "transforms": transforms, "use_gpu": pool.use_gpu,
                 "mixed_precision": config.mixed_precision, "threads": pool.threads,
+                "head_columns": head_columns,
             },
             batch_size=pool.batch_size, batch_format="numpy", compute=compute,
             num_cpus=pool.cpus_per_actor, num_gpus=1 if pool.use_gpu else None,

@@ -14,6 +14,7 @@ import traceback
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nic.artifacts import (
     DUPLICATE,
@@ -37,6 +38,9 @@ from nic.grids.schema import FORMAT_VERSION, GridError, check_slide_id, manifest
 from nic.grids.writer import clean_staging, remove_slide_grid
 from nic.runtime import Progress, connect
 from nic.storage import display, stage_storage
+
+if TYPE_CHECKING:
+    from nic.encoders.artifact import EncoderInfo
 
 LOST_REASON = ("tiles never came back from the encoder pool (the actor processing them died repeatedly, "
                "e.g. a crash inside the slide library); no grid written")
@@ -65,12 +69,33 @@ def encoder_facts(config: CompressConfig) -> EncoderFacts:
     if mpp and abs(float(mpp) - config.slide.target_mpp) > config.slide.mpp_tolerance * float(mpp):
         raise ConfigError(f"encoder {info.name!r} was trained at {mpp:g} um/px but slide.target_mpp is "
                           f"{config.slide.target_mpp:g}; set --set slide.target_mpp={mpp:g}")
+    columns = head_map_columns(config.encoder, info) if config.heads else ()
     return EncoderFacts(name=str(info.name), content_hash=str(info.content_hash),
-                        embedding_dim=int(info.embedding_dim))
+                        embedding_dim=int(info.embedding_dim), head_columns=columns)
+
+
+def head_map_columns(encoder: str, info: EncoderInfo) -> tuple[str, ...]:
+    """The head-map columns of `--heads` (ConfigError, so exit 2, for an encoder without heads)."""
+    from nic.encoders.head_maps import HeadsUnavailable, check_has_heads, load_head_mapper
+
+    try:
+        check_has_heads(encoder, info)  # built-ins and unsupervised kinds stop here
+        return load_head_mapper(encoder).columns
+    except HeadsUnavailable as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def options_hash_of(config: CompressConfig) -> str:
-    return stable_hash({"slide": config.slide.model_dump(mode="json"), "format": FORMAT_VERSION})
+    """What besides the encoder decides a grid's content. Head maps enter only when asked for (with
+    the sha256 of the heads they come from), so grids made without them keep their hash, and a
+    grid made without heads (or with other heads) is redone by a run with --heads."""
+    options = {"slide": config.slide.model_dump(mode="json"), "format": FORMAT_VERSION}
+    if config.heads:
+        from nic.encoders.artifact import read_info, sha256_file
+        from nic.encoders.head_maps import check_has_heads
+
+        options["heads"] = sha256_file(check_has_heads(config.encoder, read_info(config.encoder)))
+    return stable_hash(options)
 
 
 def completed_row(out: Path, slide_id: str, path: str, facts: EncoderFacts, options_hash: str,
@@ -156,7 +181,8 @@ def run_compress(config: CompressConfig) -> int:
           f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable"
           + (f", {dups} repeating another input (same file, same id)" if dups else "") + "; "
           f"encoder {facts.name} ({facts.content_hash[:8]}, C={facts.embedding_dim})"
-          + (", 8 rotations/flips" if config.dihedral else ""), file=sys.stderr)
+          + (", 8 rotations/flips" if config.dihedral else "")
+          + (f", {len(facts.head_columns)} head-map columns" if facts.head_columns else ""), file=sys.stderr)
     if todo:
         stats = _compress_on_ray(config, todo, out, facts, options_hash, transforms, results, order, path)
         # Tiles lost with a worker or a node (not a slide's own error): one more pass over just
@@ -203,7 +229,8 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
     last_save = start
     first_batch = None
     try:
-        for batch in iter_encoded(build_dataset(config, todo, pool, transforms, facts.embedding_dim)):
+        for batch in iter_encoded(build_dataset(config, todo, pool, transforms, facts.embedding_dim,
+                                                facts.head_columns)):
             if first_batch is None:
                 first_batch = (time.monotonic(), collector.tiles_done)
             finished = collector.add_batch(batch)

@@ -63,6 +63,12 @@ class CompressConfig(StageConfig):
         description="Also write each slide's grid under all 8 rotations/flips of the tile pixels "
         "(NIC's training-time augmentation); costs 8x the encoding.",
     )
+    heads: bool = Field(
+        False,
+        description="Also write what a multitask encoder's task heads say about each tile, beside the "
+        "embedding: patch-task probabilities or values, segmentation class fractions, nucleus counts by type "
+        "(float32 columns named head:<task>[=<class>]; docs/compress.md). Only for mtl encoders.",
+    )
     strict: bool = Field(False, description="Exit non-zero when any slide failed (default: only when none succeeded).")
     overwrite: bool = Field(False, description="Re-encode slides that are already complete instead of skipping them.")
 

@@ -15,7 +15,8 @@ def add_commands(subparsers: argparse._SubParsersAction, name: str) -> None:
     sub = parser.add_subparsers(dest="grids_command", metavar="<command>")
     parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
 
-    show = sub.add_parser("show", help="Draw a slide's thumbnail beside its grid projected to RGB by PCA.")
+    show = sub.add_parser("show", help="Draw a slide's thumbnail beside its grid projected to RGB by PCA, "
+                          "or one channel (a head map) over the thumbnail.")
     show.add_argument("--grids", type=local_path, required=True, help="Grid store (the --out of nic compress).")
     show.add_argument("--slide", required=True, help="Slide id (see `nic grids ls`).")
     show.add_argument("--out", type=local_path, required=True, help="PNG file to write (a path or a URI).")
@@ -24,6 +25,10 @@ def add_commands(subparsers: argparse._SubParsersAction, name: str) -> None:
     show.add_argument("--slide-path", default=None,
                       help="Where the slide file is now, if it moved since compression.")
     show.add_argument("--thumbnail-px", type=int, default=1024, help="Longest side of the thumbnail.")
+    show.add_argument("--channel", default=None, metavar="NAME",
+                      help="Draw this per-tile value over the thumbnail with a colour bar instead of the PCA "
+                      "picture: a head column of a grid made with nic compress --heads (e.g. head:tumour, "
+                      "head:cells=lymphocyte) or embedding:<i>. An unknown name lists the grid's names.")
     show.set_defaults(handler=_show)
 
     ls = sub.add_parser("ls", help="List the slides of a grid store with status, grid shape and tiles.")
@@ -36,8 +41,14 @@ def _show(args: argparse.Namespace) -> int:
     from nic.grids.show import render_grid_png
 
     try:
-        path = render_grid_png(args.grids, args.slide, args.out, transform=args.transform,
-                               thumbnail_px=args.thumbnail_px, slide_path=args.slide_path)
+        if args.channel:
+            from nic.grids.show_channel import render_channel_png
+
+            path = render_channel_png(args.grids, args.slide, args.channel, args.out, transform=args.transform,
+                                      thumbnail_px=args.thumbnail_px, slide_path=args.slide_path)
+        else:
+            path = render_grid_png(args.grids, args.slide, args.out, transform=args.transform,
+                                   thumbnail_px=args.thumbnail_px, slide_path=args.slide_path)
     except GridError as exc:
         print(f"nic grids show: {exc}", file=sys.stderr)
         return 2

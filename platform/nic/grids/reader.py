@@ -75,6 +75,10 @@ def verify_grid_file(path: str | Path) -> GridMeta:
     if num_rows != meta.expected_rows:
         raise GridError(f"{path}: {num_rows} rows, but its metadata promises {meta.tiles} tiles x "
                         f"{len(meta.transforms)} transforms")
+    if meta.head_columns:
+        missing = [c for c in meta.head_columns if c not in pq.read_schema(path).names]
+        if missing:
+            raise GridError(f"{path}: head columns {missing} named in its metadata are missing")
     return meta
 
 

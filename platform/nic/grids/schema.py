@@ -13,6 +13,11 @@ A grid file holds the tissue tiles of one slide under one or more of the 8 dihed
 (`transform` column, 0 = identity; see nic.grids.dihedral). `row`/`col` are the tile's position in
 the grid *of its transform*; `x`/`y` are the level-0 pixel corner of the source tile in the original
 slide, whatever the transform, so every row can be traced back to its pixels.
+
+A grid compressed with `--heads` has, after `transform`, one float32 column per head output of its
+multitask encoder (named `head:<task>` or `head:<task>=<class>`, nic.encoders.head_maps), listed in
+its metadata as `nic.head_columns`; without heads neither the columns nor that key exist, so such
+files are byte for byte what they were before head maps.
 """
 
 from __future__ import annotations
@@ -40,10 +45,17 @@ class GridError(ValueError):
     """A grid store, file or slide that cannot be used; the message names the file and the problem."""
 
 
-def tile_schema(embedding_dim: int) -> pa.Schema:
-    """Arrow schema of a grid file's rows (DESIGN.md's columns plus `transform`)."""
+BASE_COLUMNS = ("slide_id", "row", "col", "x", "y", "tissue", "embedding", "transform")
+
+
+def tile_schema(embedding_dim: int, head_columns: tuple[str, ...] = ()) -> pa.Schema:
+    """Arrow schema of a grid file's rows (DESIGN.md's columns plus `transform`, then any head
+    columns as float32)."""
     if embedding_dim < 1:
         raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    clash = sorted(set(head_columns) & set(BASE_COLUMNS))
+    if clash or len(set(head_columns)) != len(head_columns):
+        raise ValueError(f"head columns must be unique and differ from the grid's own columns: {list(head_columns)}")
     return pa.schema(
         [
             ("slide_id", pa.string()),
@@ -55,6 +67,7 @@ def tile_schema(embedding_dim: int) -> pa.Schema:
             ("embedding", pa.list_(pa.float16(), embedding_dim)),
             ("transform", pa.int8()),
         ]
+        + [(name, pa.float32()) for name in head_columns]
     )
 
 
@@ -93,6 +106,7 @@ class GridMeta:
 
     `rows`/`cols` are the identity grid's shape; transform k's shape is `shape(k)`. `tiles` is the
     number of tissue tiles per transform, so a complete file has tiles * len(transforms) rows.
+    `head_columns` names the float32 head-map columns (`--heads`; empty without).
     """
 
     slide_id: str
@@ -111,6 +125,7 @@ class GridMeta:
     options_hash: str = ""
     format_version: str = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+    head_columns: tuple[str, ...] = ()
 
     def shape(self, transform: int = 0) -> tuple[int, int]:
         """(H, W) of the grid under `transform` (odd transforms swap the axes)."""
@@ -123,6 +138,8 @@ class GridMeta:
     def to_metadata(self) -> dict[bytes, bytes]:
         out = {}
         for key, value in asdict(self).items():
+            if key == "head_columns" and not value:  # grids without heads keep their exact bytes
+                continue
             text = json.dumps(list(value) if isinstance(value, tuple) else value, sort_keys=True)
             out[(META_PREFIX + key).encode()] = text.encode()
         return out
@@ -146,4 +163,5 @@ class GridMeta:
         args = {k: v for k, v in meta.items() if k in known}
         args["transforms"] = tuple(int(t) for t in args.get("transforms", [0]))
         args["extra"] = dict(args.get("extra") or {})
+        args["head_columns"] = tuple(str(c) for c in args.get("head_columns") or ())
         return cls(**args)

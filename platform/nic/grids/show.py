@@ -37,15 +37,38 @@ def pca_rgb(grid: np.ndarray, mask: np.ndarray, percentiles: tuple[float, float]
     return image
 
 
-def _thumbnail(path: str, transform: int, max_px: int) -> np.ndarray | None:
+def slide_thumbnail(path: str, max_px: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """(RGB thumbnail, level-0 (width, height)) of a slide, or None when it cannot be read."""
     try:
         import openslide
 
         with openslide.OpenSlide(ensure_local(local_path(path))) as slide:
             thumb = np.asarray(slide.get_thumbnail((max_px, max_px)).convert("RGB"))
+            size = tuple(int(v) for v in slide.dimensions)
     except Exception:  # a moved or unreadable slide: draw the grid alone, say so in the title
         return None
-    return transform_image(thumb, transform)
+    return thumb, (size[0], size[1])
+
+
+def _thumbnail(path: str, transform: int, max_px: int) -> np.ndarray | None:
+    found = slide_thumbnail(path, max_px)
+    return None if found is None else transform_image(found[0], transform)
+
+
+def save_png(fig, out: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG at `out`, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    from nic.artifacts import atomic_path
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        plt.close(fig)
+        raise GridError(f"{out}: the picture is written as PNG, so the file name must end in .png")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out
 
 
 def render_grid_png(
@@ -58,8 +81,6 @@ def render_grid_png(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from nic.artifacts import atomic_path
 
     meta = read_grid_meta(grids_dir, slide_id)
     grid, mask = load_grid(grids_dir, slide_id, transform)
@@ -83,10 +104,4 @@ def render_grid_png(
         a.set_xticks([])
         a.set_yticks([])
     fig.tight_layout()
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise GridError(f"{out}: the picture is written as PNG, so the file name must end in .png")
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return out
+    return save_png(fig, out)

@@ -30,9 +30,11 @@ def grid_table(
     tissue: np.ndarray,
     embedding: np.ndarray,
     transform: np.ndarray | None = None,
+    heads: np.ndarray | None = None,
 ) -> pa.Table:
     """The Arrow table of one slide's tiles, sorted by (transform, row, col), metadata attached.
 
+    `heads` (n, len(meta.head_columns)) are the head-map values, one float32 column each.
     Checks that the arrays agree with `meta` (row count, C, positions inside the grid) so that a bug
     upstream fails here rather than producing a grid that reads back wrong."""
     n = len(row)
@@ -44,6 +46,11 @@ def grid_table(
     if n != meta.expected_rows:
         raise GridError(f"slide {meta.slide_id}: {n} rows, expected {meta.tiles} tiles x "
                         f"{len(meta.transforms)} transforms = {meta.expected_rows}")
+    n_heads = len(meta.head_columns)
+    heads = np.zeros((n, 0), np.float32) if heads is None and not n_heads else np.asarray(heads, dtype=np.float32)
+    if heads.shape != (n, n_heads):
+        raise GridError(f"slide {meta.slide_id}: head values of shape {heads.shape}, expected ({n}, {n_heads}) "
+                        f"for head columns {list(meta.head_columns)}")
     if any(len(a) != n for a in (col, x, y, tissue, transform)):
         raise GridError(f"slide {meta.slide_id}: columns of different lengths")
     row = np.asarray(row, dtype=np.int32)
@@ -61,7 +68,7 @@ def grid_table(
             raise GridError(f"slide {meta.slide_id}: duplicate tile positions under transform {k}")
     order = np.lexsort((col, row, transform))
     emb16 = np.ascontiguousarray(embedding[order], dtype=np.float16)
-    schema = tile_schema(meta.embedding_dim)
+    schema = tile_schema(meta.embedding_dim, meta.head_columns)
     columns = [
         pa.array(np.full(n, meta.slide_id, dtype=object), pa.string()),
         pa.array(row[order]),
@@ -71,7 +78,7 @@ def grid_table(
         pa.array(np.asarray(tissue, dtype=np.float32)[order]),
         pa.FixedSizeListArray.from_arrays(pa.array(emb16.reshape(-1)), meta.embedding_dim),
         pa.array(transform[order]),
-    ]
+    ] + [pa.array(np.ascontiguousarray(heads[order, j])) for j in range(n_heads)]
     return pa.Table.from_arrays(columns, schema=schema.with_metadata(meta.to_metadata()))
 
 
