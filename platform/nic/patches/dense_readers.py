@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nic.patches.readers import IMAGE_SUFFIXES, PatchDataError, PatchSet, _choose, _read_images
+from nic.patches.readers import IMAGE_SUFFIXES, PatchDataError, PatchSet, _choose, _read_images, open_hdf5
 from nic.patches.tasks import TaskSpec
 
 MAX_INSTANCES = 32767
@@ -170,15 +170,7 @@ def read_dense_folder(spec: TaskSpec, path: Path, tile_px: int, limit: int | Non
 def read_dense_hdf5(spec: TaskSpec, path: Path, tile_px: int, limit: int | None = None, seed: int = 0) -> PatchSet:
     """HDF5 with `x` (N, P, P, 3) uint8 and `y` (N, P, P) integer masks (or (N, P, P, 1)); typed
     nuclei also `types` (N, P, P)."""
-    import h5py
-
-    if not path.is_file():
-        raise PatchDataError(f"{path}: task '{spec.name}': HDF5 file not found")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise PatchDataError(f"{path}: not a readable HDF5 file ({exc})") from None
-    with handle:
+    with open_hdf5(spec, path) as handle:
         for key in ("x", "y") + (("types",) if _typed(spec) else ()):
             if key not in handle:
                 raise PatchDataError(f"{path}: no dataset '{key}' (found: {sorted(handle.keys())})")

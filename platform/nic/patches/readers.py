@@ -12,6 +12,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -140,17 +141,21 @@ def _h5_labels_file(path: Path) -> Path | None:
     return None
 
 
-def read_hdf5(spec: TaskSpec, path: Path, tile_px: int, limit: int | None = None, seed: int = 0) -> PatchSet:
-    """HDF5 with `x` (N, H, W, 3) uint8 and `y` (N,) or (N, 1, 1, 1), as PatchCamelyon ships them."""
+def open_hdf5(spec: TaskSpec, path: Path) -> Any:
+    """The task's HDF5 file opened for reading, or PatchDataError naming it (missing, unreadable)."""
     import h5py
 
     if not path.is_file():
         raise PatchDataError(f"{path}: task '{spec.name}': HDF5 file not found")
     try:
-        handle = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as exc:
         raise PatchDataError(f"{path}: not a readable HDF5 file ({exc})") from None
-    with handle:
+
+
+def read_hdf5(spec: TaskSpec, path: Path, tile_px: int, limit: int | None = None, seed: int = 0) -> PatchSet:
+    """HDF5 with `x` (N, H, W, 3) uint8 and `y` (N,) or (N, 1, 1, 1), as PatchCamelyon ships them."""
+    with open_hdf5(spec, path) as handle:
         if "x" not in handle:
             raise PatchDataError(f"{path}: no dataset 'x' (found: {sorted(handle.keys())})")
         x = handle["x"]
@@ -170,6 +175,8 @@ def read_hdf5(spec: TaskSpec, path: Path, tile_px: int, limit: int | None = None
             y_path = _h5_labels_file(path)
             if y_path is None:
                 raise PatchDataError(f"{path}: no dataset 'y' (and no sibling '*_y.h5' file)")
+            import h5py
+
             with h5py.File(y_path, "r") as yh:
                 if "y" not in yh:
                     raise PatchDataError(f"{y_path}: no dataset 'y'")

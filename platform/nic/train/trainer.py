@@ -29,6 +29,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ray.train.torch import TorchTrainer
@@ -65,10 +66,9 @@ def _kill(handle: Any, grace_s: float = 10.0) -> None:
     remove_placement_groups_of(handle._actor_id.hex())
 
 
-def remove_placement_groups_of(actor_id: str) -> int:
-    """Remove the live placement groups an actor created (Train's controller creates its workers'
-    group). They outlive their creator, so a killed controller would keep its workers' CPUs
-    reserved. Reads the GCS table directly: the Python listing does not show who created a group."""
+def _remove_groups_where(keep_out: Callable[[Any], bool]) -> int:
+    """Remove every live placement group whose GCS record `keep_out` does not reject. Reads the GCS
+    table directly: the Python listing does not show who created a group or whether it is dead."""
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
@@ -81,42 +81,30 @@ def remove_placement_groups_of(actor_id: str) -> int:
         removed = 0
         for raw in table:
             data = gcs_pb2.PlacementGroupTableData.FromString(raw)
-            if data.creator_actor_id.hex() != actor_id or states.Name(data.state) == "REMOVED":
-                continue
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
-            removed += 1
-        return removed
-    except Exception:  # a Ray whose internals moved, or Ray already shut down
-        return 0
-
-
-def remove_orphaned_placement_groups() -> int:
-    """Remove live placement groups whose creating actor is dead (not detached ones). A group made
-    by an actor lives until both that actor and its job are gone, so in a long-lived driver the
-    group of a Train controller that died with its owner (a Tune trial stopped by ASHA, a trial
-    actor killed) would hold its CPUs for the rest of the job. Returns how many were removed."""
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    try:
-        import ray._private.state as ray_state
-        from ray.core.generated import gcs_pb2
-
-        table = ray_state.state._connect_and_get_accessor().get_placement_group_table()
-        states = gcs_pb2.PlacementGroupTableData.PlacementGroupState
-        removed = 0
-        for raw in table:
-            data = gcs_pb2.PlacementGroupTableData.FromString(raw)
-            made_by_actor = bool(data.creator_actor_id.strip(b"\xff"))  # a driver's groups (Tune's own
-            # trial reservations) have a nil creator actor and count as "creator dead" from the start
-            if not made_by_actor or data.is_detached or not data.creator_actor_dead \
-                    or states.Name(data.state) == "REMOVED":
+            if states.Name(data.state) == "REMOVED" or keep_out(data):
                 continue
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
             removed += 1
         return removed
     except Exception:  # a Ray whose internals moved, or Ray not running
         return 0
+
+
+def remove_placement_groups_of(actor_id: str) -> int:
+    """Remove the live placement groups an actor created (Train's controller creates its workers'
+    group). They outlive their creator, so a killed controller would keep its workers' CPUs
+    reserved."""
+    return _remove_groups_where(lambda data: data.creator_actor_id.hex() != actor_id)
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove live placement groups whose creating actor is dead (not detached ones). A group made
+    by an actor lives until both that actor and its job are gone, so in a long-lived driver the
+    group of a Train controller that died with its owner (a Tune trial stopped by ASHA, a trial
+    actor killed) would hold its CPUs for the rest of the job. A driver's groups (Tune's own trial
+    reservations) have a nil creator actor and count as "creator dead" from the start: spared."""
+    return _remove_groups_where(lambda data: not data.creator_actor_id.strip(b"\xff") or data.is_detached
+                                or not data.creator_actor_dead)
 
 
 def abort_running_trainers() -> int:
