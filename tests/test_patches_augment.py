@@ -56,6 +56,21 @@ def test_stain_augmentation_changes_colour_within_bounds() -> None:
     assert min(corr) > 0.8
 
 
+def test_stain_augmentation_at_the_papers_strength_keeps_glass_white_and_tissue_pink() -> None:
+    """HED-light (Tellez et al.: scale U(0.95, 1.05), shift U(-0.05, 0.05) optical density) only
+    tints: white glass stays near white, a pink-purple tile stays pink-purple. (With the shift in
+    scikit-image >= 0.19's rescaled HED units it was 14x stronger: glass turned green or cyan.)"""
+    glass = torch.full((64, 3, 8, 8), 0.95)
+    tissue = torch.tensor([0.55, 0.35, 0.6])[None, :, None, None].expand(64, 3, 8, 8).clone()
+    aug = Augmenter(AugmentOptions(**{**OFF, "hed_sigma": 0.05, "hed_bias": 0.05}), seed=2)
+    out_glass, out_tissue = aug(glass), aug(tissue)
+    assert (out_glass - glass).abs().amax() < 0.12
+    assert (out_glass - glass).abs().amax() > 0.005  # it does recolour
+    mean = out_tissue.mean(dim=(2, 3))
+    assert ((mean[:, 0] > mean[:, 1]) & (mean[:, 2] > mean[:, 1])).all()  # red and blue above green: still H&E
+    assert (out_tissue - tissue).abs().amax() < 0.15
+
+
 def test_brightness_contrast_noise_and_blur() -> None:
     x = torch.full((4, 3, 32, 32), 0.5)
     bright = Augmenter(AugmentOptions(**{**OFF, "brightness": 0.2}), seed=0)(x)

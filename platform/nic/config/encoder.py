@@ -27,7 +27,8 @@ class AugmentOptions(NicModel):
         0.05, ge=0, le=1, description="Stain augmentation: each HED channel is scaled by U(1-s, 1+s) (0 = off)."
     )
     hed_bias: float = Field(
-        0.05, ge=0, le=1, description="Stain augmentation: each HED channel is shifted by U(-b, b) (0 = off)."
+        0.05, ge=0, le=1, description="Stain augmentation: each HED channel is shifted by U(-b, b) optical-density units, as "
+        "Tellez et al. (0.05 = their HED-light; 0 = off)."
     )
     brightness: float = Field(0.1, ge=0, le=1, description="Brightness shift U(-b, b) on [0, 1] pixels (0 = off).")
     contrast: float = Field(0.1, ge=0, le=1, description="Contrast factor U(1-c, 1+c) around the tile mean (0 = off).")
@@ -70,6 +71,11 @@ class TrainEncoderConfig(StageConfig):
     name: str | None = Field(None, description="Encoder name in encoder.json (default: the output folder's name).")
     architecture: Architecture = Field(
         "reference", description="reference (NIC CNN, ~0.6 M parameters) or resnet (a small ResNet, for GPUs)."
+    )
+    trunk_pool: Literal["flatten", "avg", "avgmax"] | None = Field(
+        None, description="How the trunk pools its last feature map before the dense layer: flatten (the "
+        "reference trunk's own, as in the paper), avg (the resnet's own) or avgmax (channel means and maxima; "
+        "needed for small rare objects such as mitotic figures). Default: the architecture's own.",
     )
     embedding_dim: int = Field(128, ge=1, description="C, the length of each tile's embedding vector.")
     tile_px: int = Field(128, ge=16, description="Tile size in pixels; every patch must have this size.")
@@ -124,6 +130,10 @@ class TrainEncoderConfig(StageConfig):
     def _check(self) -> TrainEncoderConfig:
         if self.kind in TRAINED_KINDS and self.tasks is None:
             raise ValueError(f"kind '{self.kind}' needs 'tasks' (a tasks.yaml describing the patch datasets)")
+        if self.kind != "mean-rgb" and (self.architecture, self.trunk_pool) in (("reference", "avg"), ("resnet", "flatten")):
+            own = "flatten" if self.architecture == "reference" else "avg"  # architectures.resolve_pool's rule,
+            raise ValueError(f"trunk_pool '{self.trunk_pool}' does not apply to the '{self.architecture}' trunk; "  # without torch
+                             f"use {own} (its own) or avgmax")
         if self.kind == "mean-rgb" and self.embedding_dim != 3 and "embedding_dim" in self.model_fields_set:
             raise ValueError("kind 'mean-rgb' always has embedding_dim 3")
         return self

@@ -43,6 +43,7 @@ class EncoderInfo(BaseModel):
     name: str
     kind: str
     architecture: str
+    trunk_pool: str | None = None  # how the trunk pools its last map; None: the architecture's own (older encoders)
     embedding_dim: int
     tile_px: int
     mpp: float = 0.5
@@ -117,7 +118,7 @@ def save_encoder(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clear_marker(out)
-    info = info.model_copy()
+    info = info.model_copy(update={"trunk_pool": encoder.pool})
     if count_parameters(encoder) > 0 or any(True for _ in encoder.buffers()):
         payload = {"format": WEIGHTS_FORMAT, "architecture": encoder.architecture,
                    "embedding_dim": encoder.embedding_dim, "tile_px": encoder.tile_px,
@@ -165,7 +166,7 @@ def load_patch_encoder(path: str | Path, verify: bool = True) -> tuple[PatchEnco
     info = read_info(path)
     folder = Path(path) if Path(path).suffix != ".json" else Path(path).parent
     if info.weights is None:
-        encoder = build_encoder(info.architecture, info.embedding_dim, info.tile_px, seed=info.seed)
+        encoder = build_encoder(info.architecture, info.embedding_dim, info.tile_px, seed=info.seed, pool=info.trunk_pool)
         return encoder.eval(), info
     weights = folder / info.weights
     if not weights.is_file():
@@ -178,11 +179,11 @@ def load_patch_encoder(path: str | Path, verify: bool = True) -> tuple[PatchEnco
     payload = torch.load(weights, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{weights}: not a nic encoder weights file (format {WEIGHTS_FORMAT})")
-    encoder = build_encoder(info.architecture, info.embedding_dim, info.tile_px)
+    encoder = build_encoder(info.architecture, info.embedding_dim, info.tile_px, pool=info.trunk_pool)
     try:
         encoder.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise ValueError(f"{weights}: weights do not fit a '{info.architecture}' encoder with C="
+        raise ValueError(f"{weights}: weights do not fit a '{info.architecture}' encoder (pool {encoder.pool}) with C="
                          f"{info.embedding_dim}: {exc}") from None
     return encoder.eval(), info
 

@@ -28,6 +28,11 @@ class PatchEncoder(nn.Module):
         self.embedding_dim = embedding_dim
         self.tile_px = tile_px
 
+    @property
+    def pool(self) -> str | None:
+        """How the trunk pools its last map (architectures.POOLS); None for mean-rgb."""
+        return getattr(self.trunk, "pool_kind", None)
+
     @staticmethod
     def normalise(x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
@@ -66,12 +71,14 @@ class PatchEncoder(nn.Module):
         return self.trunk.fc(f)
 
 
-def build_encoder(architecture: str, embedding_dim: int = 128, tile_px: int = 128, seed: int | None = None) -> PatchEncoder:
-    """A new encoder; with `seed`, initialised reproducibly without touching the global RNG state."""
+def build_encoder(architecture: str, embedding_dim: int = 128, tile_px: int = 128, seed: int | None = None,
+                  pool: str | None = None) -> PatchEncoder:
+    """A new encoder; with `seed`, initialised reproducibly without touching the global RNG state.
+    `pool` None is the architecture's own (architectures.DEFAULT_POOL)."""
     if seed is None:
-        trunk = build_trunk(architecture, embedding_dim, tile_px)
+        trunk = build_trunk(architecture, embedding_dim, tile_px, pool)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            trunk = build_trunk(architecture, embedding_dim, tile_px)
+            trunk = build_trunk(architecture, embedding_dim, tile_px, pool)
     return PatchEncoder(trunk, architecture, embedding_dim, tile_px)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from nic.encoders.architectures import BasicBlock, MeanRGB, ReferenceTrunk, ResNetTrunk
+from nic.encoders.architectures import BasicBlock, MeanRGB, ReferenceTrunk, ResNetTrunk, pool_features
 from nic.encoders.encoder import PatchEncoder
 
 
@@ -87,13 +87,20 @@ class FusedReferenceEncoder(_InferenceBase):
                 biases.append(conv.bias + (w * shift[None, :, None, None]).sum(dim=(1, 2, 3)))
                 s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
                 scale, shift = s, bn.bias - bn.running_mean * s
-            channels = convs[-1].out_channels
-            side = int(round((trunk.features_dim / channels) ** 0.5))
-            fc_w = trunk.fc.weight.view(-1, channels, side, side)
-            self.fc_weight = nn.Parameter((fc_w * scale[None, :, None, None]).reshape(fc_w.shape[0], -1),
-                                          requires_grad=False)
-            self.fc_bias = nn.Parameter(trunk.fc.bias + (fc_w * shift[None, :, None, None]).sum(dim=(1, 2, 3)),
-                                        requires_grad=False)
+            self.pool_kind = trunk.pool_kind
+            if self.pool_kind == "flatten":  # the last BatchNorm folds into the dense layer
+                channels = convs[-1].out_channels
+                side = int(round((trunk.features_dim / channels) ** 0.5))
+                fc_w = trunk.fc.weight.view(-1, channels, side, side)
+                fc_weight = (fc_w * scale[None, :, None, None]).reshape(fc_w.shape[0], -1)
+                fc_bias = trunk.fc.bias + (fc_w * shift[None, :, None, None]).sum(dim=(1, 2, 3))
+                scale = shift = None
+            else:  # a max does not commute with a negative BatchNorm scale: apply it before pooling
+                fc_weight, fc_bias = trunk.fc.weight.clone(), trunk.fc.bias.clone()
+            self.fc_weight = nn.Parameter(fc_weight, requires_grad=False)
+            self.fc_bias = nn.Parameter(fc_bias, requires_grad=False)
+            self.last_scale = None if scale is None else nn.Parameter(scale.clone(), requires_grad=False)
+            self.last_shift = None if shift is None else nn.Parameter(shift.clone(), requires_grad=False)
         self.weights = nn.ParameterList([nn.Parameter(w.contiguous(memory_format=torch.channels_last),
                                                       requires_grad=False) for w in weights])
         self.biases = nn.ParameterList([nn.Parameter(b, requires_grad=False) for b in biases])
@@ -123,6 +130,8 @@ class FusedReferenceEncoder(_InferenceBase):
                       for (w, st), b in zip(convs, self.biases)],
             "pooled": stride > 2,
             "fc": (self.fc_weight.detach().to(dtype), self.fc_bias.detach().to(dtype)),
+            "last": None if self.last_scale is None else (self.last_scale.detach().to(dtype),
+                                                          self.last_shift.detach().to(dtype)),
         }
         return self
 
@@ -147,7 +156,14 @@ class FusedReferenceEncoder(_InferenceBase):
         x = x.contiguous(memory_format=torch.channels_last)
         for w, b in zip(self.weights, self.biases):
             x = F.leaky_relu_(F.conv2d(x, w, b, stride=2), self.slope)
-        return F.linear(torch.flatten(x.contiguous(), 1), self.fc_weight, self.fc_bias)
+        last = None if self.last_scale is None else (self.last_scale, self.last_shift)
+        return F.linear(self._pooled(x, last), self.fc_weight, self.fc_bias)
+
+    def _pooled(self, x: torch.Tensor, last: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The dense layer's input from the last conv map (its BatchNorm already folded for flatten)."""
+        if last is not None:
+            x = x * last[0][None, :, None, None] + last[1][None, :, None, None]
+        return pool_features(x.contiguous(), self.pool_kind)
 
     def _encode_low(self, x: torch.Tensor, low: dict) -> torch.Tensor:
         x = x.to(self.compute_dtype)
@@ -156,7 +172,7 @@ class FusedReferenceEncoder(_InferenceBase):
         x = x.contiguous(memory_format=torch.channels_last)
         for w, b, stride in low["convs"]:
             x = F.leaky_relu_(F.conv2d(x, w, b, stride=stride), self.slope)
-        return F.linear(torch.flatten(x.contiguous(), 1), *low["fc"])
+        return F.linear(self._pooled(x, low["last"]), *low["fc"])
 
 
 class FusedResNetEncoder(_InferenceBase):

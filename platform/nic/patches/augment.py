@@ -19,6 +19,13 @@ from nic.config.encoder import AugmentOptions
 
 _EPS = 1e-6
 _LOG_EPS = math.log(_EPS)
+HED_BIAS_UNIT = 1.0 / -_LOG_EPS
+"""`hed_bias` is in optical-density units, as in Tellez et al. (2018, 2019: "HED-light" shifts by
+U(-0.05, 0.05)), whose code used scikit-image's rgb2hed before 0.19: -log(rgb) @ M. Since 0.19
+rgb2hed (and `rgb_to_hed` here) divides by -log(1e-6) = 13.8, so the same bias must be scaled by
+1 / 13.8. Unscaled, a bias of 0.05 was 14x the paper's: white glass turned green or cyan, tiles
+magenta, and the synthetic mitosis task did not train at all (validation AUC 0.57 against 0.93 with
+the bias in the paper's units, reference trunk, same data; benchmarks/results/science.md)."""
 
 
 def _hed_matrices() -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +134,7 @@ class Augmenter:
         if o.hed_sigma > 0 or o.hed_bias > 0:
             alpha = self._uniform((n, 3, 1, 1), 1 - o.hed_sigma, 1 + o.hed_sigma)
             beta = self._uniform((n, 3, 1, 1), -o.hed_bias, o.hed_bias)
-            x = hed_to_rgb(rgb_to_hed(x) * alpha + beta)
+            x = hed_to_rgb(rgb_to_hed(x) * alpha + beta * HED_BIAS_UNIT)
         if o.contrast > 0 or o.brightness > 0:
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             c = self._uniform((n, 1, 1, 1), 1 - o.contrast, 1 + o.contrast)

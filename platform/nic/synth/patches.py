@@ -178,7 +178,7 @@ def _canvas_params(rng: np.random.Generator, config: SynthConfig, canvas_px: int
 
 
 # ---------------------------------------------------------------------------------------- mitosis
-MITOSIS_MARGIN_IN_UM = 2.0
+MITOSIS_MARGIN_IN_UM = 3.0
 """A positive's figure centre lies at least this far inside the tile: most of the figure shows."""
 MITOSIS_MARGIN_OUT_UM = 5.0
 """A negative has no figure centre within this distance (times `mitosis_scale(snr)`: 4.9 um at

@@ -141,7 +141,7 @@ class Scene:
         h_unit = 255.0 / H_MAX
         nuclear = params.appearance.nuclear_scale
         self.sprites = [(b.sprites * (h_unit * nuclear)).astype(np.float32) for b in self.banks]
-        # kinds that also change the cytoplasm around them (apoptotic bodies): E stamp and halo
+        # kinds that also change the cytoplasm around them (apoptotic bodies, mitotic cells): E stamp and halo
         e_unit = 255.0 / E_MAX
         self.eosin = [None if b.eosin is None else (b.eosin * e_unit).astype(np.float32) for b in self.banks]
         self.clear = [None if b.clear is None else (1.0 - b.clear).astype(np.float32) for b in self.banks]
@@ -505,7 +505,7 @@ class Scene:
     ) -> None:
         """Stamp nuclei (elementwise max of sprite and H) into the region's H map at (y0, x0).
 
-        Kinds with a halo (apoptotic bodies) first clear their surroundings (H and E times
+        Kinds with a halo (apoptotic bodies, mitotic cells) first clear their surroundings (H and E times
         1 - clear), then stamp their eosin (max); only then are all H sprites stamped. Each pass is
         commutative (products, then maxima), so pixels do not depend on the order of the nuclei,
         and neighbouring nuclei stay whole inside a halo.

@@ -7,7 +7,8 @@ converted at the slide's resolution, so a 0.25 um/px slide shows the same cells 
 
 Most kinds are a haematoxylin stamp only. Apoptotic bodies also carry an eosin stamp (their
 shrunken, hypereosinophilic cytoplasm) and a "clear" mask (the retraction halo that separates them
-from their neighbours), which the renderer applies before stamping nuclei.
+from their neighbours), which the renderer applies before stamping nuclei; mitotic figures carry
+the same pair for their rounded cell (a wide pale clear zone, a faint pink).
 """
 
 from __future__ import annotations
@@ -161,11 +162,18 @@ def mitosis_scale(snr: float) -> float:
     return 0.6 + 0.55 * snr
 
 
-def _mitosis(rng: np.random.Generator, mpp: float, size: int, snr: float) -> np.ndarray:
-    """A mitotic figure: dark, irregular chromosome clumps (metaphase plate or clustered).
+def _mitosis(rng: np.random.Generator, mpp: float, size: int, snr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A mitotic figure in its rounded cell: (H, E, clear) stamps.
 
-    `snr` (0..1) scales size and darkness: at 1 a large, near-black plate; at 0 a small clump about
-    as dark as a normal tumour nucleus, i.e. hard to tell apart.
+    Chromosomes as dark rods, on a metaphase plate (60 %) or clustered, with fine hair-like
+    projections at the edge of the mass and no nuclear membrane; around them the cell has rounded
+    up and its cytoplasm is pale (a wide clear zone with only a faint pink), which is what a
+    pathologist scans for. An apoptotic body, the classic look-alike, is instead round and smooth
+    (no projections), in dense pink cytoplasm inside a thin halo; a lymphocyte is round, smooth and
+    has no clear zone at all.
+
+    `snr` (0..1) scales size, darkness and the clear zone: at 1 a large near-black plate in a pale
+    cell; at 0 a small clump about as dark as a tumour nucleus, with hardly any clearing.
     """
     yy, xx = _grid(size)
     scale = mitosis_scale(snr)
@@ -191,7 +199,30 @@ def _mitosis(rng: np.random.Generator, mpp: float, size: int, snr: float) -> np.
         v = -(xx - cx) * np.sin(ca) + (yy - cy) * np.cos(ca)
         d = (1.0 - np.sqrt((u / ra) ** 2 + (v / rb) ** 2)) * rb
         val = np.maximum(val, dark * rng.uniform(0.85, 1.1) * _smooth_inside(d))
-    return ndimage.gaussian_filter(val, 0.25 / mpp).astype(np.float32)
+    # hair-like projections: thin chromosome arms reaching out of the mass, roughly radially
+    for _ in range(int(rng.integers(6, 12))):
+        phi = rng.uniform(0, 2 * np.pi)
+        t = rng.uniform(-0.5, 0.5) * length if metaphase else rng.normal(0, 0.2 * length)
+        base_y = t * np.sin(angle) + np.sin(phi) * 0.4 * width
+        base_x = t * np.cos(angle) + np.cos(phi) * 0.4 * width
+        arm = _size_px(rng.uniform(1.0, 2.2) * scale, mpp)
+        thick = _size_px(rng.uniform(0.25, 0.4) * scale, mpp)
+        cy, cx = base_y + 0.5 * arm * np.sin(phi), base_x + 0.5 * arm * np.cos(phi)
+        u = (xx - cx) * np.cos(phi) + (yy - cy) * np.sin(phi)
+        v = -(xx - cx) * np.sin(phi) + (yy - cy) * np.cos(phi)
+        d = np.minimum(0.5 * arm - np.abs(u), thick - np.abs(v))
+        val = np.maximum(val, dark * rng.uniform(0.75, 1.0) * _smooth_inside(d))
+    # the rounded cell: a pale clear zone reaching past the chromosomes, with a faint pink
+    cell_px = 0.5 * length + _size_px(rng.uniform(1.5, 2.5) * scale, mpp)
+    cell, _ = _blob(rng, size, cell_px, cell_px * rng.uniform(0.85, 1.0), rng.uniform(0, np.pi), 0.05)
+    clear = (0.25 + 0.4 * snr) * rng.uniform(0.85, 1.1) * cell
+    eosin = rng.uniform(0.15, 0.3) * cell
+    blur = 0.25 / mpp
+    return (
+        ndimage.gaussian_filter(val, blur).astype(np.float32),
+        ndimage.gaussian_filter(eosin, blur).astype(np.float32),
+        ndimage.gaussian_filter(np.clip(clear, 0.0, 0.9), blur).astype(np.float32),
+    )
 
 
 def _apoptotic(rng: np.random.Generator, mpp: float, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -255,7 +286,7 @@ def sprite_bank(kind: str, mpp: float, snr: float = 1.0) -> SpriteBank:
         sprites = [_debris(rng, mpp, size) for _ in range(VARIANTS)]
     elif kind == "mitosis":
         size = _sprite_size(9.0, mpp)
-        sprites = [_mitosis(rng, mpp, size, snr) for _ in range(VARIANTS)]
+        sprites, eosin, clear = (np.stack(v) for v in zip(*(_mitosis(rng, mpp, size, snr) for _ in range(VARIANTS))))
     else:  # apoptotic
         size = _sprite_size(6.5, mpp)
         sprites, eosin, clear = (np.stack(v) for v in zip(*(_apoptotic(rng, mpp, size) for _ in range(VARIANTS))))

@@ -63,6 +63,7 @@ class LoopSettings:
     gan_lr_factor: float = 1.0
     lr_factor: float = 0.3
     lr_patience: int = 1
+    pool: str | None = None  # how the trunk pools its last map; None: the architecture's own
 
 
 def _objective_spec(d: dict):
@@ -131,7 +132,7 @@ def train_encoder_loop(config: dict) -> None:
     spec = _objective_spec(s.objective)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)  # identical initialisation on every worker (DDP also broadcasts it)
-        objective = build_objective(spec, build_encoder(s.architecture, s.embedding_dim, s.tile_px))
+        objective = build_objective(spec, build_encoder(s.architecture, s.embedding_dim, s.tile_px, pool=s.pool))
     objective.to(device)
     # GANs train more stably with a short first-moment memory (beta1 = 0.5, as in DCGAN/BiGAN).
     betas = (0.5, 0.999) if len(objective.phases) > 1 else (0.9, 0.999)

@@ -86,7 +86,7 @@ def loop_settings(config: TrainEncoderConfig, heads: list[TaskHeadSpec]) -> Loop
     spec = ObjectiveSpec(kind=config.kind, tasks=heads if config.kind == "mtl" else [], head_hidden=o.head_hidden,
                          vae_beta=o.vae_beta, projection_dim=o.projection_dim, temperature=o.contrastive_temperature)
     return LoopSettings(
-        kind=config.kind, architecture=config.architecture, embedding_dim=config.embedding_dim,
+        kind=config.kind, architecture=config.architecture, pool=config.trunk_pool, embedding_dim=config.embedding_dim,
         tile_px=config.tile_px, objective=asdict(spec), epochs=config.epochs, batch_size=config.batch_size,
         lr=config.lr, weight_decay=config.weight_decay, patience=config.patience, seed=config.seed,
         augment=config.augment.model_dump(), samples_per_task=config.samples_per_task,
@@ -110,7 +110,8 @@ def _write_builtin(config: TrainEncoderConfig, config_hash: str, tasks: list[Tas
     if config.kind == "mean-rgb":
         encoder = build_encoder("mean-rgb", 3, config.tile_px)
     else:
-        encoder = build_encoder(config.architecture, config.embedding_dim, config.tile_px, seed=config.seed)
+        encoder = build_encoder(config.architecture, config.embedding_dim, config.tile_px, seed=config.seed,
+                                pool=config.trunk_pool)
     from nic.encoders.artifact import builtin_hash
 
     info = EncoderInfo(
@@ -125,7 +126,7 @@ def _write_builtin(config: TrainEncoderConfig, config_hash: str, tasks: list[Tas
 
 def _write_trained(config: TrainEncoderConfig, config_hash: str, heads: list[TaskHeadSpec],
                    tasks: list[TaskSpec], fit: FitResult) -> EncoderInfo:
-    encoder = build_encoder(config.architecture, config.embedding_dim, config.tile_px)
+    encoder = build_encoder(config.architecture, config.embedding_dim, config.tile_px, pool=config.trunk_pool)
     encoder.load_state_dict(fit.best_encoder)
     if config.kind == "mtl":
         described = [h.to_dict() for h in heads]
