@@ -218,3 +218,67 @@ def test_builtin_random_matches_a_seeded_reference_trunk() -> None:
     same = build_encoder("reference", 128, 128, seed=info.seed)
     assert all(torch.equal(p, q) for p, q in zip(encoder.parameters(), same.parameters()))
     assert np.isclose(count_parameters(encoder), 594_944)
+
+
+@pytest.mark.parametrize("architecture, pool", [("reference", "avgmax"), ("resnet", "avgmax"), ("resnet", "avg")])
+def test_trunk_pool_variants_fuse_exactly_even_with_negative_batchnorm_scales(architecture: str, pool: str) -> None:
+    """avgmax pools after the last BatchNorm; a max does not commute with a negative scale, so the
+    fused path must apply that BatchNorm before pooling, not fold it into the dense layer."""
+    encoder = build_encoder(architecture, 16, 128, seed=4, pool=pool)
+    _perturb_batchnorm(encoder)
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.mul_(torch.where(torch.arange(m.num_features) % 2 == 0, -1.0, 1.0))
+    encoder.eval()
+    assert encoder.pool == pool
+    x = _tiles(5, seed=6)
+    expected = encoder(x)
+    assert torch.allclose(optimise_for_inference(encoder)(x), expected, atol=1e-4, rtol=1e-4)
+    if architecture == "reference":
+        fast = optimise_for_inference(encoder).set_precision(torch.bfloat16)
+        got = fast(x).float()
+        assert float((got - expected).norm() / expected.norm()) < 0.02
+
+
+def test_avgmax_trunk_sees_one_small_dark_object_wherever_it_is() -> None:
+    """The point of avgmax: a single small object moves the max-pooled half of the features the same
+    way wherever it lies in the tile (a flatten trunk reads each position with its own weights)."""
+    trunk = build_encoder("reference", 16, 128, seed=0, pool="avgmax").trunk.eval()
+    base = torch.full((1, 3, 128, 128), 0.6)
+    feats = []
+    for y, x in ((20, 20), (20, 100), (100, 60)):
+        img = base.clone()
+        img[:, :, y : y + 10, x : x + 10] = -1.0
+        feats.append(trunk.features(img)[0, 128:])  # the maxima
+    assert torch.allclose(feats[0], feats[1], atol=0.05) and torch.allclose(feats[0], feats[2], atol=0.05)
+    assert trunk.features_dim == 256
+
+
+def test_trunk_pool_is_recorded_and_restored(tmp_path: Path) -> None:
+    encoder = build_encoder("reference", 8, seed=5, pool="avgmax")
+    info = EncoderInfo(name="p", kind="mtl", architecture="reference", embedding_dim=8, tile_px=128,
+                       content_hash="pending")
+    save_encoder(encoder, tmp_path / "enc", info)
+    assert json.loads((tmp_path / "enc" / ENCODER_JSON).read_text())["trunk_pool"] == "avgmax"
+    loaded, loaded_info = load_patch_encoder(tmp_path / "enc")
+    assert loaded.pool == "avgmax" and loaded_info.trunk_pool == "avgmax"
+    x = _tiles(2)
+    assert torch.allclose(loaded(x), encoder.eval()(x), atol=1e-5)
+    # an encoder.json written before trunk_pool existed means the architecture's own pooling
+    old = json.loads((tmp_path / "enc" / ENCODER_JSON).read_text())
+    del old["trunk_pool"]
+    assert EncoderInfo.model_validate(old).trunk_pool is None
+    assert build_encoder("reference", 8, pool=None).pool == "flatten" and build_encoder("resnet", 8).pool == "avg"
+
+
+def test_trunk_pool_must_fit_the_architecture() -> None:
+    from pydantic import ValidationError
+
+    from nic.config.encoder import TrainEncoderConfig
+
+    with pytest.raises(ValidationError, match="trunk_pool 'flatten' does not apply to the 'resnet' trunk"):
+        TrainEncoderConfig(kind="random", architecture="resnet", trunk_pool="flatten")
+    with pytest.raises(ValueError, match="pool 'avg' does not apply to the 'reference' trunk"):
+        build_encoder("reference", 8, pool="avg")
+    assert TrainEncoderConfig(kind="random", trunk_pool="avgmax").trunk_pool == "avgmax"

@@ -191,3 +191,38 @@ def test_apoptotic_bodies_are_dark_with_a_pale_halo():
     assert len(core) > 10
     assert np.mean(core) < -80  # much darker than the tumour nucleus it replaced
     assert np.mean(halo) > 80  # a pale ring around the shrunken cell
+
+
+def test_mitotic_figures_are_dark_in_a_pale_rounded_cell_with_arms():
+    """What a pathologist scans for, and what tells a figure from its look-alikes: near-black
+    chromosomes with hair-like arms (not round like a lymphocyte or a pyknotic nucleus), in a
+    wide pale zone with only a faint pink (not the dense pink of an apoptotic body)."""
+    from dataclasses import replace
+
+    from skimage.measure import regionprops
+
+    p = make_params(layout="uniform", uniform_class=TUMOUR, width=768, height=768, mitotic_fraction=0.05,
+                    apoptotic_fraction=0.0, til_density=0.0, snr=1.0)
+    scene = Scene(p)
+    img = scene.render(0, 0, 768, 768).astype(float).sum(axis=-1)
+    ref = Scene(replace(p, mitotic_fraction=0.0)).render(0, 0, 768, 768).astype(float).sum(axis=-1)
+    bank = scene.banks[KIND_MITOSIS]
+    apoptotic = scene.banks[KIND_APOPTOTIC]
+    assert bank.clear is not None and bank.eosin is not None
+    assert bank.eosin.max() < 0.5 * apoptotic.eosin.max()  # faint pink, not hypereosinophilic
+    half = bank.half
+    core, zone = [], []
+    for y, x, kind, variant in scene.nuclei(half, half, 768 - 2 * half, 768 - 2 * half):
+        if kind != KIND_MITOSIS:
+            continue
+        win = np.s_[y - half : y + half + 1, x - half : x + half + 1]
+        dark = bank.sprites[variant] > 2.0
+        pale = (bank.clear[variant] > 0.4) & (bank.sprites[variant] < 0.1)
+        core.append(img[win][dark].mean() - ref[win][dark].mean())
+        zone.append(img[win][pale & (ref[win] < np.percentile(ref, 60))].mean() - ref[win][pale].mean())
+    assert len(core) > 10
+    assert np.mean(core) < -80  # much darker than the tumour nucleus it replaced
+    assert np.nanmean(zone) > 20  # paler cytoplasm around the chromosomes
+    # not round: the chromosome mass is far from a disc (solidity of a disc ~0.95)
+    solidity = [regionprops((s > 1.0).astype(int))[0].solidity for s in bank.sprites]
+    assert np.median(solidity) < 0.85

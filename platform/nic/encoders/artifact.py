@@ -183,8 +183,8 @@ def load_patch_encoder(path: str | Path, verify: bool = True) -> tuple[PatchEnco
     try:
         encoder.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise ValueError(f"{weights}: weights do not fit a '{info.architecture}' encoder (pool {encoder.pool}) with C="
-                         f"{info.embedding_dim}: {exc}") from None
+        raise ValueError(f"{weights}: weights do not fit a '{info.architecture}' encoder with C="
+                         f"{info.embedding_dim} (trunk_pool {encoder.pool}): {exc}") from None
     return encoder.eval(), info
 
 
