@@ -172,4 +172,4 @@ def test_chunks_are_deterministic(config, task):
 def test_mitosis_task_is_weighted_in_tasks_yaml():
     weights = {name: spec.to_yaml_dict()["weight"] for name, spec in TASKS.items()}
     assert weights == {"tissue_type": 1.0, "tumour": 1.0, "mitosis": 2.0, "lymphocyte_density": 1.0,
-                       "nuclei": 1.0, "tissue_regions": 1.0}
+                       "nuclei": 1.0, "tissue_regions": 1.0, "apoptosis": 1.0}

@@ -11,6 +11,9 @@ from nic.config.base import NicModel, StageConfig
 PATCH_TASKS = ("tissue_type", "tumour", "mitosis", "lymphocyte_density")
 DENSE_TASKS = ("nuclei", "tissue_regions")
 """Per-pixel datasets (nic.synth.dense); opt-in, so existing cohorts and encoder runs are unchanged."""
+HELDOUT_TASKS = ("apoptosis",)
+"""Patch tasks held out of encoder training (the transfer benchmark); opt-in, listed in
+heldout_tasks.yaml instead of tasks.yaml."""
 
 
 class RenderOptions(NicModel):
@@ -94,8 +97,9 @@ class PatchOptions(NicModel):
     """Labelled patch datasets for training the patch encoder."""
 
     tasks: list[str] = Field(
-        list(PATCH_TASKS), description=f"Tasks to generate, any of {', '.join(PATCH_TASKS)}, and the dense "
-        f"(per-pixel) tasks {', '.join(DENSE_TASKS)}.",
+        list(PATCH_TASKS), description=f"Tasks to generate, any of {', '.join(PATCH_TASKS)}, the dense "
+        f"(per-pixel) tasks {', '.join(DENSE_TASKS)}, and the held-out tasks {', '.join(HELDOUT_TASKS)} "
+        "(for the transfer benchmark: listed in heldout_tasks.yaml, not tasks.yaml).",
     )
     train: int = Field(2400, ge=0, description="Training patches per task.")
     val: int = Field(600, ge=0, description="Validation patches per task (rendered from separate canvases).")
@@ -113,9 +117,10 @@ class PatchOptions(NicModel):
 
     @model_validator(mode="after")
     def _known_tasks(self) -> PatchOptions:
-        unknown = [t for t in self.tasks if t not in PATCH_TASKS + DENSE_TASKS]
+        known = PATCH_TASKS + DENSE_TASKS + HELDOUT_TASKS
+        unknown = [t for t in self.tasks if t not in known]
         if unknown:
-            raise ValueError(f"unknown patch tasks {unknown}; known: {', '.join(PATCH_TASKS + DENSE_TASKS)}")
+            raise ValueError(f"unknown patch tasks {unknown}; known: {', '.join(known)}")
         return self
 
 

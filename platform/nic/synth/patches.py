@@ -11,6 +11,7 @@ only:
 | tumour | binary | mixed tissue, 35-60 % tumour | tumour in the central 32 x 32 px (PCam's rule) | HDF5 `x`/`y` as PCam | labels right (from the rendered class of every pixel); tumour as in slides, as above |
 | mitosis | binary | mixed tissue, 65-95 % tumour, TILs, apoptotic bodies, figures at an enriched rate | 1: a figure centre >= 2 um inside the tile; 0: none inside nor within 5 um (at snr 0.7) outside | folders of PNG by class | redesigned, below; loss weight 2 |
 | lymphocyte_density | regression | mixed tissue, TIL density ~ Beta(1.2, 1.5) | lymphocyte centres inside the tile | CSV manifest path,label | labels right (apoptotic bodies, new look-alikes, are not counted); tumour as in slides |
+| apoptosis (held out, opt-in) | binary | the mitosis canvases with the roles swapped: apoptotic bodies enriched, figures as look-alikes | 1: an apoptotic body's centre >= 3 um inside the tile; 0: none inside nor within 4 um outside | HDF5 `x`/`y` + `canvas` | for the transfer benchmark; no encoder trains on it |
 
 All canvases now draw the mitotic fraction as a slide does (median x exp(spread z) x (0.3 + 0.7 snr);
 it used to ignore snr and the configured spread) and carry apoptotic bodies at a slide's rate, so
@@ -29,19 +30,31 @@ mislabelled. Negatives are figure-free tiles of the same canvases, 85 % of them 
 they hold the look-alikes of slides: lymphocytes, apoptotic bodies (enriched like the figures),
 necrotic debris and lymphoid aggregates; darkness alone does not tell the classes apart.
 
+Apoptosis (held out). A rare-cell detection task no encoder trains on, for the transfer benchmark
+(benchmarks/bench_transfer.py: a linear probe on frozen embeddings), as Cerberus's signet-ring
+cells. It is the mitosis task's machinery (`Detection`, `plan_detection_chunk`) with apoptotic
+bodies as the target: canvases as the mitosis task's, their apoptotic rate steered so each split
+holds exactly APOPTOSIS_POSITIVE_FRACTION positives, mitotic figures at the enriched look-alike
+rate, 85 % of the negatives tumour-bearing, border-band tiles dropped. The nuclei task leaves
+apoptotic bodies as background and the mitosis task has them among its negatives, so an encoder
+has seen them, but none was ever taught to report one. `nic synth` lists it in heldout_tasks.yaml,
+never in tasks.yaml, and its HDF5 records each tile's canvas so the probe's folds can keep a
+canvas's tiles together.
+
 The formats differ on purpose, so every reader of `nic.patches` is exercised by the demo.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from nic.config.synth import SynthConfig
+from nic.config.synth import HELDOUT_TASKS, SynthConfig
 from nic.synth.labels import apoptotic_fraction, sample_look
 from nic.synth.params import BACKGROUND, CLASSES, FAT, GROWTH_PATTERNS, TUMOUR, Artefacts, SlideParams
 from nic.synth.render import KIND_APOPTOTIC, KIND_LYMPHOCYTE, KIND_MITOSIS, KIND_TUMOUR, NUCLEI, Scene
@@ -105,8 +118,17 @@ TASKS: dict[str, TaskSpec] = {
     "tissue_regions": TaskSpec(
         "tissue_regions", "segmentation", CLASSES, "folder", "patches/tissue_regions", "patches/tissue_regions_val"
     ),
+    # held out of encoder training (the transfer benchmark, benchmarks/bench_transfer.py): written
+    # to heldout_tasks.yaml, never to tasks.yaml
+    "apoptosis": TaskSpec(
+        "apoptosis", "binary", ("absent", "present"), "hdf5", "patches/apoptosis/train.h5", "patches/apoptosis/val.h5"
+    ),
 }
 DENSE = ("nuclei", "tissue_regions")
+HELD_OUT = HELDOUT_TASKS
+"""Tasks no encoder trains on: `nic synth` lists them in heldout_tasks.yaml, not tasks.yaml, so
+neither train-encoder nor tune can pick them up; their HDF5 also holds `canvas` (N,) int32, the
+canvas each tile was cut from (tiles of one canvas share stain and tissue: keep them in one fold)."""
 TASK_ORDER = tuple(TASKS)
 SPLITS = ("train", "val")
 
@@ -211,14 +233,14 @@ among tumour-bearing tiles, where more tumour cells do mean more chances of a fi
 
 
 @dataclass(frozen=True)
-class MitosisTile:
-    """One tile of a mitosis canvas: where, its label and what it holds."""
+class DetectionTile:
+    """One tile of a detection canvas (mitosis, apoptosis): where, its label and what it holds."""
 
     canvas: int  # index of the canvas in the chunk's sequence
     y0: int
     x0: int
-    label: float | None  # None: ambiguous (a figure centre in the border band), never used
-    figures: np.ndarray  # (k, 2) figure centres (y, x) relative to the tile, within the outer margin
+    label: float | None  # None: ambiguous (a target centre in the border band), never used
+    targets: np.ndarray  # (k, 2) target nuclei centres (y, x) relative to the tile, within the outer margin
     tumour_nuclei: int  # tumour-cell nuclei centred in the tile
 
     @property
@@ -251,24 +273,6 @@ def _figures_per_tile(positive_fraction: float, core_share: float) -> float:
     return math.exp(0.5 * (lo + hi))
 
 
-def mitosis_tile(scene: Scene, canvas: int, y0: int, x0: int, px: int) -> MitosisTile:
-    """The tile at (y0, x0), labelled from the scene's nuclei: 1.0 if a mitotic figure's centre lies
-    MITOSIS_MARGIN_IN_UM or more inside it, 0.0 if no figure centre lies in it or within
-    MITOSIS_MARGIN_OUT_UM (scaled with the figures' size) outside it, None otherwise (ambiguous:
-    only part of a figure shows)."""
-    m_in = int(round(MITOSIS_MARGIN_IN_UM / scene.mpp))
-    m_out = int(round(MITOSIS_MARGIN_OUT_UM * mitosis_scale(scene.params.snr) / scene.mpp))
-    nuc = scene.nuclei(y0, x0, px, px, margin=m_out)
-    rel = nuc[:, :2].astype(np.int64) - np.array([y0, x0])
-    inside = ((rel >= 0) & (rel < px)).all(axis=1)
-    tumour = int(np.isin(nuc[inside, 2], _TUMOUR_CELL_KINDS).sum())
-    fig = rel[nuc[:, 2] == KIND_MITOSIS]
-    label: float | None = 0.0
-    if len(fig):
-        label = 1.0 if ((fig >= m_in) & (fig < px - m_in)).all(axis=1).any() else None
-    return MitosisTile(canvas, y0, x0, label, fig, tumour)
-
-
 def _mitosis_params(rng: np.random.Generator, config: SynthConfig, canvas_px: int, per_tile: float) -> SlideParams:
     """A tumour-rich canvas with look-alikes, its mitotic rate drawn around `per_tile` figures/tile."""
     tile_um2 = (config.patches.patch_px * config.patches.mpp) ** 2
@@ -282,35 +286,107 @@ def _mitosis_params(rng: np.random.Generator, config: SynthConfig, canvas_px: in
     )
 
 
-def plan_mitosis_chunk(config: SynthConfig, chunk: Chunk) -> tuple[list[Scene], list[MitosisTile]]:
-    """The canvases of a mitosis chunk and the tiles taken from them, before any pixel is rendered.
+def _apoptosis_params(rng: np.random.Generator, config: SynthConfig, canvas_px: int, per_tile: float) -> SlideParams:
+    """The mitosis canvases with the roles swapped: the apoptotic rate drawn around `per_tile` bodies
+    per tile, mitotic figures (the look-alikes here) at the rate mitosis canvases have apoptotic bodies."""
+    tile_um2 = (config.patches.patch_px * config.patches.mpp) ** 2
+    bodies = per_tile * math.exp(MITOSIS_SPREAD * rng.normal())
+    return _canvas_params(
+        rng, config, canvas_px,
+        tumour_fraction=float(rng.uniform(*MITOSIS_TUMOUR)),
+        til_density=float(rng.uniform(*MITOSIS_TILS)),
+        mitotic_fraction=float(min(0.15, MITOSIS_APOPTOTIC * math.exp(0.7 * rng.normal()))),
+        apoptotic_fraction=float(min(0.15, bodies / (TUMOUR_NUCLEI_PER_UM2 * tile_um2))),
+    )
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A binary detection task on tumour-rich canvases: a tile is positive when a nucleus of `kind`
+    is centred `margin_in_um` or more inside it, negative when none is centred in it or within
+    `margin_out_um` outside it (times `mitosis_scale(snr)` if `scales_with_snr`), else ambiguous."""
+
+    kind: int
+    margin_in_um: float
+    margin_out_um: float
+    scales_with_snr: bool
+    params: Callable[[np.random.Generator, SynthConfig, int, float], SlideParams]
+    positive_fraction: float | None  # None: patches.mitosis_positive_fraction
+
+    def fraction(self, config: SynthConfig) -> float:
+        return config.patches.mitosis_positive_fraction if self.positive_fraction is None else self.positive_fraction
+
+
+APOPTOSIS_MARGIN_OUT_UM = 4.0
+"""A negative of the apoptosis task has no apoptotic body centred within this distance outside the
+tile: a body's dense pink cell reaches at most 3.8 um from its centre (its pale halo up to 5.4 um),
+so at most a sliver of halo shows. The inner margin is the mitosis task's."""
+APOPTOSIS_POSITIVE_FRACTION = 0.5
+"""Positives of the apoptosis task, exact over each split: balanced, for the tightest probe AUC."""
+
+DETECTIONS: dict[str, Detection] = {
+    "mitosis": Detection(KIND_MITOSIS, MITOSIS_MARGIN_IN_UM, MITOSIS_MARGIN_OUT_UM, True, _mitosis_params, None),
+    "apoptosis": Detection(KIND_APOPTOTIC, MITOSIS_MARGIN_IN_UM, APOPTOSIS_MARGIN_OUT_UM, False, _apoptosis_params,
+                           APOPTOSIS_POSITIVE_FRACTION),
+}
+
+
+def detection_tile(scene: Scene, canvas: int, y0: int, x0: int, px: int, task: str = "mitosis") -> DetectionTile:
+    """The tile at (y0, x0), labelled from the scene's nuclei: 1.0 if a target nucleus's centre lies
+    the inner margin or more inside it, 0.0 if no target centre lies in it or within the outer margin
+    outside it, None otherwise (ambiguous: only part of a target shows). Targets: mitotic figures
+    (mitosis, outer margin scaled with the figures' size) or apoptotic bodies (apoptosis)."""
+    det = DETECTIONS[task]
+    m_in = int(round(det.margin_in_um / scene.mpp))
+    scale = mitosis_scale(scene.params.snr) if det.scales_with_snr else 1.0
+    m_out = int(round(det.margin_out_um * scale / scene.mpp))
+    nuc = scene.nuclei(y0, x0, px, px, margin=m_out)
+    rel = nuc[:, :2].astype(np.int64) - np.array([y0, x0])
+    inside = ((rel >= 0) & (rel < px)).all(axis=1)
+    tumour = int(np.isin(nuc[inside, 2], _TUMOUR_CELL_KINDS).sum())
+    found = rel[nuc[:, 2] == det.kind]
+    label: float | None = 0.0
+    if len(found):
+        label = 1.0 if ((found >= m_in) & (found < px - m_in)).all(axis=1).any() else None
+    return DetectionTile(canvas, y0, x0, label, found, tumour)
+
+
+def mitosis_tile(scene: Scene, canvas: int, y0: int, x0: int, px: int) -> DetectionTile:
+    """`detection_tile` of the mitosis task."""
+    return detection_tile(scene, canvas, y0, x0, px, "mitosis")
+
+
+def plan_detection_chunk(config: SynthConfig, chunk: Chunk) -> tuple[list[Scene], list[DetectionTile]]:
+    """The canvases of a detection chunk (mitosis, apoptosis) and the tiles taken from them, before
+    any pixel is rendered.
 
     Canvases are drawn one after another; each tile's label comes from the scene's nuclei, and
     tiles are taken in canvas order while their group still has room in the chunk's quota, ambiguous
-    ones never. Quotas: positives exactly as `mitosis_positive_fraction` says over the split, and
+    ones never. Quotas: positives exactly as the task's positive fraction says over the split, and
     of the negatives MITOSIS_OTHER_NEGATIVES not tumour-bearing. A pure function of (config, chunk).
     """
+    det = DETECTIONS[chunk.task]
     opts = config.patches
     rng = _chunk_rng(config, chunk)
     n, px = canvas_side(config, chunk.task), opts.patch_px
-    f = opts.mitosis_positive_fraction
+    f = det.fraction(config)
     n_pos = math.floor((chunk.first_patch + chunk.n_patches) * f + 0.5) - math.floor(chunk.first_patch * f + 0.5)
     n_other = int(round(MITOSIS_OTHER_NEGATIVES * (chunk.n_patches - n_pos)))
     room = {"positive": n_pos, "tumour": chunk.n_patches - n_pos - n_other, "other": n_other}
-    core_share = (1 - 2 * MITOSIS_MARGIN_IN_UM / (px * opts.mpp)) ** 2
+    core_share = (1 - 2 * det.margin_in_um / (px * opts.mpp)) ** 2
     scenes: list[Scene] = []
-    tiles: list[MitosisTile] = []
+    tiles: list[DetectionTile] = []
     limit = 50 * (chunk.n_patches // (n * n) + 1)  # a bound, never reached for fractions in (0, 1)
     while any(room.values()):
         if len(scenes) >= limit:
-            raise RuntimeError(f"mitosis chunk {chunk}: {room} tiles still missing after {limit} canvases")
+            raise RuntimeError(f"{chunk.task} chunk {chunk}: {room} tiles still missing after {limit} canvases")
         # steer each canvas's rate towards the positive share still missing (within a factor of 2
         # of the configured one), so both quotas fill together and few tiles are discarded
         missing = room["positive"] / sum(room.values())
         per_tile = _figures_per_tile(min(max(missing, f / 2), 2 * f), core_share)
-        scene = Scene(_mitosis_params(rng, config, n * px, per_tile))
+        scene = Scene(det.params(rng, config, n * px, per_tile))
         for k in range(n * n):
-            tile = mitosis_tile(scene, len(scenes), (k // n) * px, (k % n) * px, px)
+            tile = detection_tile(scene, len(scenes), (k // n) * px, (k % n) * px, px, chunk.task)
             if tile.group is not None and room[tile.group] > 0:
                 room[tile.group] -= 1
                 tiles.append(tile)
@@ -318,11 +394,20 @@ def plan_mitosis_chunk(config: SynthConfig, chunk: Chunk) -> tuple[list[Scene], 
     return scenes, tiles
 
 
-def _render_mitosis(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
-    """Render the planned tiles: a whole canvas when at least half of it is used, else tile by tile
-    (the same pixels either way, a region's pixels do not depend on how the slide is cut)."""
+def plan_mitosis_chunk(config: SynthConfig, chunk: Chunk) -> tuple[list[Scene], list[DetectionTile]]:
+    """`plan_detection_chunk` of a mitosis chunk."""
+    if chunk.task != "mitosis":
+        raise ValueError(f"not a mitosis chunk: {chunk}")
+    return plan_detection_chunk(config, chunk)
+
+
+def render_detection_chunk(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render the planned tiles of a detection chunk: patches, labels and each tile's canvas index
+    (int32, in the chunk's sequence). A whole canvas is rendered when at least half of it is used,
+    else tile by tile (the same pixels either way, a region's pixels do not depend on how the slide
+    is cut)."""
     n, px = canvas_side(config, chunk.task), config.patches.patch_px
-    scenes, tiles = plan_mitosis_chunk(config, chunk)
+    scenes, tiles = plan_detection_chunk(config, chunk)
     used = np.bincount([t.canvas for t in tiles], minlength=len(scenes))
     x = np.empty((len(tiles), px, px, 3), np.uint8)
     canvas, image = -1, None
@@ -333,7 +418,7 @@ def _render_mitosis(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.n
         if t.canvas != canvas:
             canvas, image = t.canvas, scenes[t.canvas].render(0, 0, n * px, n * px)
         x[i] = image[t.y0 : t.y0 + px, t.x0 : t.x0 + px]
-    return x, np.array([t.label for t in tiles], np.float32)
+    return x, np.array([t.label for t in tiles], np.float32), np.array([t.canvas for t in tiles], np.int32)
 
 
 def _chunk_rng(config: SynthConfig, chunk: Chunk) -> np.random.Generator:
@@ -350,8 +435,8 @@ def render_chunk(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarray, np.ndar
     Patch tasks only: dense tasks are rendered by nic.synth.dense.render_dense_chunk."""
     if chunk.task in DENSE:
         raise ValueError(f"{chunk.task} is a dense task: use nic.synth.dense.render_dense_chunk")
-    if chunk.task == "mitosis":
-        return _render_mitosis(config, chunk)
+    if chunk.task in DETECTIONS:
+        return render_detection_chunk(config, chunk)[:2]
     opts = config.patches
     n, px = canvas_side(config, chunk.task), opts.patch_px
     canvas_px = n * px

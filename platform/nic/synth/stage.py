@@ -7,6 +7,7 @@ Cohort folder:
     labels.csv              slide_id, patient_id, path, proliferation, growth_pattern, time, event, ...
     truth.json              every hidden parameter, the hazard model, the generator version and seed
     tasks.yaml              the patch tasks for `nic.patches`
+    heldout_tasks.yaml      tasks held out of encoder training (opt-in, e.g. apoptosis), same schema
     patches/...             one dataset per task (folders of PNG, HDF5, CSV manifest)
                             dense tasks (opt-in, nic.synth.dense): nuclei HDF5 with instance and
                             type maps, tissue_regions image/mask PNG pairs
@@ -60,10 +61,22 @@ from nic.synth.labels import (
     targets,
 )
 from nic.synth.params import CLASSES, GENERATOR_VERSION, SlideParams
-from nic.synth.patches import DENSE, SPLITS, TASKS, Chunk, plan_chunks, render_chunk, write_pngs
+from nic.synth.patches import (
+    DENSE,
+    DETECTIONS,
+    HELD_OUT,
+    SPLITS,
+    TASKS,
+    Chunk,
+    plan_chunks,
+    render_chunk,
+    render_detection_chunk,
+    write_pngs,
+)
 
 SLIDES_DIR = "slides"
 PATCHES_DIR = "patches"
+HELDOUT_YAML = "heldout_tasks.yaml"
 LABEL_COLUMNS = (
     "slide_id", "patient_id", "path", "proliferation", "growth_pattern", "growth_pattern_name",
     "time", "event", "width", "height", "mpp",
@@ -135,8 +148,11 @@ def render_patch_chunk(config_dict: dict, chunk: Chunk, staging: str) -> dict:
     config = SynthConfig.model_validate(config_dict)
     if chunk.task in DENSE:
         return _render_dense_chunk(config, chunk, staging)
-    x, y = render_chunk(config, chunk)
     spec = TASKS[chunk.task]
+    if chunk.task in HELD_OUT and chunk.task in DETECTIONS:  # the canvas of each tile, for grouped folds
+        x, y, canvas = render_detection_chunk(config, chunk)
+        return {"x": x, "y": y, "canvas": canvas}
+    x, y = render_chunk(config, chunk)
     if spec.format == "hdf5":
         return {"x": x, "y": y}
     folder = Path(staging) / (chunk.split if spec.format == "folder" else "")
@@ -198,8 +214,10 @@ def _task_is_complete(out: Path, task: str, spec: str) -> bool:
     return data.get("spec") == spec and all((out / p).exists() for p in (TASKS[task].path, TASKS[task].val_path))
 
 
-def _write_h5(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    """PCam layout: `x` (N, px, px, 3) uint8, `y` (N, 1, 1, 1) uint8; no timestamps (determinism)."""
+def _write_h5(path: Path, x: np.ndarray, y: np.ndarray, canvas: np.ndarray | None = None) -> None:
+    """PCam layout: `x` (N, px, px, 3) uint8, `y` (N, 1, 1, 1) uint8, and `canvas` (N,) int32 if
+    given (held-out tasks: the canvas of each tile, numbered through the split); no timestamps
+    (determinism)."""
     import h5py
 
     with atomic_path(path) as tmp:
@@ -207,6 +225,17 @@ def _write_h5(path: Path, x: np.ndarray, y: np.ndarray) -> None:
             f.create_dataset("x", data=x, dtype="uint8", chunks=(min(len(x), 32), *x.shape[1:]) if len(x) else None,
                              compression="gzip", compression_opts=4, track_times=False)
             f.create_dataset("y", data=y.astype(np.uint8).reshape(-1, 1, 1, 1), track_times=False)
+            if canvas is not None:
+                f.create_dataset("canvas", data=canvas.astype(np.int32), track_times=False)
+
+
+def _split_canvases(parts: list[dict]) -> np.ndarray:
+    """Each chunk's canvas indices, renumbered through the split (chunks in order): one id per canvas."""
+    out, offset = [], 0
+    for part in parts:
+        out.append(part["canvas"].astype(np.int64) + offset)
+        offset += int(part["canvas"].max()) + 1 if len(part["canvas"]) else 0
+    return np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)
 
 
 def _csv_text(rows: list[dict], columns: tuple[str, ...] | list[str]) -> str:
@@ -271,7 +300,7 @@ def _finish_patch_task(out: Path, task: str, results: dict[str, list[dict]], spe
         target = out / (tspec.path if split == "train" else tspec.val_path)
         if tspec.format == "hdf5":
             x = np.concatenate([p["x"] for p in parts]) if parts else np.zeros((0, 0, 0, 3), np.uint8)
-            _write_h5(target, x, y)
+            _write_h5(target, x, y, _split_canvases(parts) if task in HELD_OUT else None)
         elif tspec.format == "folder":
             source = staging / split
             source.mkdir(parents=True, exist_ok=True)
@@ -304,8 +333,9 @@ def _finish_patch_task(out: Path, task: str, results: dict[str, list[dict]], spe
     return summary
 
 
-def _tasks_yaml(config: SynthConfig) -> str:
-    tasks = [TASKS[name].to_yaml_dict() for name in config.patches.tasks]
+def _tasks_yaml(config: SynthConfig, held_out: bool = False) -> str:
+    """tasks.yaml (the tasks encoders train on) or, `held_out`, heldout_tasks.yaml (the rest)."""
+    tasks = [TASKS[name].to_yaml_dict() for name in config.patches.tasks if (name in HELD_OUT) == held_out]
     return yaml.safe_dump({"tasks": tasks}, sort_keys=False)
 
 
@@ -420,6 +450,12 @@ def run_synth(config: SynthConfig) -> int:
 
     _write_labels_and_truth(out, config, slides, patients, sidecars)
     write_bytes_atomic(out / "tasks.yaml", _tasks_yaml(config).encode())
+    files = {"labels": "labels.csv", "truth": "truth.json", "tasks": "tasks.yaml", "config": "config.yaml"}
+    if any(t in HELD_OUT for t in config.patches.tasks):
+        write_bytes_atomic(out / HELDOUT_YAML, _tasks_yaml(config, held_out=True).encode())
+        files["heldout_tasks"] = HELDOUT_YAML
+    else:  # from an earlier run with other tasks: it would name data this run did not make
+        (out / HELDOUT_YAML).unlink(missing_ok=True)
     ok_slides = [s.slide_id for s in slides if status[s.slide_id]["status"] != STATUS_FAILED]
     cohort = {
         "generator_version": GENERATOR_VERSION,
@@ -440,7 +476,7 @@ def run_synth(config: SynthConfig) -> int:
             for s in slides
         ],
         "patch_tasks": [{"name": t, **task_status.get(t, {})} for t in config.patches.tasks],
-        "files": {"labels": "labels.csv", "truth": "truth.json", "tasks": "tasks.yaml", "config": "config.yaml"},
+        "files": files,
     }
     write_json_atomic(out / "cohort.json", cohort)
     n_failed = len(slides) - len(ok_slides) + sum(1 for v in task_status.values() if v["status"] == STATUS_FAILED)
