@@ -92,7 +92,12 @@ def plan_pipeline(cfg: PipelineConfig) -> tuple[Layout, list[Step], dict[str, An
         inputs = {"slides": cfg.data.slides, "labels": cfg.data.labels, "tasks": cfg.data.tasks}
 
     encoder_refs: dict[str, str] = {}
+    own_settings: dict[str, dict[str, Any]] = {}  # your own encoders: their compress keys
     for run in cfg.encoders:
+        if run.kind == "external":  # your own encoder: nothing to train, compressed as it is
+            encoder_refs[run.name] = str(run.path)
+            own_settings[run.name] = run.settings
+            continue
         if run.kind in BUILTIN_KINDS and not run.settings:
             encoder_refs[run.name] = run.kind  # built-ins need no training and no file
             continue
@@ -108,10 +113,14 @@ def plan_pipeline(cfg: PipelineConfig) -> tuple[Layout, list[Step], dict[str, An
                           {"encoder": layout.encoder(run.name)}))
         encoder_refs[run.name] = str(layout.encoder(run.name))
 
+    overrides: dict[str, dict[str, Any]] = {}
     for name, ref in encoder_refs.items():
         comp = stage_config(CompressConfig, {**common, "slides": inputs["slides"], "encoder": ref,
                                              "out": str(layout.grids(name))},
-                            cfg.compress, source="pipeline: compress")
+                            cfg.compress, own_settings.get(name, {}),
+                            source="pipeline: compress" + (f" + encoders[{name}].settings" if name in own_settings else ""))
+        if comp.encoder_overrides():
+            overrides[name] = comp.encoder_overrides()
         steps.append(Step(f"compress with {name}", "compress", comp, _runner("nic.compress.stage", "run_compress"),
                           {"grids": layout.grids(name)}))
 
@@ -126,7 +135,7 @@ def plan_pipeline(cfg: PipelineConfig) -> tuple[Layout, list[Step], dict[str, An
             steps.append(Step(f"{target.name} from {name} grids", "train-downstream", down,
                               _runner("nic.train.downstream_stage", "run_train_downstream"),
                               {"model": layout.model(name, target.name)}))
-    return layout, steps, {**inputs, "encoders": encoder_refs}
+    return layout, steps, {**inputs, "encoders": encoder_refs, "encoder_overrides": overrides}
 
 
 @stage_storage

@@ -121,7 +121,7 @@ class EncoderActor:
 
     def __init__(
         self,
-        encoder: str,
+        encoder: Any,
         options: SlideOptions,
         paths: dict[str, str],
         transforms: tuple[int, ...] = (0,),
@@ -129,6 +129,7 @@ class EncoderActor:
         mixed_precision: bool = True,
         threads: int = 1,
         head_columns: tuple[str, ...] = (),
+        encoder_hash: str | None = None,
     ):
         import torch
 
@@ -138,6 +139,9 @@ class EncoderActor:
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device("cuda" if use_gpu else "cpu")
         model, info = load_encoder(encoder, device=str(self.device))
+        if encoder_hash and info.content_hash != encoder_hash:  # weights replaced since the driver loaded them
+            raise RuntimeError(f"encoder {info.name}: content hash {info.content_hash[:12]} on this worker differs "
+                               f"from the driver's {encoder_hash[:12]} (was it replaced during the job?)")
         # Decided here, not by the driver: actors on other nodes may have other CPUs or GPUs.
         self.model = model.to(self.device).eval().set_precision(reduced_precision(self.device.type, mixed_precision))
         self.precision_code = PRECISION_CODES[self.model.precision]

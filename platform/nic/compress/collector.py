@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,8 @@ class EncoderFacts:
     content_hash: str
     embedding_dim: int
     head_columns: tuple[str, ...] = ()  # `--heads`: the head-map columns the actors add
+    ref: Any = None  # what the actors load: the encoder name/folder, or your own encoder's resolved EncoderSpec
+    record: dict | None = None  # your own encoder: what every grid records as `extra["encoder"]`
 
 
 @dataclass
@@ -113,6 +116,7 @@ class SlideCollector:
             encoder_name=self.encoder.name, encoder_hash=self.encoder.content_hash, transforms=self.transforms,
             base_mpp=base_mpp if base_mpp == base_mpp else None, options_hash=self.options_hash,
             head_columns=self.encoder.head_columns,
+            extra={"encoder": self.encoder.record} if self.encoder.record else {},
         )
         buf = _SlideBuffer(
             meta=meta, plan_seconds=float(batch["plan_seconds"][i]), first_seen=time.perf_counter(),

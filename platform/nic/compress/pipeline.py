@@ -26,6 +26,7 @@ import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -143,9 +144,12 @@ def max_node_cpus() -> float:
 
 
 def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan,
-                  transforms: tuple[int, ...], embedding_dim: int, head_columns: tuple[str, ...] = ()):
+                  transforms: tuple[int, ...], embedding_dim: int, head_columns: tuple[str, ...] = (),
+                  encoder: Any = None, encoder_hash: str | None = None):
     """The lazy Dataset of encoded tile rows for slides `todo` ((slide_id, path) pairs); with
-    `head_columns` (`--heads`) the rows also carry the encoder's head outputs."""
+    `head_columns` (`--heads`) the rows also carry the encoder's head outputs. `encoder` is what the
+    actors load (default `config.encoder`; your own encoder's resolved EncoderSpec), and
+    `encoder_hash` the content hash they must find (an encoder replaced during the job fails)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -158,13 +162,13 @@ def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: Poo
     ctx.target_max_block_size = block_bytes(pool.batch_size, embedding_dim + 2 * len(head_columns), len(transforms))
     ctx.max_errored_blocks = -1
     try:
-        return _pipeline(config, todo, pool, transforms, head_columns)
+        return _pipeline(config, todo, pool, transforms, head_columns, encoder, encoder_hash)
     finally:
         ctx.target_max_block_size, ctx.max_errored_blocks = saved
 
 
 def _pipeline(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan, transforms: tuple[int, ...],
-              head_columns: tuple[str, ...] = ()):
+              head_columns: tuple[str, ...] = (), encoder: Any = None, encoder_hash: str | None = None):
     import warnings
 
     import ray
@@ -191,7 +195,8 @@ def _pipeline(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPla
         return chunks.map_batches(
             EncoderActor,
             fn_constructor_kwargs={
-                "encoder": config.encoder, "options": config.slide, "paths": dict(todo),
+                "encoder": config.encoder if encoder is None else encoder, "encoder_hash": encoder_hash,
+                "options": config.slide, "paths": dict(todo),
                 "transforms": transforms, "use_gpu": pool.use_gpu,
                 "mixed_precision": config.mixed_precision, "threads": pool.threads,
                 "head_columns": head_columns,

@@ -52,26 +52,33 @@ def encoder_facts(config: CompressConfig) -> EncoderFacts:
     """Load the encoder once in the driver: its hash decides resume, its C sizes the grid files."""
     try:
         from nic.encoders import load_encoder
+        from nic.encoders.external import resolve_encoder
     except ImportError as exc:
         raise ConfigError(f"nic.encoders is not available: {exc}") from None
     try:
-        _, info = load_encoder(config.encoder, device="cpu")
+        # Your own encoder is resolved once, here (its spec beside it merged with the encoder_*
+        # options, paths made absolute); the actors load exactly that spec.
+        spec = resolve_encoder(config.encoder, config.encoder_overrides())
+        _, info = load_encoder(spec if spec is not None else config.encoder, device="cpu")
     except ConfigError:
         raise
     except Exception as exc:
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         raise ConfigError(f"cannot load encoder {config.encoder!r}: {detail}") from None
+    where = f" ({info.external['spec'] or info.external['model']})" if info.external else ""
     tile_px = getattr(info, "tile_px", None)
     if tile_px and int(tile_px) != config.slide.tile_px:
-        raise ConfigError(f"encoder {info.name!r} takes {tile_px} px tiles but slide.tile_px is "
+        raise ConfigError(f"encoder {info.name!r}{where} takes {tile_px} px tiles but slide.tile_px is "
                           f"{config.slide.tile_px}; set --set slide.tile_px={tile_px}")
     mpp = getattr(info, "mpp", None)
     if mpp and abs(float(mpp) - config.slide.target_mpp) > config.slide.mpp_tolerance * float(mpp):
-        raise ConfigError(f"encoder {info.name!r} was trained at {mpp:g} um/px but slide.target_mpp is "
+        raise ConfigError(f"encoder {info.name!r}{where} was trained at {mpp:g} um/px but slide.target_mpp is "
                           f"{config.slide.target_mpp:g}; set --set slide.target_mpp={mpp:g}")
     columns = head_map_columns(config.encoder, info) if config.heads else ()
     return EncoderFacts(name=str(info.name), content_hash=str(info.content_hash),
-                        embedding_dim=int(info.embedding_dim), head_columns=columns)
+                        embedding_dim=int(info.embedding_dim), head_columns=columns,
+                        ref=spec if spec is not None else config.encoder,
+                        record=dict(info.external) if info.external else None)
 
 
 def head_map_columns(encoder: str, info: EncoderInfo) -> tuple[str, ...]:
@@ -230,7 +237,8 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
     first_batch = None
     try:
         for batch in iter_encoded(build_dataset(config, todo, pool, transforms, facts.embedding_dim,
-                                                facts.head_columns)):
+                                                facts.head_columns, encoder=facts.ref,
+                                                encoder_hash=facts.content_hash)):
             if first_batch is None:
                 first_batch = (time.monotonic(), collector.tiles_done)
             finished = collector.add_batch(batch)

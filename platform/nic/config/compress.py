@@ -18,8 +18,33 @@ class CompressConfig(StageConfig):
     )
     encoder: str = Field(
         ..., min_length=1,
-        description="Patch encoder: a built-in name ('mean-rgb', 'random') or a folder written by nic train-encoder.",
+        description="Patch encoder: a built-in name ('mean-rgb', 'random'), a folder written by nic train-encoder, "
+        "or your own (docs/encoders.md): an encoder.yaml or a folder holding one, a TorchScript file, "
+        "'package.module:factory', or 'timm:<architecture>' with --encoder-weights.",
         json_schema_extra=LOCAL_PATH_FIELD,
+    )
+    encoder_weights: str | None = Field(
+        None, description="Your own encoder: its weights file (a state dict, .pt/.bin/.safetensors), for a timm "
+        "architecture or an entry point; overrides the spec's `weights`.", json_schema_extra=LOCAL_PATH_FIELD,
+    )
+    encoder_tile_px: int | None = Field(
+        None, ge=8, description="Your own encoder: the tile size it takes (px); overrides the spec's `tile_px` "
+        "(slide.tile_px must match it).",
+    )
+    encoder_mpp: float | None = Field(
+        None, gt=0, description="Your own encoder: the resolution it was trained at (um/px); overrides the spec's "
+        "`mpp` (slide.target_mpp must match it).",
+    )
+    encoder_mean: list[float] | None = Field(
+        None, min_length=3, max_length=3, description="Your own encoder: input normalisation, RGB in [0, 1] then "
+        "(x - mean) / std; overrides the spec's `mean` (default: timm's for the architecture, else ImageNet's).",
+    )
+    encoder_std: list[float] | None = Field(
+        None, min_length=3, max_length=3, description="Your own encoder: see encoder_mean; overrides the spec's `std`.",
+    )
+    encoder_embedding_dim: int | None = Field(
+        None, ge=1, description="Your own encoder: C, checked against a forward pass; overrides the spec's "
+        "`embedding_dim`.",
     )
     out: Path = Field(
         ..., description="Grid store: tiles/slide_id=<id>/part-0.parquet per slide and the slides.parquet manifest."
@@ -72,3 +97,9 @@ class CompressConfig(StageConfig):
     strict: bool = Field(False, description="Exit non-zero when any slide failed (default: only when none succeeded).")
     overwrite: bool = Field(False, description="Re-encode slides that are already complete instead of skipping them.")
 
+
+    def encoder_overrides(self) -> dict[str, object]:
+        """The encoder_* fields that are set, by the encoder spec's field names (nic.encoders.external)."""
+        values = {"weights": self.encoder_weights, "tile_px": self.encoder_tile_px, "mpp": self.encoder_mpp,
+                  "mean": self.encoder_mean, "std": self.encoder_std, "embedding_dim": self.encoder_embedding_dim}
+        return {k: v for k, v in values.items() if v is not None}

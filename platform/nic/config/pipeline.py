@@ -36,10 +36,27 @@ class EncoderRun(NicModel):
     """One encoder of the comparison."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9._-]+$", description="Folder name and label in the report.")
-    kind: Literal["mtl", "vae", "bigan", "contrastive", "mean-rgb", "random"] = Field(
-        ..., description="Encoder kind (see nic train-encoder)."
+    kind: Literal["mtl", "vae", "bigan", "contrastive", "mean-rgb", "random", "external"] = Field(
+        ..., description="Encoder kind (see nic train-encoder); 'external': your own encoder, named by `path`."
     )
-    settings: dict[str, Any] = Field(default_factory=dict, description="Any nic train-encoder key.")
+    path: str | None = Field(
+        None, description="kind 'external' only: your own encoder as nic compress --encoder takes it (an "
+        "encoder.yaml, a TorchScript file, 'package.module:factory', 'timm:<architecture>'; docs/encoders.md).",
+        json_schema_extra=LOCAL_PATH_FIELD,
+    )
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="Any nic train-encoder key; for kind 'external', nic compress keys for "
+        "this encoder's grids (e.g. encoder_weights, slide: {tile_px: 224}).")
+
+    @model_validator(mode="after")
+    def _path_for_external(self) -> EncoderRun:
+        if self.kind == "external" and not self.path:
+            raise ValueError(f"encoder '{self.name}': kind 'external' needs a path (your encoder.yaml, TorchScript "
+                             "file, package.module:factory or timm:<architecture>)")
+        if self.kind != "external" and self.path:
+            raise ValueError(f"encoder '{self.name}': path is only for kind 'external' (a {self.kind} encoder is "
+                             "trained by the pipeline)")
+        return self
 
 
 class TargetRun(NicModel):
@@ -107,7 +124,8 @@ class PipelineConfig(StageConfig):
         self._check_wired("compress", self.compress)
         self._check_wired("downstream", self.downstream)
         for run in self.encoders:
-            self._check_wired("encoder", run.settings, f"encoders[{run.name}].settings")
+            self._check_wired("compress" if run.kind == "external" else "encoder", run.settings,
+                              f"encoders[{run.name}].settings")
         for run in self.targets:
             self._check_wired("downstream", run.settings, f"targets[{run.name}].settings")
         return self

@@ -14,7 +14,7 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +26,9 @@ from nic.encoders.architectures import count_parameters
 from nic.encoders.encoder import INPUT_NORMALISATION, PatchEncoder, build_encoder
 from nic.encoders.inference import optimise_for_inference
 from nic.storage import RAY_STORAGE_DIRS, display, ensure_local
+
+if TYPE_CHECKING:
+    from nic.encoders.external import EncoderSpec
 
 ENCODER_JSON = "encoder.json"
 ENCODER_WEIGHTS = "encoder.pt"
@@ -58,6 +61,9 @@ class EncoderInfo(BaseModel):
     epochs_trained: int | None = None
     created: str = Field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     nic_version: str = nic.__version__
+    # Your own encoder (kind "external", nic.encoders.external): source, weights and their sha256,
+    # normalisation, tile_px, mpp, C; recorded in every grid it makes. Never written to encoder.json.
+    external: dict[str, Any] | None = Field(None, exclude=True)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -153,7 +159,8 @@ def read_info(path: str | Path) -> EncoderInfo:
     if not marker.is_file():
         raise FileNotFoundError(
             f"{display(marker)}: no encoder.json (a missing or incomplete encoder folder; "
-            f"built-in encoders need no file: {', '.join(BUILTIN_NAMES)})"
+            f"built-in encoders need no file: {', '.join(BUILTIN_NAMES)}; your own encoder needs an encoder.yaml, "
+            "see docs/encoders.md)"
         )
     try:
         return EncoderInfo.model_validate_json(marker.read_text())
@@ -189,15 +196,24 @@ def load_patch_encoder(path: str | Path, verify: bool = True) -> tuple[PatchEnco
 
 
 def load_encoder(
-    path_or_name: str | Path, device: torch.device | str | None = None, optimise: bool = True
+    path_or_name: str | Path | EncoderSpec, device: torch.device | str | None = None, optimise: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, EncoderInfo]:
     """A ready encoder module (eval mode, on `device`, default CPU) and its EncoderInfo.
 
     `path_or_name` is an `encoder/` folder, its encoder.json, or a built-in name (mean-rgb,
-    random). The module's forward takes uint8 (N, 3, P, P) RGB tiles and returns float32 (N, C);
+    random); or your own encoder (nic.encoders.external): an encoder.yaml or a folder holding one,
+    a TorchScript file, `package.module:factory`, `timm:<architecture>`, or an EncoderSpec, with
+    `overrides` (weights, tile_px, mpp, mean, std, embedding_dim) filling in or replacing its spec.
+    The module's forward takes uint8 (N, 3, P, P) RGB tiles and returns float32 (N, C);
     it normalises its input itself and runs under inference_mode. With `optimise` (the default)
     BatchNorms and the input scaling are folded into the convolutions (same outputs, faster).
     """
+    from nic.encoders.external import load_external, resolve_encoder
+
+    spec = resolve_encoder(path_or_name, overrides)
+    if spec is not None:
+        return load_external(spec, device)
     if isinstance(path_or_name, str) and path_or_name in BUILTIN_NAMES:
         encoder, info = builtin_encoder(path_or_name)
     else:

@@ -102,13 +102,14 @@ def _encoder_metrics(metrics: dict) -> str:
     return f"best epoch {int(epoch)}: {text}" if epoch is not None else text
 
 
-def encoder_section(names: dict[str, str]) -> list[str]:
+def encoder_section(names: dict[str, str], overrides: dict[str, dict] | None = None) -> list[str]:
+    """The encoders table; `overrides` are your own encoders' encoder_* compress options, by name."""
     from nic.encoders import load_encoder
 
     rows = []
     for name, ref in names.items():
         try:
-            _, info = load_encoder(ref)
+            _, info = load_encoder(ref, overrides=(overrides or {}).get(name))
         except Exception as exc:  # a report must still be written when one encoder is unusable
             rows.append([name, "unreadable", "", "", "", str(exc)[:120]])
             continue
@@ -245,7 +246,7 @@ def write_study_report(cfg: Any, layout: Any, steps: list[Any], inputs: dict[str
              f"Made by `nic pipeline` on {time.strftime('%Y-%m-%d %H:%M')}; artifacts under `{root}`. "
              "Re-running the same command skips every finished step.", ""]
     lines += downstream_section(models, cfg.targets, encoders, report_dir, root)
-    lines += encoder_section(inputs["encoders"])
+    lines += encoder_section(inputs["encoders"], inputs.get("encoder_overrides"))
     lines += compression_section(grids)
     lines += cohort_section(Path(inputs["labels"]), layout.cohort if cfg.synth is not None else None)
     lines += grid_pictures(grids, report_dir, root, cfg.report_slides)
