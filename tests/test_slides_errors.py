@@ -83,7 +83,8 @@ def test_directory_named_svs(tmp_path):
     path.mkdir()
     with pytest.raises(SlideError) as err:
         plan_slide(path, SlideOptions())
-    assert (err.value.kind, str(err.value)) == ("directory", f"{path}: is a directory, not a slide file")
+    assert (err.value.kind, str(err.value)) == (
+        "directory", f"{path}: is a directory, not a slide file (nor a DICOM slide: it holds no .dcm files)")
 
 
 def test_missing_path(tmp_path):

@@ -13,7 +13,8 @@ from nic.config.slides import SlideOptions
 class TileConfig(StageConfig):
     slides: list[str] = Field(
         ..., min_length=1,
-        description="Slide files, folders, glob patterns, or CSV files with a 'path' column (and optional 'slide_id').",
+        description="Slide files, folders, glob patterns, or CSV files with a 'path' column (and optional 'slide_id'); "
+                    "a folder of DICOM .dcm instances is one slide.",
         json_schema_extra=LOCAL_PATH_FIELD,
     )
     out: Path = Field(..., description="Output folder: per-slide tiles/*.parquet, thumbnails/*.png, slides.parquet.")

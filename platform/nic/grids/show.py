@@ -11,7 +11,7 @@ import numpy as np
 from nic.grids.dihedral import TRANSFORM_NAMES, transform_image
 from nic.grids.reader import load_grid, read_grid_meta
 from nic.grids.schema import GridError
-from nic.storage import ensure_local, local_path
+from nic.storage import local_path
 
 
 def pca_rgb(grid: np.ndarray, mask: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
@@ -40,9 +40,9 @@ def pca_rgb(grid: np.ndarray, mask: np.ndarray, percentiles: tuple[float, float]
 def slide_thumbnail(path: str, max_px: int) -> tuple[np.ndarray, tuple[int, int]] | None:
     """(RGB thumbnail, level-0 (width, height)) of a slide, or None when it cannot be read."""
     try:
-        import openslide
+        from nic.slides import open_slide
 
-        with openslide.OpenSlide(ensure_local(local_path(path))) as slide:
+        with open_slide(local_path(path)) as slide:  # a file or a DICOM slide's folder (fetched if a URI)
             thumb = np.asarray(slide.get_thumbnail((max_px, max_px)).convert("RGB"))
             size = tuple(int(v) for v in slide.dimensions)
     except Exception:  # a moved or unreadable slide: draw the grid alone, say so in the title

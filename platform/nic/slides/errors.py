@@ -15,10 +15,11 @@ from nic.storage import display
 #: Every `SlideError.kind`, with what it means.
 KINDS: dict[str, str] = {
     "missing": "the path does not exist",
-    "directory": "the path is a directory, not a slide file",
+    "directory": "the path is a directory, not a slide file nor a DICOM slide's folder of .dcm files",
     "empty": "the file has 0 bytes",
     "not_a_slide": "the file is not a slide format OpenSlide knows (text, plain image, ...)",
     "unopenable": "OpenSlide recognises the format but cannot open the file",
+    "ambiguous": "a DICOM slide's folder holds instances of more than one slide (series)",
     "no_mpp": "no usable resolution (um/px) metadata and no slide.assume_mpp",
     "bad_mpp": "the resolution metadata is implausible (<= 0 or above slide.max_plausible_mpp)",
     "too_small": "the slide holds no whole tile at the working resolution",

@@ -15,6 +15,13 @@ on it), so the rule follows the id:
   id, and its row's reason says which slide it is the same file as (identical grids under two ids
   put one slide on both sides of a train/test split: the reason makes that visible);
 - another file under an id already taken: failed, with the id clash as its reason.
+
+A DICOM whole-slide image is not one file but a folder of instances (`.dcm` files: one per pyramid
+level, maybe split further, plus label, overview and thumbnail). A folder that holds `.dcm` files is
+one slide, whose id is the folder's name and whose path is the folder; its `.dcm` files never
+become slides of their own, however they are named (the folder, a glob matching the files, one
+file of it, a CSV row). So `--slides cohort/` with `cohort/a.svs` and `cohort/b/*.dcm` is two
+slides, `a` and `b`. Folders are looked into one level deep, as for other slide files.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi",
 )
 LIST_EXTENSIONS = (".csv",)
+#: A DICOM whole-slide image is the folder holding its instances, files with this extension.
+DICOM_EXTENSION = ".dcm"
 
 
 @dataclass(frozen=True)
@@ -61,10 +70,41 @@ def _is_glob(spec: str) -> bool:
     return any(ch in spec for ch in "*?[")
 
 
+def is_dicom_name(name: str) -> bool:
+    return name.lower().endswith(DICOM_EXTENSION)
+
+
+def holds_dicom(folder: str | Path) -> bool:
+    """Whether a local folder holds DICOM instance files (`*.dcm`) directly: it is a DICOM slide."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(is_dicom_name(e.name) and not e.is_dir() for e in entries)
+    except OSError:  # not a folder, or unreadable: not a DICOM slide
+        return False
+
+
+def _slide_path(path: Path) -> Path:
+    """The path that stands for the slide a path names: a DICOM instance stands for its folder."""
+    return path.parent if is_dicom_name(path.name) and not path.is_dir() else path
+
+
 def _scan_folder(folder: Path) -> list[Path]:
-    """Slides directly inside a folder (entries named like slides, including folders named x.svs,
-    so that a broken entry is reported rather than skipped)."""
-    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(SLIDE_EXTENSIONS))
+    """Slides directly inside a folder: entries named like slides (including folders named x.svs,
+    so that a broken entry is reported rather than skipped), except DICOM instances, which make the
+    folder itself one DICOM slide (listed first), and sub-folders that are DICOM slides."""
+    found = [folder] if holds_dicom(folder) else []
+    for p in sorted(folder.iterdir()):
+        name = p.name.lower()
+        if is_dicom_name(name) and not p.is_dir():
+            continue
+        if name.endswith(SLIDE_EXTENSIONS) or (p.is_dir() and holds_dicom(p)):
+            found.append(p)
+    return found
+
+
+def _unique(paths: list[Path]) -> list[Path]:
+    """Paths in their order, each once (the DICOM instances of one folder are one slide)."""
+    return list(dict.fromkeys(paths))
 
 
 def _read_list(csv_path: Path) -> list[SlideInput]:
@@ -83,7 +123,7 @@ def _read_list(csv_path: Path) -> list[SlideInput]:
         raw = (row.get("path") or "").strip()
         if not raw:
             continue
-        path = Path(raw) if os.path.isabs(raw) else csv_path.parent / raw
+        path = _slide_path(Path(raw) if os.path.isabs(raw) else csv_path.parent / raw)
         sid = (row.get("slide_id") or "").strip() or slide_id_for(path)
         inputs.append(SlideInput(sid, str(path)))
     return inputs
@@ -101,19 +141,21 @@ def expand_slide_inputs(specs: list[str]) -> list[SlideInput]:
             matches = sorted(glob.glob(str(path)))
             if not matches:
                 found.append(SlideInput(slide_id_for(spec), spec, f"{spec}: no file matches this pattern"))
-            for match in matches:
-                found.append(SlideInput(slide_id_for(match), match))
+            for match in _unique([_slide_path(Path(m)) for m in matches]):
+                found.append(SlideInput(slide_id_for(match), str(match)))
         elif path.is_dir() and not path.name.lower().endswith(SLIDE_EXTENSIONS):
             entries = _scan_folder(path)
             if not entries:
                 found.append(SlideInput(slide_id_for(path), str(path), f"{path}: folder holds no slide files "
-                                        f"({', '.join(SLIDE_EXTENSIONS[:5])}, ...)"))
+                                        f"({', '.join(SLIDE_EXTENSIONS[:5])}, ..., or a DICOM slide's folder "
+                                        "of .dcm files)"))
             found.extend(SlideInput(slide_id_for(p), str(p)) for p in entries)
         elif path.suffix.lower() in LIST_EXTENSIONS and path.is_file():
             found.extend(_read_list(path))
         elif not path.exists():
             found.append(SlideInput(slide_id_for(path), str(path), f"{path}: no such file"))
         else:
+            path = _slide_path(path)
             found.append(SlideInput(slide_id_for(path), str(path)))
     return _dedupe(found)
 
@@ -127,17 +169,41 @@ def _remote_inputs(path: Path) -> list[SlideInput]:
                                "object-store URIs; name the folder (prefix) or list the slides in a CSV")]
         kind = remote_kind(path)
         if kind == "dir":
-            entries = [p for p in remote_children(path) or [] if p.name.lower().endswith(SLIDE_EXTENSIONS)]
+            entries = _scan_remote_folder(path)
             if not entries:
                 return [SlideInput(slide_id_for(path), str(path), f"{uri}: prefix holds no slide files")]
             return [SlideInput(slide_id_for(p), str(p)) for p in entries]
         if kind == "file" and path.suffix.lower() in LIST_EXTENSIONS:
             return _read_list(ensure_local(path))
+        if kind == "file" and is_dicom_name(path.name):
+            return [SlideInput(slide_id_for(path.parent), str(path.parent))]
         if kind == "file":
             return [SlideInput(slide_id_for(path), str(path))]
         return [SlideInput(slide_id_for(path), str(path), f"{uri}: no such object")]
     except OSError as exc:
         return [SlideInput(slide_id_for(path), str(path), f"{uri}: cannot list it ({exc})")]
+
+
+def _scan_remote_folder(path: Path) -> list[Path]:
+    """`_scan_folder` for a mirror path, from listings only: the prefix itself when it holds .dcm
+    objects, objects named like slides, and sub-prefixes holding .dcm objects (one listing each
+    for the children not named like slide files)."""
+    children = remote_children(path) or []
+    found = [path] if any(is_dicom_name(p.name) for p in children) else []
+    for child in children:
+        name = child.name.lower()
+        if is_dicom_name(name):
+            continue
+        if name.endswith(SLIDE_EXTENSIONS) or _remote_holds_dicom(child):
+            found.append(child)
+    return found
+
+
+def _remote_holds_dicom(path: Path) -> bool:
+    try:
+        return any(is_dicom_name(p.name) for p in remote_children(path) or [])
+    except OSError:  # an object, not a prefix
+        return False
 
 
 def _file_key(path: str) -> tuple:

@@ -61,7 +61,7 @@ def plan_slide(path: str | Path, options: SlideOptions, slide_id: str | None = N
     it gets a plan with no kept tiles, and the caller decides what that means.
     """
     path = Path(path)
-    slide = open_slide(path)
+    slide = open_slide(path, verify=True)  # a DICOM folder holds one slide: checked once, here
     try:
         width, height = (int(v) for v in slide.dimensions)
         resolution = resolve_resolution(slide, options, path)
