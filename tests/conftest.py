@@ -126,11 +126,25 @@ def s3_server():
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
 
+    from s3_requests import install
+
     host, port = S3_ENDPOINT.rsplit(":", 1)
     server = ThreadedMotoServer(ip_address=host.split("//")[1], port=int(port), verbose=False)
     server.start()
+    _S3["log"] = install(server)  # every request, for tests that count what a stage downloads
     yield S3_ENDPOINT
     server.stop()
+
+
+_S3: dict = {}
+
+
+@pytest.fixture
+def s3_requests(s3_server):
+    """The local S3 server's request log (tests/s3_requests.py), emptied for this test."""
+    log = _S3["log"]
+    log.clear()
+    return log
 
 
 @pytest.fixture

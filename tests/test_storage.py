@@ -119,7 +119,7 @@ def test_a_slide_prefix_is_listed_without_downloading(s3_bucket):
 
 @pytest.mark.usefixtures("ray_session")
 def test_compress_reads_slides_and_an_encoder_from_a_bucket_and_writes_grids_there(
-        s3_bucket, tiny_cohort, tmp_path, capsys):
+        s3_bucket, s3_requests, tiny_cohort, tmp_path, capsys):
     from nic.cli.main import main
     from nic.grids import list_slides, load_grid, read_manifest
 
@@ -163,12 +163,35 @@ def test_compress_reads_slides_and_an_encoder_from_a_bucket_and_writes_grids_the
         remote, local = load_grid(grids, sid), load_grid(tmp_path / "grids", sid)
         assert np.array_equal(remote[1], local[1]) and np.allclose(remote[0], local[0])
 
-    # A re-run from an empty mirror skips every complete slide (their grids are in the bucket).
+    # A re-run from an empty mirror skips every complete slide (their grids are in the bucket),
+    # deciding so from the manifest and a listing: the server sent no grid file.
+    bucket = s3_bucket.removeprefix("s3://")
     _forget(s3_bucket)
     capsys.readouterr()
+    s3_requests.clear()
     assert main([*args, "--out", grids]) == 0
     manifest = read_manifest(grids).set_index("slide_id")
     assert (manifest.loc[ids, "status"] == "skipped").all()
+    assert s3_requests.object_gets(bucket, "grids/tiles/") == []
+    assert f"{len(ids)} grid(s) vouched for without a download, 0 fetched" in capsys.readouterr().err
+
+    # A grid cut short in the bucket: only it is fetched, found incomplete and encoded again.
+    key = f"tiles/slide_id={ids[0]}/part-0.parquet"
+    whole = _bucket_files(grids)[key].size
+    fs, base = pafs.FileSystem.from_uri(f"{grids}/{key}")
+    with fs.open_input_stream(base) as src:
+        data = src.read()
+    _put(f"{grids}/{key}", data[: whole // 2])
+    _forget(s3_bucket)
+    s3_requests.clear()
+    assert main([*args, "--out", grids]) == 0
+    assert [r.key for r in s3_requests.object_gets(bucket, "grids/tiles/")] == [f"grids/{key}"]
+    assert "1 incomplete or unreadable grid" in capsys.readouterr().err
+    manifest = read_manifest(grids).set_index("slide_id")
+    assert manifest.loc[ids[0], "status"] == "ok" and (manifest.loc[ids[1:], "status"] == "skipped").all()
+    assert _bucket_files(grids)[key].size > whole // 2  # the whole grid is back in the bucket
+    remote, local = load_grid(grids, ids[0]), load_grid(tmp_path / "grids", ids[0])
+    assert np.array_equal(remote[1], local[1]) and np.allclose(remote[0], local[0])
 
 
 @pytest.mark.heavy

@@ -138,7 +138,7 @@ def plan_pipeline(cfg: PipelineConfig) -> tuple[Layout, list[Step], dict[str, An
     return layout, steps, {**inputs, "encoders": encoder_refs, "encoder_overrides": overrides}
 
 
-@stage_storage
+@stage_storage(lazy=("grids/*/tiles",))  # each compress step decides from its manifest (issue 16 item 6)
 def run_pipeline(cfg: PipelineConfig) -> int:
     from nic.artifacts import write_bytes_atomic
     from nic.report.study import write_study_report

@@ -13,6 +13,13 @@ node (same user, same `NIC_MIRROR`) maps it to the same place.
   the stage ends, or by the Ray task that wrote them (`publish`): data files first, manifests and
   sidecars last, so a reader of the bucket never sees a manifest before the data it describes.
   Object-store writes are atomic per object (a multipart upload appears only when complete).
+- A stage's output is fetched before it runs, so that a re-run skips finished work, except its
+  per-slide data folders (`lazy`, e.g. a grid store's tiles/): for those the stage decides what is
+  complete from its manifest and the bucket's listing (`remote_files`: sizes and times), fetching
+  only what the manifest cannot vouch for. A re-run of 1,000 slides fetches no grid.
+- The mirror's size limit is kept with a running total of what this process fetched, recounted
+  by a walk of the mirror every `_RESCAN_S` seconds or when the total nears the limit (not a walk
+  per download).
 - Ray Train and Ray Tune get the URI itself (`ray_storage`): they sync checkpoints themselves.
 
 Credentials and endpoints come from the usual environment of each filesystem (AWS_* variables or
@@ -22,14 +29,17 @@ an instance profile for S3, Application Default Credentials for GCS, ...), resol
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import os
 import re
 import shutil
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +54,9 @@ _METADATA_SUFFIXES = (".json", ".yaml", ".yml", ".md")
 _MANIFEST_NAMES = frozenset({"slides.parquet"})
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _DIRECT_UPLOAD = ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")  # atomic per object
+#: True fetches a stage's whole output before it runs, `lazy` folders too (every re-run did so
+#: before issue 16 item 6); benchmarks/bench_resume_s3.py sets it to compare.
+PREFETCH_OUTPUTS = False
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -170,32 +183,84 @@ def mirror_limit_bytes() -> int:
     return int(float(os.environ.get("NIC_MIRROR_MAX_GB") or 100) * 1e9)
 
 
-def _make_room(needed: int, keep: Path) -> int:
-    """Drop the least recently used copies until `needed` more bytes fit under the limit. Only a
-    copy that matches its object is dropped (never an output still waiting for its upload); a
-    process that has a dropped file open keeps reading it. Returns the bytes freed."""
-    limit = mirror_limit_bytes()
+#: Seconds a walk of the mirror stays good for the size check: in between, the bytes this process
+#: fetched are added to it. Other processes on the node fetch too, so it is recounted on this
+#: schedule, and whenever the running total says a download would not fit.
+_RESCAN_S = 60.0
+#: A walk that has to drop copies drops them down to this fraction of the limit, so that the next
+#: downloads fit without another walk.
+_LOW_WATER = 0.9
+
+
+@dataclass
+class _Usage:
+    root: Path
+    scanned_at: float  # time.monotonic() of the last walk
+    used: int  # bytes at that walk, plus what this process fetched since
+
+
+_usage: _Usage | None = None
+_usage_lock = threading.Lock()
+
+
+def _forget_usage() -> None:
+    """Forget the running total: the next size check walks the mirror (tests, benchmarks)."""
+    global _usage
+    with _usage_lock:
+        _usage = None
+
+
+def _scan_mirror(root: Path) -> list[tuple[float, int, Path]]:
+    """(access time, size, path) of every file in the mirror: one walk of it."""
     files = []
-    for root, _dirs, names in os.walk(mirror_root()):
+    for folder, _dirs, names in os.walk(root):
         for name in names:
-            path = Path(root) / name
+            path = Path(folder) / name
             with contextlib.suppress(OSError):
                 st = path.stat()
                 files.append((st.st_atime, st.st_size, path))
-    used = sum(size for _, size, _ in files)
-    freed = 0
-    for _, size, path in sorted(files):
-        if used - freed + needed <= limit:
-            break
-        uri = uri_for(path)
-        if path == keep or _is_temporary(path.name) or uri is None or not _is_copy(path):
-            continue
-        with contextlib.suppress(OSError):
-            fs, rpath = _remote(uri)
-            if _fresh(path, fs.get_file_info(rpath)):
-                path.unlink()
-                freed += size
-    return freed
+    return files
+
+
+def _note_fetched(size: int) -> None:
+    """Add a download to the running total (when there is one for this mirror)."""
+    with _usage_lock:
+        if _usage is not None and _usage.root == mirror_root():
+            _usage.used += size
+
+
+def _make_room(needed: int, keep: Path) -> int:
+    """Make sure `needed` more bytes fit under the limit: from the running total when the last walk
+    is recent and says they fit, else after a walk of the mirror that drops the least recently used
+    copies (down to `_LOW_WATER` of the limit). Only a copy that matches its object is dropped
+    (never an output still waiting for its upload); a process that has a dropped file open keeps
+    reading it. Returns the bytes freed."""
+    global _usage
+    limit = mirror_limit_bytes()
+    root = mirror_root()
+    with _usage_lock:
+        now = time.monotonic()
+        if (_usage is not None and _usage.root == root and now - _usage.scanned_at < _RESCAN_S
+                and _usage.used + needed <= limit):
+            _usage.used += needed  # the download about to happen
+            return 0
+        files = _scan_mirror(root)
+        used = sum(size for _, size, _ in files)
+        target = limit if used + needed <= limit else int(limit * _LOW_WATER)
+        freed = 0
+        for _, size, path in sorted(files):
+            if used - freed + needed <= target:
+                break
+            uri = uri_for(path)
+            if path == keep or _is_temporary(path.name) or uri is None or not _is_copy(path):
+                continue
+            with contextlib.suppress(OSError):
+                fs, rpath = _remote(uri)
+                if _fresh(path, fs.get_file_info(rpath)):
+                    path.unlink()
+                    freed += size
+        _usage = _Usage(root, now, used - freed + needed)
+        return freed
 
 
 def _is_temporary(name: str) -> bool:
@@ -215,6 +280,8 @@ _BIG = 64 << 20  # downloads this large check the mirror's limit first (slides, 
 def _download(fs, info, local: Path) -> int:
     if info.size >= _BIG:
         _make_room(info.size, local)
+    else:
+        _note_fetched(info.size)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -233,17 +300,33 @@ def _excluded(rel: str, exclude: frozenset[str]) -> bool:
     return any(p in exclude for p in parts[:-1]) or any(_is_temporary(p) for p in parts)
 
 
+def _is_lazy(rel: str, lazy: tuple[str, ...]) -> bool:
+    """Whether `rel` lies in one of the `lazy` folders (relative paths; `*` matches one name)."""
+    folders = rel.split("/")[:-1]
+    for pattern in lazy:
+        parts = pattern.strip("/").split("/")
+        if len(folders) >= len(parts) and all(fnmatch.fnmatchcase(f, p) for f, p in zip(folders, parts)):
+            return True
+    return False
+
+
 def ensure_local(path: str | Path, missing_ok: bool = False,
-                 exclude: frozenset[str] = frozenset()) -> Path:
+                 exclude: frozenset[str] = frozenset(), lazy: Iterable[str] = ()) -> Path:
     """A local path holding the current content of `path`: unchanged for local paths; for a mirror
     path, the object (or every object under the prefix) is downloaded unless the copy is current.
-    Raises FileNotFoundError naming the URI when it names nothing (unless `missing_ok`)."""
+    Objects in the `lazy` folders under the prefix (e.g. "tiles", "grids/*/tiles") are not
+    downloaded: a local file there that is not a current copy of its object (a stale copy, or a
+    file written here that the bucket has since replaced) is removed, so what is left there is
+    current or written here and not uploaded yet; the caller fetches the rest as it needs it
+    (`remote_files` says what the bucket holds). Raises FileNotFoundError naming the URI when it
+    names nothing (unless `missing_ok`)."""
     import pyarrow.fs as pafs
 
     local = Path(path)
     uri = uri_for(local)
     if uri is None:
         return local
+    lazy = () if PREFETCH_OUTPUTS else tuple(lazy)
     fs, rpath = _remote(uri)
     try:
         info = fs.get_file_info(rpath)
@@ -258,7 +341,11 @@ def ensure_local(path: str | Path, missing_ok: bool = False,
                 if item.type == pafs.FileType.File and not _excluded(rel, exclude):
                     wanted.add(rel)
                     target = local / rel
-                    if not _fresh(target, item):
+                    if _fresh(target, item):
+                        continue
+                    if lazy and _is_lazy(rel, lazy):
+                        target.unlink(missing_ok=True)
+                    else:
                         _download(fs, item, target)
             _drop_unlisted(local, wanted, exclude)
         elif not missing_ok and not local.exists():
@@ -287,6 +374,48 @@ def _drop_unlisted(local: Path, wanted: set[str], exclude: frozenset[str]) -> No
         rel = path.relative_to(local).as_posix()
         if path.is_file() and rel not in wanted and not _excluded(rel, exclude) and _is_copy(path):
             path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """An object as a listing of its bucket shows it."""
+
+    size: int
+    mtime_ns: int | None
+
+
+def remote_files(path: str | Path) -> dict[str, RemoteFile] | None:
+    """Every object under a mirror path's prefix, by its path relative to it, with size and
+    modification time, from a listing of the bucket (nothing is downloaded); {} when the prefix
+    holds nothing, None for a local path. Temporaries and dot-files are left out."""
+    import pyarrow.fs as pafs
+
+    uri = uri_for(path)
+    if uri is None:
+        return None
+    fs, rpath = _remote(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(rpath, allow_not_found=True, recursive=True))
+    except OSError as exc:
+        raise OSError(f"{uri}: cannot list it ({exc})") from exc
+    files = {}
+    for info in infos:
+        rel = info.path[len(rpath):].lstrip("/")
+        if info.type == pafs.FileType.File and not _excluded(rel, frozenset()):
+            files[rel] = RemoteFile(int(info.size), info.mtime_ns)
+    return files
+
+
+def is_current_copy(local: str | Path, remote: RemoteFile) -> bool:
+    """Whether a local file is a copy of the object `remote` describes (same size and time)."""
+    return _fresh(Path(local), remote)
+
+
+def written_here(local: str | Path) -> bool:
+    """Whether a local file in the mirror was written on this node and not uploaded yet (not a
+    copy of an object): a re-run on this node may trust it as the stage left it."""
+    path = Path(local)
+    return path.is_file() and not _is_copy(path)
 
 
 def remote_children(path: str | Path) -> list[Path] | None:
@@ -397,11 +526,13 @@ def child_names(path: str | Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def mirrored_output(path: str | Path) -> Iterator[Path]:
+def mirrored_output(path: str | Path, lazy: Iterable[str] = ()) -> Iterator[Path]:
     """A stage's output folder: for a mirror path, what the URI holds already is fetched first (so
-    that a re-run skips complete work), and everything written is uploaded at the end, also when the
-    stage fails (each file is complete, so partial progress is kept for the next run)."""
-    local = ensure_local(path, missing_ok=True, exclude=RAY_STORAGE_DIRS)
+    that a re-run skips complete work), except the `lazy` folders (see `ensure_local`: the stage
+    decides from its manifest and `remote_files` what is complete there), and everything written is
+    uploaded at the end, also when the stage fails (each file is complete, so partial progress is
+    kept for the next run)."""
+    local = ensure_local(path, missing_ok=True, exclude=RAY_STORAGE_DIRS, lazy=lazy)
     try:
         yield local
     finally:
@@ -416,12 +547,17 @@ def mirrored_output(path: str | Path) -> Iterator[Path]:
                 print(f"nic: uploaded {sent} file(s) to {uri}", file=sys.stderr, flush=True)
 
 
-def stage_storage(run: F) -> F:
+def stage_storage(run: F | None = None, *, lazy: Iterable[str] = ()) -> Any:
     """Decorator of a stage's `run_*(config, ...)`: its `out` folder is locked for the run (one run
     per folder, nic.locks: exit code 75 naming the other run), mirrored inputs named by the config's
-    Path fields are fetched and its `out` is a `mirrored_output`. Slide lists and encoder names are
-    resolved where they are opened instead (a driver needs no copy of thousands of slides). A full
-    disk ends the stage with a message naming the file (exit code 1), not a traceback."""
+    Path fields are fetched and its `out` is a `mirrored_output` (`@stage_storage(lazy=("tiles",))`:
+    its per-slide folders are not fetched, the stage checks them from a listing). Slide lists and
+    encoder names are resolved where they are opened instead (a driver needs no copy of thousands of
+    slides). A full disk ends the stage with a message naming the file (exit code 1), not a
+    traceback."""
+    if run is None:
+        return functools.partial(stage_storage, lazy=tuple(lazy))
+    lazy_folders = tuple(lazy)
 
     @functools.wraps(run)
     def wrapper(config, *args, **kwargs):
@@ -450,7 +586,7 @@ def stage_storage(run: F) -> F:
                         print(f"nic {stage}: cannot use the out folder {display(out)} ({display(Path(out) / LOCK_NAME)}): "
                               f"{exc}", file=sys.stderr, flush=True)
                         return 2
-                return _run_stage(run, config, args, kwargs, inputs, out)
+                return _run_stage(run, config, args, kwargs, inputs, out, lazy_folders)
         except LockedError as exc:
             print(f"nic {stage}: {exc}", file=sys.stderr, flush=True)
             return EXIT_LOCKED
@@ -465,7 +601,8 @@ def stage_storage(run: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _run_stage(run: Callable[..., Any], config: Any, args: tuple, kwargs: dict, inputs: list, out: Any) -> Any:
+def _run_stage(run: Callable[..., Any], config: Any, args: tuple, kwargs: dict, inputs: list, out: Any,
+               lazy: tuple[str, ...] = ()) -> Any:
     try:
         for value in inputs:
             ensure_local(value)
@@ -475,7 +612,7 @@ def _run_stage(run: Callable[..., Any], config: Any, args: tuple, kwargs: dict, 
     if out is None or uri_for(out) is None:
         return run(config, *args, **kwargs)
     try:
-        with mirrored_output(out):
+        with mirrored_output(out, lazy):
             return run(config, *args, **kwargs)
     except UploadError as exc:
         print(f"nic: {exc}", file=sys.stderr)

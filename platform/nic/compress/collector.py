@@ -167,7 +167,8 @@ class SlideCollector:
             self._fail(sid, f"{buf.meta.path}: could not write its grid: {exc}", "write", 0.0)
             return
         seconds = buf.plan_seconds + (time.perf_counter() - buf.first_seen)
-        self.results[sid] = grid_row(buf.meta, STATUS_OK, seconds, str(path.relative_to(self.grids_dir)))
+        self.results[sid] = grid_row(buf.meta, STATUS_OK, seconds, str(path.relative_to(self.grids_dir)),
+                                     file_bytes=path.stat().st_size)
         del self._buffers[sid]
 
     def _fail(self, sid: str, reason: str, kind: str, seconds: float) -> None:

@@ -4,6 +4,12 @@ Re-running skips slides whose grid is complete and was made by the same encoder 
 the same slide options and the same transforms; anything else is re-encoded. Every input slide
 gets exactly one manifest row; a slide that fails keeps no grid, so the grid store and the
 manifest's ok/skipped rows always agree.
+
+On an object store (`--out s3://...`) a re-run does not download the grids to decide that
+(`GridResume`): the earlier manifest vouches for each grid whose object in the bucket's listing
+has the size the manifest recorded and is not newer than the manifest; only a grid it cannot
+vouch for (another size, newer, no row, a row of another encoder) is fetched and verified as a
+local one would be. A stale grid is deleted from the bucket too.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nic import storage
 from nic.artifacts import (
     DUPLICATE,
     STATUS_FAILED,
@@ -34,10 +41,18 @@ from nic.config.compress import CompressConfig
 from nic.grids.dihedral import ALL_TRANSFORMS
 from nic.grids.manifest import MANIFEST_SCHEMA, failed_row, grid_row
 from nic.grids.reader import verify_grid_file
-from nic.grids.schema import FORMAT_VERSION, GridError, check_slide_id, manifest_path, slide_file
+from nic.grids.schema import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    TILES_DIR,
+    GridError,
+    check_slide_id,
+    manifest_path,
+    slide_file,
+)
 from nic.grids.writer import clean_staging, remove_slide_grid
 from nic.runtime import Progress, connect
-from nic.storage import display, stage_storage
+from nic.storage import display, ensure_local, remote_files, remove, stage_storage
 
 if TYPE_CHECKING:
     from nic.encoders.artifact import EncoderInfo
@@ -132,10 +147,80 @@ def completed_row(out: Path, slide_id: str, path: str, facts: EncoderFacts, opti
         return None, (f"tile count disagrees with the manifest ({target} holds {meta.tiles} tiles, "
                       f"{manifest_path(out).name} says {int(previous['tiles'])})")
     meta = type(meta)(**{**meta.__dict__, "path": display(path)})
-    return grid_row(meta, STATUS_SKIPPED, 0.0, str(target.relative_to(out))), ""
+    return grid_row(meta, STATUS_SKIPPED, 0.0, str(target.relative_to(out)), file_bytes=target.stat().st_size), ""
 
 
-@stage_storage
+class GridResume:
+    """Which slides an earlier run left complete in `out`: `completed_row` on each grid file for a
+    local store; for an object store (a mirror path) from the manifest and one listing of the
+    bucket, so that a re-run over thousands of finished slides downloads no grid.
+
+    A grid object is vouched for by the earlier manifest's row of its slide when the row says ok or
+    skipped, names this file, was made by this encoder with these options and transforms, records
+    the object's size (`file_bytes`), and the object is not newer than the manifest (nic uploads a
+    manifest after the grids it describes, so a grid replaced since is newer). A grid the manifest
+    cannot vouch for is fetched and verified as a local one (truncated, another slide's, another
+    tile count than the row: redone). A local file is verified in place: the mirror keeps there
+    only current copies and grids written on this node and not uploaded yet."""
+
+    def __init__(self, out: Path, facts: EncoderFacts, options_hash: str, transforms: tuple[int, ...],
+                 previous: dict[str, dict]) -> None:
+        self.out, self.facts, self.options_hash, self.transforms = out, facts, options_hash, transforms
+        self.previous = previous
+        # None for a local store; and with the whole output fetched first, as before issue 16 item 6
+        self.listing = None if storage.PREFETCH_OUTPUTS else remote_files(out)
+        manifest = (self.listing or {}).get(MANIFEST_NAME)
+        self.manifest_mtime_ns = manifest.mtime_ns if manifest else None
+        self.vouched = 0  # decided from the manifest and the listing
+        self.fetched = 0  # grids downloaded to be verified
+
+    def check(self, slide_id: str, path: str) -> tuple[dict | None, str]:
+        """(skipped manifest row, "") for a complete grid, else (None, why it must be (re)encoded)."""
+        previous = self.previous.get(slide_id)
+        target = slide_file(self.out, slide_id)
+        if self.listing is not None and not target.exists():
+            rel = target.relative_to(self.out).as_posix()
+            remote = self.listing.get(rel)
+            if remote is None:
+                return None, "new"
+            row = self._vouched(previous, rel, remote.size, remote.mtime_ns, path)
+            if row is not None:
+                self.vouched += 1
+                return row, ""
+            ensure_local(target, missing_ok=True)
+            self.fetched += 1
+        return completed_row(self.out, slide_id, path, self.facts, self.options_hash, self.transforms, previous)
+
+    def _vouched(self, row: dict | None, rel: str, size: int, mtime_ns: int | None, path: str) -> dict | None:
+        if not row or row.get("status") not in (STATUS_OK, STATUS_SKIPPED) or row.get("tiles") is None:
+            return None
+        if row.get("file") != rel or row.get("file_bytes") is None or int(row["file_bytes"]) != size:
+            return None
+        if row.get("encoder_hash") != self.facts.content_hash or row.get("options_hash") != self.options_hash:
+            return None
+        if bool(row.get("dihedral")) != (len(self.transforms) == len(ALL_TRANSFORMS)):
+            return None
+        if mtime_ns is None or self.manifest_mtime_ns is None or mtime_ns > self.manifest_mtime_ns:
+            return None
+        return {**row, "path": display(path), "status": STATUS_SKIPPED, "reason": "already complete",
+                "error_kind": None, "seconds": 0.0}
+
+    def drop(self, slide_id: str) -> None:
+        """Delete a slide's grid (stale, or of an input that is no longer usable) here and, on an
+        object store, from the bucket, so that no later run or reader takes it for complete."""
+        remove_slide_grid(self.out, slide_id)
+        rel = slide_file(self.out, slide_id).relative_to(self.out).as_posix()
+        if self.listing is not None and self.listing.pop(rel, None) is not None:
+            remove(slide_file(self.out, slide_id))
+
+    def describe(self) -> str:
+        if self.listing is None:
+            return ""
+        return (f"; decided from the manifest and a listing of {display(self.out)}: {self.vouched} grid(s) vouched "
+                f"for without a download, {self.fetched} fetched to be verified")
+
+
+@stage_storage(lazy=(TILES_DIR,))
 def run_compress(config: CompressConfig) -> int:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +234,7 @@ def run_compress(config: CompressConfig) -> int:
 
     inputs = expand_slide_inputs(config.slides)
     previous = _previous_rows(manifest_path(out))
+    resume = GridResume(out, facts, options_hash, transforms, previous)
     order = [item.slide_id for item in inputs]
     results: dict[str, dict] = {}
     todo: list[tuple[str, str]] = []
@@ -168,16 +254,15 @@ def run_compress(config: CompressConfig) -> int:
             results[item.slide_id] = failed_row(item.slide_id, item.path, error, "input", 0.0,
                                                 facts.name, facts.content_hash)
             if _safe_id(item.slide_id):
-                remove_slide_grid(out, item.slide_id)
+                resume.drop(item.slide_id)
             continue
-        done, why = (None, "overwrite") if config.overwrite else completed_row(
-            out, item.slide_id, item.path, facts, options_hash, transforms, previous.get(item.slide_id))
+        done, why = (None, "overwrite") if config.overwrite else resume.check(item.slide_id, item.path)
         if done:
             results[item.slide_id] = done
             continue
         redo[why.split(" (")[0]] += 1
         if why not in ("new", "overwrite"):
-            remove_slide_grid(out, item.slide_id)  # stale: it must not look complete
+            resume.drop(item.slide_id)  # stale: it must not look complete
         todo.append((item.slide_id, item.path))
 
     path = manifest_path(out)
@@ -189,7 +274,8 @@ def run_compress(config: CompressConfig) -> int:
           + (f", {dups} repeating another input (same file, same id)" if dups else "") + "; "
           f"encoder {facts.name} ({facts.content_hash[:8]}, C={facts.embedding_dim})"
           + (", 8 rotations/flips" if config.dihedral else "")
-          + (f", {len(facts.head_columns)} head-map columns" if facts.head_columns else ""), file=sys.stderr)
+          + (f", {len(facts.head_columns)} head-map columns" if facts.head_columns else "")
+          + resume.describe(), file=sys.stderr)
     if todo:
         stats = _compress_on_ray(config, todo, out, facts, options_hash, transforms, results, order, path)
         # Tiles lost with a worker or a node (not a slide's own error): one more pass over just

@@ -33,6 +33,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("dihedral", pa.bool_()),
         ("options_hash", pa.string()),
         ("file", pa.string()),
+        ("file_bytes", pa.int64()),
     ]
 )
 
@@ -43,9 +44,11 @@ def failed_row(slide_id: str, path: str, reason: str, kind: str = "error", secon
             "seconds": seconds, "encoder_name": encoder_name, "encoder_hash": encoder_hash}
 
 
-def grid_row(meta: GridMeta, status: str, seconds: float, file: str, reason: str = "") -> dict:
+def grid_row(meta: GridMeta, status: str, seconds: float, file: str, reason: str = "",
+             file_bytes: int | None = None) -> dict:
     """The manifest row of a slide whose grid file is complete (status ok, or skipped when an
-    earlier run made it)."""
+    earlier run made it). `file_bytes`, the grid file's size, lets a re-run on an object store
+    trust the grid from a listing of the bucket without downloading it (nic.compress.stage)."""
     return {
         "slide_id": meta.slide_id, "path": meta.path, "status": status,
         "reason": reason or ("already complete" if status == STATUS_SKIPPED else ""), "error_kind": None,
@@ -53,4 +56,5 @@ def grid_row(meta: GridMeta, status: str, seconds: float, file: str, reason: str
         "tile_px": meta.tile_px, "tiles": meta.tiles, "seconds": seconds, "encoder_name": meta.encoder_name,
         "encoder_hash": meta.encoder_hash, "embedding_dim": meta.embedding_dim,
         "dihedral": len(meta.transforms) == 8, "options_hash": meta.options_hash, "file": file,
+        "file_bytes": file_bytes,
     }

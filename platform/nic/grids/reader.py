@@ -16,15 +16,25 @@ import pyarrow.parquet as pq
 
 from nic.grids.dihedral import check_transform
 from nic.grids.schema import PART_NAME, GridError, GridMeta, manifest_path, slide_file, tiles_dir
-from nic.storage import display, ensure_local, local_path
+from nic.storage import display, ensure_local, local_path, remote_files, remote_kind, written_here
 
 
 def list_slides(grids_dir: str | Path) -> list[str]:
     """Ids of the slides that have a complete grid in `grids_dir`, sorted.
 
     Grid files only appear once complete (see writer), so the folder listing is the truth; the
-    manifest says in addition why the other slides have none."""
-    grids_dir = ensure_local(local_path(grids_dir), missing_ok=True)
+    manifest says in addition why the other slides have none. On an object store that is a listing
+    of the bucket (nothing is downloaded), plus grids written on this node and not uploaded yet."""
+    grids_dir = local_path(grids_dir)
+    listing = remote_files(tiles_dir(grids_dir))
+    if listing is not None:
+        ids = {rel.split("/")[0].split("=", 1)[1] for rel in listing
+               if rel.startswith("slide_id=") and rel.endswith(f"/{PART_NAME}") and rel.count("/") == 1}
+        ids.update(p.parent.name.split("=", 1)[1] for p in tiles_dir(grids_dir).glob(f"slide_id=*/{PART_NAME}")
+                   if written_here(p))
+        if not ids and remote_kind(grids_dir) == "missing" and not grids_dir.exists():
+            raise GridError(f"{display(grids_dir)}: no such grid folder")
+        return sorted(ids)
     root = tiles_dir(grids_dir)
     if not grids_dir.exists():
         raise GridError(f"{display(grids_dir)}: no such grid folder")

@@ -3,7 +3,9 @@
 Each slide is one Ray Data block, planned in its own task: the tile coordinates of even a
 100,000 px slide are a few MB, so writing them where they are computed avoids shuffling rows back
 to one place. Results stream back to the driver, which keeps the manifest current on disk so a
-killed job still says what it finished; a re-run skips slides whose outputs are complete.
+killed job still says what it finished; a re-run skips slides whose outputs are complete. On an
+object store a re-run decides that from the manifest and a listing of the bucket (`TileResume`),
+without downloading the tile files and overviews it can vouch for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+from nic import storage
 from nic.artifacts import (
     DUPLICATE,
     STATUS_FAILED,
@@ -29,14 +32,65 @@ from nic.config.base import dump_config
 from nic.config.tile import TileConfig
 from nic.runtime import Progress, connect
 from nic.slides.inputs import SlideInput, expand_slide_inputs, note_aliases
-from nic.storage import display, stage_storage
-from nic.tiling.worker import MANIFEST_SCHEMA, completed_row, failed_row, tile_one_slide
+from nic.storage import display, ensure_local, remote_files, stage_storage
+from nic.tiling.worker import (
+    MANIFEST_SCHEMA,
+    completed_row,
+    failed_row,
+    overview_path,
+    tile_one_slide,
+    tiles_path,
+)
 
 MANIFEST_NAME = "slides.parquet"
 LOST_REASON = "the worker processing this slide died repeatedly (crash inside the slide library?); no output written"
 
 
-@stage_storage
+class TileResume:
+    """Which slides an earlier run left complete in `out`: `completed_row` on the local files; on an
+    object store, the earlier manifest vouches for a slide whose tile file and overview are in the
+    bucket's listing, the tile file with the size the manifest recorded (`file_bytes`), both not
+    newer than the manifest, and whose row says ok or skipped with the same options. Other slides'
+    files are fetched and checked as local ones (see nic.compress.stage.GridResume)."""
+
+    def __init__(self, out: Path, options_hash: str, previous: dict[str, dict]) -> None:
+        self.out, self.options_hash, self.previous = out, options_hash, previous
+        self.listing = None if storage.PREFETCH_OUTPUTS else remote_files(out)  # None: a local out
+        manifest = (self.listing or {}).get(MANIFEST_NAME)
+        self.manifest_mtime_ns = manifest.mtime_ns if manifest else None
+        self.vouched = 0
+        self.fetched = 0
+
+    def check(self, slide_id: str, path: str) -> dict | None:
+        previous = self.previous.get(slide_id)
+        files = (tiles_path(self.out, slide_id), overview_path(self.out, slide_id))
+        if self.listing is not None and not all(f.exists() for f in files):
+            remote = [self.listing.get(f.relative_to(self.out).as_posix()) for f in files]
+            if None in remote:
+                return None
+            row = previous or {}
+            times = [r.mtime_ns for r in remote]
+            if (row.get("status") in (STATUS_OK, STATUS_SKIPPED) and row.get("options_hash") == self.options_hash
+                    and row.get("tiles") is not None and row.get("file_bytes") is not None
+                    and int(row["file_bytes"]) == remote[0].size and self.manifest_mtime_ns is not None
+                    and None not in times and max(times) <= self.manifest_mtime_ns):
+                self.vouched += 1
+                return {**row, "path": display(path), "status": STATUS_SKIPPED, "reason": "already complete",
+                        "error_kind": None, "seconds": 0.0}
+            for f in files:
+                if not f.exists():
+                    ensure_local(f, missing_ok=True)
+            self.fetched += 1
+        return completed_row(self.out, slide_id, path, self.options_hash, previous)
+
+    def describe(self) -> str:
+        if self.listing is None:
+            return ""
+        return (f"; decided from the manifest and a listing of {display(self.out)}: {self.vouched} slide(s) vouched "
+                f"for without a download, {self.fetched} fetched to be verified")
+
+
+@stage_storage(lazy=("tiles", "thumbnails"))
 def run_tile(config: TileConfig) -> int:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,6 +100,7 @@ def run_tile(config: TileConfig) -> int:
 
     inputs = expand_slide_inputs(config.slides)
     previous = _previous_rows(out / MANIFEST_NAME)
+    resume = TileResume(out, options_hash, previous)
     results: dict[str, dict] = {}
     todo: list[SlideInput] = []
     for item in inputs:
@@ -56,8 +111,7 @@ def run_tile(config: TileConfig) -> int:
             results[item.slide_id] = {**failed_row(item.slide_id, item.path, item.note or "", DUPLICATE),
                                       "status": STATUS_SKIPPED}
             continue
-        done = None if config.overwrite else completed_row(out, item.slide_id, item.path, options_hash,
-                                                           previous.get(item.slide_id))
+        done = None if config.overwrite else resume.check(item.slide_id, item.path)
         if done:
             results[item.slide_id] = done
         else:
@@ -69,7 +123,8 @@ def run_tile(config: TileConfig) -> int:
     print(f"[tile] {len(inputs)} inputs: {len(todo)} to tile, "
           f"{sum(r['status'] == STATUS_SKIPPED for r in results.values()) - dups} already complete, "
           f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable"
-          + (f", {dups} repeating another input (same file, same id)" if dups else ""), file=sys.stderr)
+          + (f", {dups} repeating another input (same file, same id)" if dups else "") + resume.describe(),
+          file=sys.stderr)
     if todo:
         _tile_on_ray(config, todo, out, options_hash, results, order, manifest_path)
     note_aliases(results, inputs)

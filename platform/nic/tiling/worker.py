@@ -52,6 +52,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("tiles", pa.int64()),
         ("seconds", pa.float64()),
         ("options_hash", pa.string()),
+        ("file_bytes", pa.int64()),  # the tile file's size: a re-run on an object store trusts it from a listing
     ]
 )
 
@@ -100,6 +101,7 @@ def completed_row(out: Path, slide_id: str, path: str, options_hash: str,
         "mpp_source": meta[META_PREFIX + "mpp_source"], "level": int(meta[META_PREFIX + "level"]),
         "rows": int(meta[META_PREFIX + "rows"]), "cols": int(meta[META_PREFIX + "cols"]),
         "tiles": int(meta[META_PREFIX + "tiles"]), "seconds": 0.0, "options_hash": options_hash,
+        "file_bytes": target.stat().st_size,
     }
 
 
@@ -141,6 +143,7 @@ def tile_one_slide(item: dict[str, Any], options: Any, out: Path, thumbnail_px: 
             "mpp": res.target_mpp, "base_mpp": res.base_mpp, "mpp_source": res.mpp_source,
             "level": res.level, "rows": plan.grid.rows, "cols": plan.grid.cols, "tiles": len(rows),
             "seconds": time.perf_counter() - start, "options_hash": options_hash,
+            "file_bytes": tiles_path(out, slide_id).stat().st_size,
         }
     except SlideError as exc:
         return failed_row(slide_id, path, str(exc), exc.kind, time.perf_counter() - start)
