@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_info import cpu_model  # noqa: E402  (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -53,15 +55,7 @@ START, END = "<!-- bench_resume_s3:start -->", "<!-- bench_resume_s3:end -->"
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs (nproc), {cpu}, {platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} CPUs (nproc), {cpu_model()}, {platform.system()} {platform.release()}"
 
 
 def _free_port() -> int:

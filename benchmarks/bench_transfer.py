@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from machine_info import cpu_model, ram_gib  # noqa: E402  (benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "encoders.md"
 START, END = "<!-- bench_transfer:start -->", "<!-- bench_transfer:end -->"
@@ -369,16 +370,7 @@ def _fmt(entry: dict | None) -> str:
 def machine() -> str:
     import torch
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} CPUs, {cpu}, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+    return (f"{os.cpu_count()} CPUs, {cpu_model()}, {ram_gib():.0f} GiB RAM, {platform.system()} {platform.release()}, "
             f"torch {torch.__version__}")
 
 
