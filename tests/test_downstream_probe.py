@@ -223,6 +223,24 @@ def test_stage_probe_entry_has_the_cnn_layout(cohort, tmp_path):
     assert _probe_line(entry, "roc_auc").startswith("linear probe (logistic on the mask-weighted mean")
 
 
+def test_survival_probe_reports_the_log_rank_of_its_risk_groups(cohort, tmp_path):
+    """The probe's survival entry carries the log-rank p of its predicted-risk groups (the CNN's
+    Kaplan-Meier test), computed from its own pooled predictions: the strong hazard signal of the
+    cohort separates the median-split groups, shuffled predictions do not."""
+    from nic.downstream.plots import logrank_p, risk_groups
+    from nic.train.downstream_stage import _probe_line, risk_group_logrank, run_probe
+
+    config = _stage_config(cohort, tmp_path, kind="survival", target=None)
+    labels = _labels(cohort, "survival", None)
+    entry, predictions = run_probe(config, labels, make_splits(labels, 3, 0.2, seed=0))
+    cv = predictions[predictions["split"] == "cv"]
+    expected = logrank_p(cv["time"].to_numpy(), cv["event"].to_numpy(), risk_groups(cv["prediction"].to_numpy(), 2))
+    assert entry["cv"]["logrank_p"] == pytest.approx(expected) and entry["cv"]["logrank_p"] < 0.01
+    assert "log-rank p" in _probe_line(entry, "c_index")
+    shuffled = cv.assign(prediction=np.random.default_rng(0).permutation(cv["prediction"].to_numpy()))
+    assert risk_group_logrank(shuffled, 2) > entry["cv"]["logrank_p"]
+
+
 def test_stage_probe_failure_is_recorded_not_raised(cohort, tmp_path, monkeypatch):
     from nic.train.downstream_stage import _probe_line, run_probe
 

@@ -83,3 +83,30 @@ def test_tasks_metric_correlation_over_complete_or_all_trials():
     rho_all, _, n_all = tasks_metric_correlation(frame, complete_only=False)
     assert n_all == 5  # the trial that never reported is left out
     assert rho_all > 0.8
+
+
+def test_labelled_slides_outside_the_search_are_refused_before_any_trial(tmp_path, capfd):
+    """A search over a subset of a labelled cohort (a glob of 2 of 3 slides) would have every trial
+    train an encoder and then stop at the downstream stage; it is refused up front, naming the
+    labels file, the slide and the setting, and runs once `missing_grids: drop` is set."""
+    from nic.config.base import ConfigError, load_config
+    from nic.config.tune import TuneConfig
+    from nic.tune.stage import check_labels_cover_slides
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("S0000", "S0001", "S0100"):
+        (slides / f"{name}.tiff").write_bytes(b"not read here")
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"slide_id": ["S0000", "S0001", "S0100"], "patient_id": ["a", "b", "c"],
+                  "score": [0.1, 0.2, 0.3]}).to_csv(labels, index=False)
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks: []\n")
+    values = {"tasks": str(tasks), "slides": [str(slides / "S000?.tiff")], "labels": str(labels),
+              "kind": "regression", "target": "score", "out": str(tmp_path / "tune"), "subsets": "all",
+              "trial_metric": "probe", "asha": False, "downstream": {"train_model": False}}
+    with pytest.raises(ConfigError, match=r"labels.csv: 1 labelled slide\(s\).*S0100.*missing_grids: drop"):
+        check_labels_cover_slides(load_config(TuneConfig, values=values))
+    check_labels_cover_slides(load_config(TuneConfig, values={**values, "downstream": {
+        "train_model": False, "missing_grids": "drop"}}))
+    check_labels_cover_slides(load_config(TuneConfig, values={**values, "slides": [str(slides)]}))

@@ -220,8 +220,12 @@ def downstream_section(models: dict[tuple[str, str], Path], targets: list[Any], 
             for pic in pics:
                 lines.append(image(f"{t.name}, {enc} encoder", _rel(models[(enc, t.name)] / pic, root)))
             p = plots.get("logrank_p")
-            if p is not None:
-                lines.append(f"\n{enc}: log-rank p = {p:.3g}")
+            probe_p = ((metrics.get("probe") or {}).get("cv") or {}).get("logrank_p")
+            if p is not None or probe_p is not None:
+                said = [f"{metrics.get('model', 'model')} {p:.3g}" if p is not None else None,
+                        f"linear probe {probe_p:.3g}" if probe_p is not None else None]
+                lines.append(f"\n{enc}: log-rank p of the predicted-risk groups: "
+                             + ", ".join(x for x in said if x))
         lines.append("")
     return lines
 

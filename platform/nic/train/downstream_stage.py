@@ -384,12 +384,26 @@ def run_probe(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFram
         run = cross_validate_probe(features, labels, splits, config.seed)
         predictions = pool_predictions(run.predictions, labels)
         entries, _ = evaluate_predictions(labels, predictions, config.bootstrap, config.seed)
+        if labels.kind == "survival":
+            for split, part_entry in entries.items():
+                part_entry["logrank_p"] = risk_group_logrank(predictions[predictions["split"] == split],
+                                                             config.risk_groups)
         entry.update(entries)
         entry["folds"] = run.folds
     except Exception as exc:  # the probe is a baseline: its failure must not fail the stage
         entry["error"] = f"{type(exc).__name__}: {exc}"
     entry["seconds"] = round(time.monotonic() - started, 2)
     return entry, predictions
+
+
+def risk_group_logrank(part: pd.DataFrame, groups: int) -> float | None:
+    """Log-rank p between the predicted-risk groups of pooled survival predictions (the same
+    quantile groups as the CNN's Kaplan-Meier plot), or None when it cannot be computed."""
+    from nic.downstream.plots import logrank_p, risk_groups
+
+    p = logrank_p(part["time"].to_numpy(float), part["event"].to_numpy().astype(int),
+                  risk_groups(part["prediction"].to_numpy(float), groups))
+    return float(p) if np.isfinite(p) else None
 
 
 def _metric_text(entry: dict) -> str:
@@ -410,6 +424,8 @@ def _probe_line(probe: dict, primary: str, cnn: dict | None = None, cnn_name: st
             continue
         name = "cross-validation" if split == "cv" else "test set"
         text = f"{name} {primary} = {_metric_text(probe[split]['metrics'][primary])}"
+        if probe[split].get("logrank_p") is not None:
+            text += f", log-rank p = {probe[split]['logrank_p']:.3g}"
         if cnn is not None and split in cnn:
             text += f" ({cnn_name} {_metric_text(cnn[split]['metrics'][primary])})"
         parts.append(text)

@@ -16,7 +16,7 @@ from nic.artifacts import write_bytes_atomic
 from nic.config.base import ConfigError, dump_config
 from nic.config.tune import TuneConfig
 from nic.runtime import connect
-from nic.storage import ray_storage, stage_storage
+from nic.storage import ray_storage, stage_storage, uri_for
 from nic.tune.results import trial_table, write_results
 from nic.tune.space import param_space
 from nic.tune.trial import METRIC, run_trial, trial_configs
@@ -52,6 +52,28 @@ def check_sections(cfg: TuneConfig, tasks: list[str] | None = None) -> None:
     trial_configs({"tasks": tasks or ["any"]}, _static(cfg), Path(cfg.out).resolve() / "trials" / "check")
 
 
+def check_labels_cover_slides(cfg: TuneConfig) -> None:
+    """Refuse, before any encoder is trained, a search whose every trial would stop at the
+    downstream stage: labelled slides outside the trials' slide set are an error there unless
+    `downstream.missing_grids: drop` says to train without them."""
+    from nic.downstream.labels import read_table
+    from nic.slides.inputs import expand_slide_inputs
+
+    if cfg.downstream.get("missing_grids", "error") != "error" or uri_for(Path(cfg.labels)) is not None:
+        return
+    frame = read_table(cfg.labels)
+    if "slide_id" not in frame:
+        return  # the downstream stage's own label checks name this problem
+    slides = {s.slide_id for s in expand_slide_inputs(list(cfg.slides)) if s.error is None}
+    outside = sorted(set(frame["slide_id"].astype(str)) - slides)
+    if outside:
+        shown = ", ".join(outside[:5]) + (" ..." if len(outside) > 5 else "")
+        raise ConfigError(
+            f"{cfg.labels}: {len(outside)} labelled slide(s) are not among the trials' slides ({shown}); "
+            "every trial's downstream stage would refuse them: set downstream.missing_grids: drop to train "
+            "on the labelled slides that are compressed, or list those slides too")
+
+
 @stage_storage
 def run_tune(cfg: TuneConfig) -> int:
     from ray import tune
@@ -65,6 +87,7 @@ def run_tune(cfg: TuneConfig) -> int:
         raise ConfigError(f"min_tasks = {cfg.min_tasks} but {cfg.tasks} has only {len(names)} tasks")
     static = _static(cfg)
     check_sections(cfg, names[:1])  # every stage section, once, before any trial starts
+    check_labels_cover_slides(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out / "tune_config.yaml", dump_config(cfg).encode())
 
