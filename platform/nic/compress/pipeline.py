@@ -153,18 +153,22 @@ def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: Poo
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.target_max_block_size, ctx.max_errored_blocks
-    # Both are sealed into the dataset when it is created, so they are set for this dataset only
-    # and restored right after. Block size: see the module docstring. Errored blocks: a batch
-    # whose actor dies on every retry is dropped instead of failing the job; the driver reports
-    # its slides as failed.
+    saved = ctx.target_max_block_size, ctx.max_errored_blocks, ctx.execution_options.preserve_order
+    # All three are sealed into the dataset when it is created (a deep copy of the context), so they
+    # are set for this dataset only and restored right after. Block size: see the module
+    # docstring. Errored blocks: a batch whose actor dies on every retry is dropped instead of
+    # failing the job; the driver reports its slides as failed. Order: the actors' input is then
+    # the planned blocks in slide order whatever the timing, and Ray Data cuts its batches from
+    # that sequence alone, so a batch holds the same tiles in every run: a tile's embedding
+    # can depend on its batch's size on CPU (config field preserve_order).
     # a float32 head value weighs as much as two float16 embedding numbers
     ctx.target_max_block_size = block_bytes(pool.batch_size, embedding_dim + 2 * len(head_columns), len(transforms))
     ctx.max_errored_blocks = -1
+    ctx.execution_options.preserve_order = config.preserve_order
     try:
         return _pipeline(config, todo, pool, transforms, head_columns, encoder, encoder_hash)
     finally:
-        ctx.target_max_block_size, ctx.max_errored_blocks = saved
+        ctx.target_max_block_size, ctx.max_errored_blocks, ctx.execution_options.preserve_order = saved
 
 
 def _pipeline(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPlan, transforms: tuple[int, ...],

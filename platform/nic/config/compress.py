@@ -76,6 +76,14 @@ class CompressConfig(StageConfig):
         description="Slides planned (tissue detection) at once, each in its own Ray task. Default: 1 per 8 "
         "cluster CPUs, at least 1.",
     )
+    preserve_order: bool = Field(
+        True,
+        description="Hand the encoder actors the planned tiles in slide order, so every batch holds the same "
+        "tiles in every run of the job: CPU kernels can round differently for different batch sizes (the float32 "
+        "reference encoder: a few embedding values one float16 step apart in batches under 13 tiles), so without "
+        "it two runs of one job can write grids that differ in the last bit. false: tiles go to the actors as "
+        "planning tasks finish (a little faster when several slides are planned at once on a large cluster).",
+    )
     use_gpu: bool | None = Field(
         None, description="Encode on GPUs (one per actor). Default: when the cluster has GPUs.",
     )

@@ -119,8 +119,13 @@ class TrainEncoderConfig(StageConfig):
         None, ge=1, description="Samples drawn per task per epoch (default: the largest task's size; smaller "
         "tasks are resampled so every task is seen evenly).",
     )
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimiser steps per epoch.")
-    max_minutes_per_epoch: float | None = Field(None, gt=0, description="Cap on training minutes per epoch.")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="Cap on optimiser steps per epoch (per worker); the same in every run, unlike "
+        "max_minutes_per_epoch.")
+    max_minutes_per_epoch: float | None = Field(
+        None, gt=0, description="Cap on training minutes per epoch. How many steps fit depends on the machine's "
+        "speed and load, so two runs of the same config can train on different batches and end with different "
+        "encoders (and every number downstream of them): use max_steps_per_epoch when results must repeat.")
     augment: AugmentOptions = Field(default_factory=AugmentOptions, description="Batch augmentation.")
     objective: ObjectiveOptions = Field(default_factory=ObjectiveOptions, description="Objective hyperparameters.")
     seed: int = Field(0, description="Seed for sampling, augmentation and initialisation.")

@@ -120,6 +120,7 @@ def train_encoder_loop(config: dict) -> None:
     from nic.encoders.objectives import build_objective
     from nic.patches.augment import Augmenter, to_float01
     from nic.patches.sampling import MixedTaskSampler, eval_batches
+    from nic.train.determinism import make_deterministic
 
     s = LoopSettings(**config["settings"])
     hook: EpochHook | None = config.get("epoch_hook")
@@ -127,6 +128,8 @@ def train_encoder_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # Same config, same machine, same weights: a fixed thread count and deterministic kernels.
+    make_deterministic(config.get("cpus_per_worker"), device)
     data = ray.get(config["data"])
 
     spec = _objective_spec(s.objective)
@@ -173,7 +176,6 @@ def train_encoder_loop(config: dict) -> None:
             start_epoch = s.epochs + 1  # early-stopped before: nothing left to do
 
     model = ray.train.torch.prepare_model(objective, parallel_strategy_kwargs={"find_unused_parameters": True})
-    torch.manual_seed(s.seed * 1009 + rank * 7 + start_epoch)  # dropout, VAE noise, BiGAN z: per worker
 
     sampler = MixedTaskSampler(data["train_tasks"], s.samples_per_task, s.seed, rank, world)
     augment_options = AugmentOptions(**s.augment)
@@ -189,6 +191,10 @@ def train_encoder_loop(config: dict) -> None:
     for epoch in range(start_epoch, s.epochs + 1):
         if hook is not None:
             hook(epoch, rank)
+        # Dropout, VAE noise, BiGAN z: per worker, and seeded per epoch (like the sample order and the
+        # augmentation), so a run resumed from a checkpoint draws what an uninterrupted run draws.
+        # A SeedSequence of (seed, rank, epoch): no two workers or epochs share a stream.
+        torch.manual_seed(int(np.random.SeedSequence([s.seed, rank, epoch]).generate_state(1)[0]))
         started = time.monotonic()
         augment = Augmenter(augment_options, device, seed=s.seed * 100003 + epoch * 101 + rank, crop_scale=crop)
         model.train()
@@ -327,7 +333,8 @@ def fit_encoder(
     per_worker = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
     wait_for_resources(num_workers, per_worker, resource_timeout_s, f"encoder training {run_name}")
     data_ref = ray.put(data)
-    loop_config: dict[str, Any] = {"settings": asdict(settings), "data": data_ref, "epoch_hook": epoch_hook}
+    loop_config: dict[str, Any] = {"settings": asdict(settings), "data": data_ref, "epoch_hook": epoch_hook,
+                                   "cpus_per_worker": cpus_per_worker}
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
     run_config = RunConfig(
