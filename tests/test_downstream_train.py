@@ -5,18 +5,20 @@ finished folds on a re-run and refuses to mix settings in one output folder."""
 from __future__ import annotations
 
 import json
+import shutil
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from downstream_helpers import assert_same_weights, make_cohort
 from nic.cli.main import main as nic_main
 from nic.config.base import load_config
 from nic.config.downstream import TrainDownstreamConfig
 from nic.train.downstream_loop import FoldSpec, fit_fold, read_fold_result
 from nic.train.downstream_stage import run_train_downstream
-from test_downstream_helpers import make_cohort
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -122,6 +124,74 @@ def test_survival_end_to_end_rerun_and_settings_guard(ray_session, cohort, tmp_p
     # Different settings in the same folder: refused with a clear message (exit 2), nothing trained.
     assert run_train_downstream(_config(grids, labels_csv, out, epochs=4)) == 2
     assert "holds a run made with different settings" in capsys.readouterr().err
+
+
+def _fold_runners_started() -> int:
+    """FoldRunner actors this Ray instance has ever started (alive or not)."""
+    import ray._private.state as ray_state
+
+    return sum(a["ActorClassName"] == "FoldRunner" for a in ray_state.actors().values())
+
+
+def _untimed(record: dict) -> dict:
+    return {k: ([_untimed(h) for h in v] if k == "history" else v) for k, v in record.items()
+            if k not in ("seconds", "eval_seconds")}
+
+
+def test_shared_workers_match_a_trainer_per_fold_and_resume(ray_session, cohort, tmp_path, capsys):
+    """Single-worker folds on one long-lived FoldRunner (the default) learn and predict exactly what
+    a Ray Train run per fold does for the same seed, write the same per-fold outputs, and a re-run
+    skips finished folds and takes the others' results from their checkpoints without training."""
+    grids, labels_csv = cohort
+    settings = dict(folds=2, epochs=2, crops_per_slide=2, probe=False, bootstrap=20, max_parallel_folds=1)
+    outs, seconds = {}, {}
+    for shared in (False, True):
+        outs[shared] = tmp_path / ("shared" if shared else "trainers")
+        before = _fold_runners_started()
+        started = time.monotonic()
+        assert run_train_downstream(_config(grids, labels_csv, outs[shared], shared_workers=shared, **settings)) == 0
+        seconds[shared] = time.monotonic() - started
+        # One runner for both folds (one fold at a time), none for Ray Train runs.
+        assert _fold_runners_started() - before == (1 if shared else 0)
+    trainers, shared = outs[False], outs[True]
+
+    pd.testing.assert_frame_equal(pd.read_parquet(shared / "predictions.parquet"),
+                                  pd.read_parquet(trainers / "predictions.parquet"))
+    metrics = {k: json.loads((out / "metrics.json").read_text()) for k, out in outs.items()}
+    assert metrics[True]["cv"] == metrics[False]["cv"] and metrics[True]["test"] == metrics[False]["test"]
+    for k in range(2):
+        a, b = trainers / "folds" / f"fold_{k}", shared / "folds" / f"fold_{k}"
+        assert sorted(p.name for p in b.iterdir()) == ["fold.json", "model.pt", "predictions.parquet"]
+        assert _untimed(json.loads(b.joinpath("fold.json").read_text())) == \
+            _untimed(json.loads(a.joinpath("fold.json").read_text()))
+        pd.testing.assert_frame_equal(pd.read_parquet(b / "predictions.parquet"), pd.read_parquet(a / "predictions.parquet"))
+        assert_same_weights(a.joinpath("model.pt").read_bytes(), b.joinpath("model.pt").read_bytes())
+        # Checkpoints beside where Ray Train keeps a fold's run; no Train run was made.
+        assert (shared / "ray" / f"shared-fold{k}" / "nic_checkpoint" / "state.pt").exists()
+        assert not list((shared / "ray" / f"shared-fold{k}").glob("checkpoint_*"))
+    records = {mode: [json.loads((out / "folds" / f"fold_{k}" / "fold.json").read_text()) for k in range(2)]
+               for mode, out in outs.items()}
+    overhead = {mode: [r["seconds"] - sum(h["seconds"] for h in r["history"]) for r in records[mode]] for mode in outs}
+    with capsys.disabled():
+        print(f"\n2 folds one at a time: a Train run per fold {seconds[False]:.1f} s, shared runner "
+              f"{seconds[True]:.1f} s; per fold beyond its epochs (start-up, evaluation, checkpoints): "
+              f"{[round(v, 1) for v in overhead[False]]} s vs {[round(v, 1) for v in overhead[True]]} s")
+
+    # Re-run after losing fold 1's outputs: fold 0 is skipped untouched, fold 1 is read back from its
+    # evaluated checkpoint (no epoch trained), its outputs as before.
+    kept = {p.name: p.read_bytes() for p in (shared / "folds" / "fold_1").iterdir()}
+    stamp = (shared / "folds" / "fold_0" / "fold.json").stat().st_mtime_ns
+    shutil.rmtree(shared / "folds" / "fold_1")
+    capsys.readouterr()
+    assert run_train_downstream(_config(grids, labels_csv, shared, shared_workers=True, **settings)) == 0
+    err = capsys.readouterr().err
+    assert "1 fold(s) already complete, skipping: [0]" in err
+    assert "fold 1: resuming after epoch 2" in err and "] epoch 1/2" not in err
+    assert (shared / "folds" / "fold_0" / "fold.json").stat().st_mtime_ns == stamp
+    assert kept["predictions.parquet"] == (shared / "folds" / "fold_1" / "predictions.parquet").read_bytes()
+    assert kept["model.pt"] == (shared / "folds" / "fold_1" / "model.pt").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(shared / "predictions.parquet"),
+                                  pd.read_parquet(trainers / "predictions.parquet"))
 
 
 def test_cli_reports_label_problems_before_training(cohort, tmp_path, capsys):

@@ -15,10 +15,10 @@ import time
 import pandas as pd
 import pytest
 
+from downstream_helpers import make_cohort
 from nic.cli.main import main as nic_main
 from nic.train.downstream_loop import FoldSpec, fit_fold
 from nic.train.trainer import EXIT_RESOURCES, ResourceError, abort_running_trainers, running_trainers
-from test_downstream_helpers import make_cohort
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -90,3 +90,30 @@ def test_an_aborted_fit_leaves_no_controller_workers_or_placement_group(ray_sess
     assert "error" in outcome and "result" not in outcome
     assert running_trainers() == 0
     # ray_leak_guard then checks that the controller, its worker and its placement group are gone.
+
+
+def test_an_aborted_fold_runner_pool_leaves_no_actor(ray_session, cohort, tmp_path):
+    """Shared fold runners (single-worker folds): a runner too large for the cluster fails at once,
+    and aborting the process's runs kills a runner mid-fold (its caller's get fails, the pool takes
+    no more work); the leak guard then checks that no runner is left."""
+    import ray
+
+    from nic.train.downstream_loop import FoldRunner
+    from nic.train.trainer import WorkerPool
+
+    with WorkerPool(FoldRunner, {"CPU": 64.0}, 3.0, False) as too_big:
+        started = time.monotonic()
+        with pytest.raises(ResourceError, match="1 worker\\(s\\) x 64 CPU requested, but the whole Ray cluster has"):
+            too_big.acquire("fold 0")
+        assert time.monotonic() - started < 10
+
+    pool = WorkerPool(FoldRunner, {"CPU": 1.0}, 60.0, False)
+    runner = pool.acquire("fold 0")
+    training = runner.run.remote(_spec(cohort, epochs=10_000).to_dict(), str(tmp_path / "ray"), "aborted-fold0")
+    time.sleep(3)  # let it train
+    assert abort_running_trainers() == 1  # the pool's one runner
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(training, timeout=60)
+    assert pool.closed
+    with pytest.raises(RuntimeError, match="stopped"):
+        pool.acquire("fold 1")

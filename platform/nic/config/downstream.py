@@ -93,6 +93,11 @@ class TrainDownstreamConfig(StageConfig):
     use_gpu: bool = Field(False, description="Train on GPUs (one per worker).")
     max_parallel_folds: int | None = Field(
         None, ge=1, description="Folds trained at once (default: as many as the cluster's CPUs/GPUs hold).")
+    shared_workers: bool = Field(
+        True, description="Single-worker folds (num_workers 1) train on long-lived Ray actors, one per fold trained "
+        "at once, each fold after fold, instead of a Ray Train run per fold: the ~10 s start-up (controller, "
+        "worker, imports) is paid once per actor, not per fold. Same loop, seeds and results; checkpoints in "
+        "<storage_path>/<run>-fold<k>/nic_checkpoint. false: a Ray Train run per fold, as DDP folds always are.")
     max_failures: int = Field(2, ge=0, description="Worker failures a fold survives (resuming from its last checkpoint).")
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per training worker.")
     cache_grids: int = Field(8, ge=0, description="Grids kept in memory per worker (LRU); the rest are read on demand.")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -102,6 +103,57 @@ def checkpoint_dir() -> Iterator[Path]:
     """A temporary folder to build a checkpoint in before `ray.train.report` persists it."""
     with tempfile.TemporaryDirectory(prefix="nic-ckpt-") as folder:
         yield Path(folder)
+
+
+#: Folder of a CheckpointStore inside its run's folder in the storage path.
+STORE_DIR = "nic_checkpoint"
+
+
+class CheckpointStore:
+    """The latest checkpoint of a loop that runs outside Ray Train (the single-worker folds of
+    `nic train-downstream`, nic.train.downstream_loop.FoldRunner), kept where Ray Train keeps a
+    run's: `<storage>/<name>/nic_checkpoint/`, `storage` being a local path or a URI (the value
+    `nic.storage.ray_storage` gives a TorchTrainer, resolved by the driver). `save` replaces the
+    files one by one, each atomically (a local file is written beside and renamed into place, an
+    object store writes an object whole), `marker` last: a reader that finds the new marker finds
+    the rest of that checkpoint too, and a writer killed midway leaves the previous one usable."""
+
+    def __init__(self, storage: str, name: str, marker: str = CHECKPOINT_FILE) -> None:
+        import pyarrow.fs as pafs
+
+        self.fs, base = pafs.FileSystem.from_uri(storage)
+        self.path = f"{base.rstrip('/')}/{name}/{STORE_DIR}"
+        self.marker = marker
+
+    def create(self) -> None:
+        """Make the folder now (a local run shows its storage folder when the fold starts)."""
+        self.fs.create_dir(self.path, recursive=True)
+
+    def save(self, folder: str | Path) -> None:
+        """Persist every file of `folder` (no subfolders), the marker last."""
+        from nic.storage import _upload
+
+        files = sorted((p for p in Path(folder).iterdir() if p.is_file()), key=lambda p: (p.name == self.marker, p.name))
+        if not any(p.name == self.marker for p in files):
+            raise ValueError(f"{folder}: a checkpoint needs its {self.marker}")
+        for local in files:
+            _upload(self.fs, local, f"{self.path}/{local.name}")
+
+    def fetch(self, into: str | Path) -> bool:
+        """Copy the latest checkpoint's files into `into`; False (nothing copied) when there is none."""
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        found = {i.base_name: i.path for i in infos
+                 if i.type == pafs.FileType.File and not i.base_name.startswith(".")}
+        if self.marker not in found:
+            return False
+        into = Path(into)
+        into.mkdir(parents=True, exist_ok=True)
+        for name, path in found.items():
+            with self.fs.open_input_stream(path) as src, open(into / name, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        return True
 
 
 # ---------------------------------------------------------------------------- early stopping

@@ -7,11 +7,17 @@ The checkpoint holds the last state (to resume) *and* the best weights so far (t
 keeping only the latest checkpoint is enough and a resumed run still ends with the best model.
 Re-running with the same storage path and run name resumes from the latest checkpoint: Ray Train
 V2 restores it from the run's snapshot.
+
+A single-worker fold can also run without Ray Train, on a FoldRunner (a long-lived actor that
+trains fold after fold): the same loop, as rank 0 of 1, with its checkpoints in a CheckpointStore
+beside where Train would keep them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +37,7 @@ from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
 from nic.downstream.models import build_model, save_model
 from nic.storage import ray_storage
 from nic.train.common import (
+    CheckpointStore,
     EarlyStopping,
     broadcast_buffers,
     checkpoint_dir,
@@ -43,6 +50,7 @@ from nic.train.common import (
     save_checkpoint,
     send_progress,
 )
+from nic.train.determinism import make_deterministic
 
 STAGE = "train-downstream"
 STATE_FILE = "state.pt"
@@ -153,21 +161,80 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+class _TrainSession:
+    """What the fold loop needs from its runner, inside a Ray Train worker: DDP rank and world,
+    Train's device and model preparation, Train's checkpoints and reports."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self) -> torch.device:
+        return resolve_device()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, folder: Path | None = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=None if folder is None else ray.train.Checkpoint.from_directory(str(folder)))
+
+
+class _StoreSession:
+    """The same, for a fold trained in a process of its own (FoldRunner): rank 0 of 1, the device
+    of the process's reservation, checkpoints in a CheckpointStore (`scratch`: where the latest
+    one is fetched to resume from)."""
+
+    rank, world = 0, 1
+
+    def __init__(self, store: CheckpointStore, use_gpu: bool, scratch: Path) -> None:
+        self.store, self.scratch = store, scratch
+        self._device = resolve_device(use_gpu)
+
+    def device(self) -> torch.device:
+        return self._device
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self._device)
+
+    def checkpoint(self) -> Path | None:
+        return self.scratch if self.store.fetch(self.scratch) else None
+
+    def report(self, metrics: dict, folder: Path | None = None) -> None:
+        if folder is not None:
+            self.store.save(folder)
+
+
 def train_fold(config: dict) -> None:
     """train_loop_per_worker of a fold's TorchTrainer (config = FoldSpec.to_dict() + 'progress')."""
-    import ray.train
-    import ray.train.torch
+    _fold_loop(config, _TrainSession())
 
+
+def _fold_loop(config: dict, session: _TrainSession | _StoreSession) -> None:
+    """One fold from its last checkpoint (if any) to its evaluated best model: the same steps, in
+    the same order, for a Ray Train worker and for a FoldRunner."""
     config = dict(config)
     progress = config.pop("progress", None)
     spec = FoldSpec(**config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     torch.manual_seed(spec.seed * 1000 + rank)
-    device = resolve_device()
+    device = session.device()
+    # Same fold, same machine, same predictions: a fixed thread count (the CPUs this worker or
+    # FoldRunner reserved) and deterministic kernels (nic.train.determinism).
+    make_deterministic(None, device)
 
     model = _build(spec)
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.l2)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.1, patience=spec.lr_patience, min_lr=spec.min_lr)
@@ -175,7 +242,7 @@ def train_fold(config: dict) -> None:
     loss_fn = loss_for(spec.kind, ties=spec.ties)  # type: ignore[arg-type]
     epoch, best_state, history, evaluated = 0, None, [], False
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, STATE_FILE)
         _unwrap(model).load_state_dict(saved["model"])
@@ -246,9 +313,9 @@ def train_fold(config: dict) -> None:
                                                metrics["seconds"], note))
             with checkpoint_dir() as folder:
                 save_checkpoint(folder, snapshot(False), STATE_FILE)
-                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+                session.report(record, folder)
         else:
-            ray.train.report(record)
+            session.report(record)
 
     if evaluated:
         return
@@ -256,7 +323,7 @@ def train_fold(config: dict) -> None:
     # as the final checkpoint so the driver gets predictions and weights from Ray's storage.
     final = {"fold": spec.fold, "epoch": epoch, "evaluated": True}
     if rank != 0:
-        ray.train.report(final)
+        session.report(final)
         return
     started = time.monotonic()
     best = _build(spec)
@@ -279,19 +346,46 @@ def train_fold(config: dict) -> None:
         final["eval_seconds"] = round(time.monotonic() - started, 2)
         send_progress(progress, f"[{STAGE} fold {spec.fold}] evaluated {len(spec.eval_ids)} slides x "
                       f"{spec.tta_crops * (8 if spec.dihedral else 1)} views ({final['eval_seconds']:.1f} s)")
-        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        session.report(final, folder)
 
 
 def read_fold_result(checkpoint) -> dict:
-    """What a finished fold's final checkpoint holds: 'state' (history, epoch, early_stopping...),
-    'predictions' (DataFrame of the held-out and test slides) and 'model' (the bytes of model.pt)."""
-    with checkpoint.as_directory() as folder:
+    """What a finished fold's final checkpoint (a `ray.train.Checkpoint` or a folder) holds: 'state'
+    (history, epoch, early_stopping...), 'predictions' (DataFrame of the held-out and test slides)
+    and 'model' (the bytes of model.pt)."""
+    opened = checkpoint.as_directory() if hasattr(checkpoint, "as_directory") else contextlib.nullcontext(checkpoint)
+    with opened as folder:
         folder = Path(folder)
         state = load_checkpoint(folder, STATE_FILE)
         if not state.get("evaluated") or not (folder / PREDICTIONS_FILE).exists():
             raise RuntimeError("the fold's last checkpoint has no evaluation (training did not finish)")
         return {"state": state, "predictions": pd.read_parquet(folder / PREDICTIONS_FILE),
                 "model": (folder / MODEL_FILE).read_bytes()}
+
+
+class FoldRunner:
+    """Trains single-worker folds one after another in one process: `nic train-downstream` makes it
+    a Ray actor that reserves one worker's CPUs (and GPU) and lends it to one fold at a time, so the
+    process, torch and its imports start once for all the folds it trains instead of once per fold
+    as a Ray Train run does (controller, worker group, process group: ~10 s a fold on 2 CPUs).
+
+    The loop is the Train worker's own (`_fold_loop`) as rank 0 of 1, which is what a one-worker
+    TorchTrainer runs too (no DDP wrapper), so a fold learns and predicts the same for the same
+    seed. Its checkpoint is a CheckpointStore at `<storage>/<name>/nic_checkpoint/` (`storage`: a
+    local path or URI, as `nic.storage.ray_storage` gives it), saved every epoch like Train's: a
+    re-run resumes the fold from its last epoch, or only reads its result once evaluated."""
+
+    def __init__(self, use_gpu: bool = False) -> None:
+        self.use_gpu = use_gpu
+
+    def run(self, spec: dict, storage: str, name: str, progress: Any = None) -> dict:
+        """Train (or resume) and evaluate one fold; returns what `read_fold_result` returns."""
+        store = CheckpointStore(storage, name, STATE_FILE)
+        with tempfile.TemporaryDirectory(prefix="nic-fold-") as scratch:
+            _fold_loop({**spec, "progress": progress}, _StoreSession(store, self.use_gpu, Path(scratch) / "resume"))
+            if not store.fetch(Path(scratch) / "result"):
+                raise RuntimeError("training reported no checkpoint")
+            return read_fold_result(Path(scratch) / "result")
 
 
 def fit_fold(

@@ -1,20 +1,27 @@
 """`nic train-downstream`: cross-validated slide-level models on feature grids, on Ray Train.
 
 Flow: validate the labels against the grid store -> grouped, stratified folds (plus an optional
-fixed test set) -> one TorchTrainer run per fold (folds run side by side when the cluster holds
-more than one fold's workers) -> each fold's best model predicts its held-out slides (and the test
-set) with test-time averaging -> pooled out-of-fold metrics with bootstrap CIs, plots, and
+fixed test set) -> each fold trained (folds run side by side when the cluster holds more than one
+fold's workers) -> each fold's best model predicts its held-out slides (and the test set) with
+test-time averaging -> pooled out-of-fold metrics with bootstrap CIs, plots, and
 predictions.parquet.
 
-Folds are launched from driver threads (TorchTrainer.fit() only waits on its controller actor, so a
-thread per fold costs neither a process nor a CPU; Ray Tune launches trainers the same way from its
-trials), at most as many at a time as the cluster has resources for, because a trainer waits for
-its workers' resources and launching more would only queue them. On a 2-CPU machine with 1 worker
+A fold with one worker (the default) trains on a FoldRunner, a Ray actor of a WorkerPool that
+trains fold after fold, so the ~10 s start-up of a Ray Train run is paid once per runner, not per
+fold (`shared_workers`); DDP folds (num_workers > 1), or all with shared_workers false, are one
+TorchTrainer run each. Both run the same loop (nic.train.downstream_loop) and give the same
+results for the same seed.
+
+Folds are launched from driver threads (TorchTrainer.fit() only waits on its controller actor, and
+a shared fold only on its runner, so a thread per fold costs neither a process nor a CPU; Ray Tune
+launches trainers the same way from its trials), at most as many at a time as the cluster has
+resources for, because a trainer waits for its workers' resources and launching more would only
+queue them. On a 2-CPU machine with 1 worker
 per fold that is 2 folds at once. A fold's rank-0 worker evaluates the best model when training ends (inside the fold's own
 resource reservation, with torch already loaded) and reports predictions and weights as the final
 checkpoint; the driver writes out/folds/fold_<k>/ (model.pt, predictions.parquet, then fold.json).
-A re-run skips complete folds and resumes the others from their Ray Train checkpoints (a fold that
-finished training but not its evaluation only evaluates).
+A re-run skips complete folds and resumes the others from their checkpoints (Ray Train's, or a
+runner's CheckpointStore; a fold that finished training but not its evaluation only evaluates).
 
 Pooled out-of-fold metrics are the headline (every slide predicted by a model that never saw its
 patient); per-fold values of the primary metric are in each fold's record too.
@@ -48,7 +55,8 @@ from nic.downstream.models import strided_layers_for
 from nic.downstream.splits import TEST_FOLD, make_splits, train_val_split
 from nic.grids.reader import list_slides, verify_store
 from nic.grids.schema import GridError
-from nic.storage import child_names, display, remove, stage_storage
+from nic.stage_io import stage_storage
+from nic.storage import child_names, display, ray_storage, remove
 from nic.train.common import ProgressRelay, stable_hash
 from nic.train.downstream_loop import FoldSpec
 
@@ -57,7 +65,7 @@ MAX_AUTO_CROP = 400
 # Settings that do not change what a fold learns or predicts; changing them keeps a run resumable.
 _RUNTIME_FIELDS = {"ray", "verbose", "bootstrap", "max_parallel_folds", "max_failures", "loader_workers",
                    "cache_grids", "overwrite", "risk_groups", "num_workers", "cpus_per_worker", "use_gpu",
-                   "storage_path", "run_name", "out", "probe", "train_model"}
+                   "storage_path", "run_name", "out", "probe", "train_model", "shared_workers"}
 PROBE_PREDICTIONS = "probe_predictions.parquet"
 
 
@@ -144,22 +152,18 @@ def build_fold_specs(config: TrainDownstreamConfig, labels: Labels, splits: pd.D
     return out
 
 
-def run_fold(spec_dict: dict, run: dict) -> dict:
-    """Train or resume one fold (a TorchTrainer run); its workers evaluate the best model at the
-    end. Returns the fold's record, predictions and model bytes (the driver writes them); errors
-    are recorded in the record, not raised, so the other folds finish."""
-    from nic.train.downstream_loop import read_fold_result
-
+def run_fold(spec_dict: dict, run: dict, pool: Any = None) -> dict:
+    """Train or resume one fold (a TorchTrainer run, or on a FoldRunner of `pool` when given); its
+    (rank-0) worker evaluates the best model at the end. Returns the fold's record, predictions and
+    model bytes (the driver writes them); errors are recorded in the record, not raised, so the
+    other folds finish."""
     spec = FoldSpec(**spec_dict)
     started = time.monotonic()
     record: dict[str, Any] = {"fold": spec.fold, "run_hash": run["run_hash"], "train_slides": len(spec.train_ids),
                               "val_slides": len(spec.val_ids), "held_out_slides": spec.eval_splits.count("cv")}
     predictions, model = None, None
     try:
-        result = _fit_with_retries(spec, run)
-        if result.checkpoint is None:
-            raise RuntimeError("training reported no checkpoint")
-        fold = read_fold_result(result.checkpoint)
+        fold = _fit_shared(spec, run, pool) if pool is not None else _fit_trainer(spec, run)
         state, predictions, model = fold["state"], fold["predictions"], fold["model"]
         stopping = state["early_stopping"]
         record.update(status=STATUS_OK, best_epoch=stopping["best_epoch"], epochs_run=state["epoch"],
@@ -174,6 +178,63 @@ def run_fold(spec_dict: dict, run: dict) -> dict:
         record.update(status=STATUS_FAILED, reason=f"{type(exc).__name__}: {exc}")
     record["seconds"] = round(time.monotonic() - started, 2)
     return {"record": record, "predictions": predictions, "model": model}
+
+
+def _fit_trainer(spec: FoldSpec, run: dict) -> dict:
+    """One fold as a Ray Train run of its own; its result as `read_fold_result` gives it."""
+    from nic.train.downstream_loop import read_fold_result
+
+    result = _fit_with_retries(spec, run)
+    if result.checkpoint is None:
+        raise RuntimeError("training reported no checkpoint")
+    return read_fold_result(result.checkpoint)
+
+
+def _fit_shared(spec: FoldSpec, run: dict, pool: Any) -> dict:
+    """One fold on a FoldRunner lent by `pool` (nic.train.trainer.WorkerPool), with Ray Train's
+    failure semantics: a failed attempt (an error in the loop, the runner's process lost) starts
+    again from the fold's last checkpoint, up to max_failures times; a runner whose process died
+    is replaced."""
+    import ray
+    import ray.exceptions as rex
+
+    from nic.train.common import CheckpointStore
+    from nic.train.downstream_loop import STATE_FILE
+
+    storage = ray_storage(run["storage_path"])  # resolved here: a runner on another node has its own mirror
+    CheckpointStore(storage, run["name"], STATE_FILE).create()
+    lost = (rex.RayActorError, rex.ActorUnavailableError, rex.WorkerCrashedError, rex.NodeDiedError,
+            rex.RaySystemError, rex.ObjectLostError, rex.OutOfMemoryError)
+    for attempt in range(run["max_failures"] + 1):
+        runner = pool.acquire(f"train-downstream fold {spec.fold} ({run['name']})")
+        try:
+            outcome = ray.get(runner.run.remote(spec.to_dict(), storage, run["name"], run.get("progress")))
+        except Exception as exc:
+            if pool.closed:  # stopped: the stage is failing or interrupted, nothing to retry
+                raise
+            (pool.discard if isinstance(exc, lost) else pool.release)(runner)
+            cause = exc.cause if isinstance(exc, rex.RayTaskError) and exc.cause is not None else exc
+            if attempt == run["max_failures"]:
+                if cause is exc:
+                    raise
+                raise cause from exc
+            _say(f"fold {spec.fold}: {type(cause).__name__}: {str(cause)[:200]}; resuming from its last "
+                 f"checkpoint (attempt {attempt + 2} of {run['max_failures'] + 1})")
+            continue
+        pool.release(runner)
+        return outcome
+    raise AssertionError("unreachable")
+
+
+def _fold_pool(config: TrainDownstreamConfig, run: dict) -> Any:
+    """FoldRunners for single-worker folds (`shared_workers`), else None: a Ray Train run per fold."""
+    if not (config.shared_workers and config.num_workers == 1):
+        return None
+    from nic.train.downstream_loop import FoldRunner
+    from nic.train.trainer import WorkerPool
+
+    resources = {"CPU": config.cpus_per_worker, "GPU": 1.0 if config.use_gpu else 0.0}
+    return WorkerPool(FoldRunner, resources, run["resource_timeout_s"], config.use_gpu)
 
 
 def _fit_with_retries(spec: FoldSpec, run: dict):
@@ -258,23 +319,29 @@ def _run_all_folds(config: TrainDownstreamConfig, specs: list[FoldSpec], run: di
     progress = Progress(STAGE, total=len(specs), unit="folds")
     progress.update(len(records), force=True)
     limit = _parallel_folds(config)
-    with ThreadPoolExecutor(max_workers=limit, thread_name_prefix="nic-fold") as pool:
-        pending = {}
-        for spec, fold_dir in queue:
-            fold_run = dict(run, name=f"{run['name_prefix']}-fold{spec.fold}")
-            pending[pool.submit(run_fold, spec.to_dict(), fold_run)] = (spec.fold, fold_dir)
-        try:
-            _collect_folds(pending, records, progress, on_fold)
-        except BaseException:
-            # A fold that cannot run (no resources), Ctrl-C, or a caller's callback raising (a Tune
-            # trial stopped mid-search): stop the sibling folds' trainers now instead of letting the
-            # pool wait for them to train to the end while holding the cluster's CPUs.
-            from nic.train.trainer import abort_running_trainers
+    runners = _fold_pool(config, run)
+    try:
+        with ThreadPoolExecutor(max_workers=limit, thread_name_prefix="nic-fold") as pool:
+            pending = {}
+            for spec, fold_dir in queue:
+                fold_run = dict(run, name=f"{run['name_prefix']}-fold{spec.fold}")
+                pending[pool.submit(run_fold, spec.to_dict(), fold_run, runners)] = (spec.fold, fold_dir)
+            try:
+                _collect_folds(pending, records, progress, on_fold)
+            except BaseException:
+                # A fold that cannot run (no resources), Ctrl-C, or a caller's callback raising (a Tune
+                # trial stopped mid-search): stop the sibling folds' trainers (and fold runners) now
+                # instead of letting the pool wait for them to train to the end while holding the
+                # cluster's CPUs.
+                from nic.train.trainer import abort_running_trainers
 
-            stopped = abort_running_trainers()
-            if stopped:
-                _say(f"stopped {stopped} running fold trainer(s)")
-            raise
+                stopped = abort_running_trainers()
+                if stopped:
+                    _say(f"stopped {stopped} running fold trainer(s)")
+                raise
+    finally:
+        if runners is not None:
+            runners.close()
     return [records[k] for k in sorted(records)]
 
 

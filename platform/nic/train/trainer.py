@@ -18,6 +18,10 @@ Two failure modes seen in practice, both on a busy machine:
   when the cluster does not have the resources at all, waits a bounded time when they exist but
   are held, and names what holds them; the controller's retries are bounded by the same timeout.
 
+`WorkerPool` gives the same two guarantees to long-lived actors that run work a trainer would
+give a fresh worker group (nic's single-worker folds): bounded resource waits, and every actor
+killed when its pool closes or the process aborts its runs.
+
 The controller-start code mirrors Ray 2.60's `DataParallelTrainer._initialize_and_run_controller`
 (the only change: the handle is kept). If a future Ray moves that seam, `OwnedTorchTrainer` falls
 back to Ray's own code and only loses the kill-on-exception guarantee.
@@ -108,16 +112,18 @@ def remove_orphaned_placement_groups() -> int:
 
 
 def abort_running_trainers() -> int:
-    """Kill every Train controller started from this process that is still running; returns how
-    many. Their workers die with them (they are the controller's actors) and Ray's placement-group
-    cleaner removes their reservations."""
+    """Kill every Train controller started from this process that is still running, and every
+    actor of its open WorkerPools; returns how many. The controllers' workers die with them (they
+    are the controller's actors) and Ray's placement-group cleaner removes their reservations."""
     with _LIVE_LOCK:
         handles = list(_LIVE.values())
         _LIVE.clear()
+        pools = list(_POOLS.values())
     for handle in handles:
         _kill(handle)
+    stopped = sum(pool.close() for pool in pools)
     remove_orphaned_placement_groups()
-    return len(handles)
+    return len(handles) + stopped
 
 
 def running_trainers() -> int:
@@ -169,6 +175,117 @@ class OwnedTorchTrainer(TorchTrainer):
                     pass
             else:
                 _kill(controller)
+
+
+# ---------------------------------------------------------------------------- worker pools
+
+_POOLS: dict[int, WorkerPool] = {}  # id(pool) -> every WorkerPool of this process not closed yet
+
+
+class WorkerPool:
+    """Long-lived actors of one class, each reserving one training worker's resources, each lent to
+    one caller at a time: work that a TorchTrainer would give a fresh worker group per run (nic's
+    single-worker folds, nic.train.downstream_loop.FoldRunner) reuses a process whose Python and
+    torch are already up. Actors start on demand (at most one per concurrent caller) and idle ones
+    are reused.
+
+    The trainer's guarantees hold here too: an actor is started only once `wait_for_resources` sees
+    its resources free (at once ResourceError when the cluster has not got them, after `timeout_s`
+    when others hold them) and must be up within that time again; `close()` kills every actor, and
+    `abort_running_trainers` closes every open pool of the process (a stage failing or interrupted
+    mid-fold). Actors die with their owner (a Tune trial actor stopped by ASHA) and hold no
+    placement group. They are scheduled outside any placement group of the caller (a Tune trial's
+    reservation is not theirs)."""
+
+    def __init__(self, actor_cls: type, resources: dict[str, float], timeout_s: float, *args: Any) -> None:
+        import ray
+
+        self._resources = {k: v for k, v in resources.items() if v}
+        self._timeout_s = timeout_s
+        self._args = args
+        custom = {k: v for k, v in self._resources.items() if k not in ("CPU", "GPU")}
+        self._cls = ray.remote(actor_cls).options(
+            num_cpus=self._resources.get("CPU", 0), num_gpus=self._resources.get("GPU", 0),
+            resources=custom or None, max_restarts=0, scheduling_strategy="DEFAULT")
+        self._idle: list[Any] = []
+        self._actors: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+        with _LIVE_LOCK:
+            _POOLS[id(self)] = self
+
+    def acquire(self, what: str) -> Any:
+        """An idle actor, or a new one once its resources are free (ResourceError if they are not)."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        with self._lock:
+            if self.closed:
+                raise RuntimeError(f"{what}: the worker pool was stopped")
+            if self._idle:
+                return self._idle.pop()
+        wait_for_resources(1, self._resources, self._timeout_s, what)
+        actor = self._cls.remote(*self._args)
+        with self._lock:
+            if self.closed:
+                ray.kill(actor, no_restart=True)
+                raise RuntimeError(f"{what}: the worker pool was stopped")
+            self._actors[id(actor)] = actor
+        try:
+            # Free a moment ago; placed and started (a new process importing torch) well within this.
+            ray.get(actor.__ray_ready__.remote(), timeout=max(self._timeout_s, 60.0))
+        except GetTimeoutError:
+            self.discard(actor)
+            raise ResourceError(f"{what}: a worker of {_fmt(self._resources)} did not start within "
+                                f"{max(self._timeout_s, 60.0):g} s; held by: {describe_holders()}") from None
+        except BaseException:
+            self.discard(actor)
+            raise
+        return actor
+
+    def release(self, actor: Any) -> None:
+        """Give an actor back for the next caller."""
+        with self._lock:
+            if not self.closed and id(actor) in self._actors:
+                self._idle.append(actor)
+                return
+        self.discard(actor)
+
+    def discard(self, actor: Any) -> None:
+        """Kill an actor that must not be reused (its process died, or its work was interrupted)."""
+        import ray
+
+        with self._lock:
+            self._actors.pop(id(actor), None)
+            self._idle = [a for a in self._idle if a is not actor]
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already dead, or Ray shut down
+            pass
+
+    def close(self) -> int:
+        """Kill every actor (busy ones too: their callers' ray.get then fails); returns how many."""
+        import ray
+
+        with self._lock:
+            self.closed = True
+            actors = list(self._actors.values())
+            self._actors.clear()
+            self._idle.clear()
+        with _LIVE_LOCK:
+            _POOLS.pop(id(self), None)
+        for actor in actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already dead, or Ray shut down
+                pass
+        return len(actors)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------- resources
