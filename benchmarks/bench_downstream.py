@@ -29,12 +29,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from downstream_helpers import blob_mask, write_grid  # noqa: E402
 from nic.downstream.dataset import GridDataset, GridSource  # noqa: E402
 from nic.downstream.evaluate import tta_predict_slide  # noqa: E402
 from nic.downstream.losses import cox_ph_loss, cross_entropy  # noqa: E402
 from nic.downstream.models import build_model  # noqa: E402
 from nic.grids.reader import load_grid  # noqa: E402
-from test_downstream_helpers import blob_mask, write_grid  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:

@@ -1,7 +1,17 @@
-"""Shared fixtures: the real slide fixtures from ../shared/data and one local Ray instance per session."""
+"""Shared fixtures: the real slide fixtures from ../shared/data and one local Ray instance per session.
+
+Every test that uses Ray is marked `ray` at collection (`pytest_collection_modifyitems`): those
+that use a fixture starting Ray (`RAY_FIXTURES`, directly or through another fixture such as
+`tiny_cohort`), those in a test module that imports ray at its top level, and those marked by
+hand (a test that starts Ray in a subprocess). So `pytest -m "not ray"` runs the Ray-free tests
+without starting Ray; in such a run `ray.init` refuses, so a test that would start Ray unmarked
+fails naming itself instead of starting it (`no_ray_unless_marked`).
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import socket
 import tempfile
@@ -29,6 +39,97 @@ os.environ.update({
     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
     "NIC_MIRROR": tempfile.mkdtemp(prefix="nic-mirror-"),
 })
+
+
+#: Fixtures that start a Ray instance (the session's, or a cluster of its own): a test using one,
+#: directly or through other fixtures, is marked `ray`.
+RAY_FIXTURES = frozenset({"ray_session", "ray_head"})
+
+
+@functools.cache
+def _module_imports_ray(path: Path) -> bool:
+    """The test module imports ray at its top level (`import ray...`, `from ray... import`)."""
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except (OSError, SyntaxError):
+        return False
+    for node in tree.body:
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "ray" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ray" and not node.level:
+            return True
+    return False
+
+
+def uses_ray(item: pytest.Item) -> bool:
+    """Whether a collected test uses Ray: marked `ray`, a Ray fixture in its fixture closure, or a
+    module importing ray."""
+    if item.get_closest_marker("ray") is not None:
+        return True
+    if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    path = getattr(item, "path", None)
+    return path is not None and path.suffix == ".py" and _module_imports_ray(Path(path))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("ray") is None and uses_ray(item):
+            item.add_marker(pytest.mark.ray)
+
+
+def _ray_deselected(config) -> bool:
+    """The run leaves out the `ray` tests (`-m "not ray"`, `-m "not ray and not slow"`, ...): a
+    test marked `ray` alone would not be selected by the mark expression."""
+    expr = config.getoption("markexpr", default="") or ""
+    if not expr.strip():
+        return False
+    try:
+        from _pytest.mark.expression import Expression
+
+        return not Expression.compile(expr).evaluate(lambda name, **_: name == "ray")
+    except Exception:  # a private pytest API: fall back to the common spelling
+        return "not ray" in expr
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def no_ray_unless_marked(request):
+    """In a run without the `ray` tests, `ray.init` (what every path to a Ray instance calls, Ray
+    Data's and Train's automatic start included) refuses: a test that would start Ray is not
+    marked `ray` (add `@pytest.mark.ray`, or a fixture from RAY_FIXTURES), and fails saying so."""
+    if not _ray_deselected(request.config) or request.node.get_closest_marker("ray") is not None:
+        yield
+        return
+    import ray
+    import ray._private.worker as ray_worker
+
+    tried: list[str] = []
+    message = (f"{request.node.nodeid} starts Ray but is not marked `ray`: mark it (@pytest.mark.ray) or "
+               "use a fixture of conftest.RAY_FIXTURES, so that `pytest -m 'not ray'` never starts Ray")
+
+    def refuse(*args, **kwargs):
+        tried.append(message)
+        raise RuntimeError(message)
+
+    saved = ray.init, ray_worker.init
+    ray.init = ray_worker.init = refuse
+    try:
+        yield
+    finally:
+        ray.init, ray_worker.init = saved
+    if tried and not request.node.stash.get(_CALL_FAILED, False):  # the test swallowed the refusal
+        pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -162,5 +263,10 @@ def s3_bucket(s3_server) -> str:
 
 def pytest_sessionfinish(session, exitstatus):
     import shutil
+    import sys
 
     shutil.rmtree(os.environ["NIC_MIRROR"], ignore_errors=True)
+    ray = sys.modules.get("ray")
+    if _ray_deselected(session.config) and ray is not None and ray.is_initialized():
+        print("\nconftest: Ray was started in a run without the `ray` tests", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

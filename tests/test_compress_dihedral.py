@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from compress_support import L_CELLS, colour_image, compress_args, manifest_rows, write_slide
 from nic.cli.main import main
 from nic.grids import TRANSFORM_NAMES, load_grid, read_grid_meta, transform_image
 from nic.grids.schema import slide_file
-from test_compress_support import L_CELLS, colour_image, compress_args, manifest_rows, write_slide
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -13,10 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from nic.cli.main import main
-from nic.grids import list_slides, load_grid, verify_grid_file
-from nic.grids.schema import slide_file
-from test_compress_support import (
+from compress_support import (
     INNER_CELLS,
     SMALL_TISSUE,
     colour_image,
@@ -24,6 +21,9 @@ from test_compress_support import (
     random_encoder_grid,
     write_slide,
 )
+from nic.cli.main import main
+from nic.grids import list_slides, load_grid, verify_grid_file
+from nic.grids.schema import slide_file
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

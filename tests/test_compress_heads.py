@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from compress_support import L_CELLS, TILE, colour_image, compress_args, manifest_rows, write_slide
 from nic.cli.main import main
 from nic.encoders.artifact import EncoderInfo, load_patch_encoder, save_encoder
 from nic.encoders.encoder import PatchEncoder, build_encoder
 from nic.encoders.head_maps import head_columns
 from nic.encoders.objectives import MultiTaskObjective, TaskHeadSpec
 from nic.grids.schema import BASE_COLUMNS, GridMeta, slide_file
-from test_compress_support import L_CELLS, TILE, colour_image, compress_args, manifest_rows, write_slide
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

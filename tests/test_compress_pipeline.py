@@ -10,10 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import tifffile
 
-from nic.cli.main import main
-from nic.grids import list_slides, load_grid, read_grid_meta
-from nic.grids.schema import slide_file
-from test_compress_support import (
+from compress_support import (
     L_CELLS,
     colour_image,
     compress_args,
@@ -21,6 +18,9 @@ from test_compress_support import (
     tile_colour,
     write_slide,
 )
+from nic.cli.main import main
+from nic.grids import list_slides, load_grid, read_grid_meta
+from nic.grids.schema import slide_file
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

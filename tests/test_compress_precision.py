@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from compress_support import INNER_CELLS, colour_image, compress_args, random_encoder_grid, write_slide
 from nic.cli.main import main
 from nic.encoders.inference import cpu_has_native_bfloat16, reduced_precision
 from nic.grids import load_grid
-from test_compress_support import INNER_CELLS, colour_image, compress_args, random_encoder_grid, write_slide
 
 CELLS = INNER_CELLS
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from compress_support import L_CELLS, colour_image, compress_args, manifest_rows, write_slide
 from nic.cli.main import main
 from nic.grids import load_grid, read_grid_meta, verify_grid_file
 from nic.grids.schema import slide_file, staging_dir
-from test_compress_support import L_CELLS, colour_image, compress_args, manifest_rows, write_slide
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from compress_support import L_CELLS, colour_image, tile_colour, write_slide
 from nic.compress.actors import EncoderActor, plan_one
 from nic.compress.collector import EncoderFacts, SlideCollector
 from nic.compress.pipeline import plan_pool
@@ -15,7 +16,6 @@ from nic.config.slides import SlideOptions
 from nic.grids import load_grid, transform_positions
 from nic.grids.schema import slide_file
 from nic.runtime import RayInfo
-from test_compress_support import L_CELLS, colour_image, tile_colour, write_slide
 
 OPTIONS = SlideOptions(tissue={"min_object_um2": 1000})
 

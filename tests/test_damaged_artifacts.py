@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from downstream_helpers import write_grid
 from nic.artifacts import NoSpaceError, write_manifest, write_parquet_atomic
 from nic.cli.main import main
 from nic.grids import GridError, load_grid, read_grid_meta, slide_file, verify_store
 from nic.grids.manifest import MANIFEST_SCHEMA, grid_row
 from nic.grids.schema import manifest_path
-from test_downstream_helpers import write_grid
 from test_downstream_probe import _signal_cohort
 
 

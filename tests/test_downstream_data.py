@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from downstream_helpers import blob_mask, make_cohort, write_grid
 from nic.downstream.crops import center_crop, center_weights, crop, dihedral, random_crop, sample_centers
 from nic.downstream.dataset import EpochSampler, GridDataset, GridSource, balanced_weights
 from nic.downstream.evaluate import predict_slides, tta_predict_slide
 from nic.downstream.models import AttentionMIL, NicGridCNN, build_model, load_model, save_model
 from nic.grids.dihedral import transform_image
 from nic.grids.reader import load_grid
-from test_downstream_helpers import blob_mask, make_cohort, write_grid
 
 
 def test_center_weights_follow_distance_from_background():

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from downstream_helpers import blob_mask, write_grid
 from nic.downstream import probe
 from nic.downstream.labels import load_labels
 from nic.downstream.metrics import c_index, roc_auc, spearman
 from nic.downstream.splits import TEST_FOLD, make_splits
 from nic.grids.reader import list_slides, load_grid
-from test_downstream_helpers import blob_mask, write_grid
 
 
 def _signal_cohort(root: Path, n: int = 60, channels: int = 4, seed: int = 0) -> tuple[Path, Path]:

@@ -406,7 +406,7 @@ def assert_same_model(clean: Path, rerun: Path) -> None:
 
 @pytest.mark.timeout(600)
 def test_train_downstream_killed_and_rerun(tmp_path):
-    from test_downstream_helpers import make_cohort
+    from downstream_helpers import make_cohort
 
     grids, labels = make_cohort(tmp_path / "cohort", n=16, channels=8, size=(8, 12), seed=2)
 

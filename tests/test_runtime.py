@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 _CONNECT = (
@@ -18,6 +20,7 @@ _CONNECT = (
 )
 
 
+@pytest.mark.ray  # starts an embedded Ray instance in a subprocess
 def test_embedded_start_ignores_a_stale_cluster_address():
     """A `ray start` head that died leaves its address in <tmp>/ray/ray_current_cluster; plain
     ray.init() would try to join it and refuse num_cpus. The embedded instance must start anyway."""

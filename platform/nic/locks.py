@@ -2,7 +2,7 @@
 
 Two runs writing one folder at once (two users, or a job resubmitted while the first still runs)
 would interleave manifests, delete each other's "stale" files and publish a mix. So every stage
-(through `nic.storage.stage_storage`) takes `<out>/.nic-lock.json` before it touches `out`, and
+(through `nic.stage_io.stage_storage`) takes `<out>/.nic-lock.json` before it touches `out`, and
 a second run refuses with a message naming the first (host, pid, start time, command) and exit
 code `EXIT_LOCKED` (75, "temporary failure: try again later").
 

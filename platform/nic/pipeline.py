@@ -20,7 +20,8 @@ from nic.config.downstream import TrainDownstreamConfig
 from nic.config.encoder import BUILTIN_KINDS, TrainEncoderConfig
 from nic.config.pipeline import PipelineConfig, stage_config
 from nic.config.synth import SynthConfig
-from nic.storage import display, stage_storage
+from nic.stage_io import stage_storage
+from nic.storage import display
 
 
 @dataclass

@@ -24,6 +24,9 @@ node (same user, same `NIC_MIRROR`) maps it to the same place.
 
 Credentials and endpoints come from the usual environment of each filesystem (AWS_* variables or
 an instance profile for S3, Application Default Credentials for GCS, ...), resolved by pyarrow.
+
+This module imports nothing else of nic (tests/test_import_graph.py): the decorator that applies
+it to a stage's run (lock, fetch, mirror, exit codes) is `nic.stage_io.stage_storage`.
 """
 
 from __future__ import annotations
@@ -38,10 +41,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 #: URI schemes read and written through pyarrow.fs, and the name each has in the mirror.
 SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "abfs": "abfs", "abfss": "abfss", "hdfs": "hdfs",
@@ -57,8 +60,6 @@ _DIRECT_UPLOAD = ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")  # atomic 
 #: True fetches a stage's whole output before it runs, `lazy` folders too (every re-run did so
 #: before issue 16 item 6); benchmarks/bench_resume_s3.py sets it to compare.
 PREFETCH_OUTPUTS = False
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class StorageError(ValueError):
@@ -545,75 +546,3 @@ def mirrored_output(path: str | Path, lazy: Iterable[str] = ()) -> Iterator[Path
                                   "and a re-run uploads them") from exc
             if sent:
                 print(f"nic: uploaded {sent} file(s) to {uri}", file=sys.stderr, flush=True)
-
-
-def stage_storage(run: F | None = None, *, lazy: Iterable[str] = ()) -> Any:
-    """Decorator of a stage's `run_*(config, ...)`: its `out` folder is locked for the run (one run
-    per folder, nic.locks: exit code 75 naming the other run), mirrored inputs named by the config's
-    Path fields are fetched and its `out` is a `mirrored_output` (`@stage_storage(lazy=("tiles",))`:
-    its per-slide folders are not fetched, the stage checks them from a listing). Slide lists and
-    encoder names are resolved where they are opened instead (a driver needs no copy of thousands of
-    slides). A full disk ends the stage with a message naming the file (exit code 1), not a
-    traceback."""
-    if run is None:
-        return functools.partial(stage_storage, lazy=tuple(lazy))
-    lazy_folders = tuple(lazy)
-
-    @functools.wraps(run)
-    def wrapper(config, *args, **kwargs):
-        from nic.artifacts import is_no_space, no_space_message
-        from nic.config.base import path_fields
-        from nic.locks import EXIT_LOCKED, LOCK_NAME, LockedError, out_lock
-
-        stage = run.__name__.removeprefix("run_").replace("_", "-")
-        inputs, out = [], None
-        for name, lazy in path_fields(type(config)):
-            value = getattr(config, name)
-            if value is None or lazy or name == "storage_path":
-                continue
-            if name == "out":
-                out = value
-            else:
-                inputs.append(value)
-        try:
-            with contextlib.ExitStack() as stack:
-                if out is not None:
-                    try:
-                        stack.enter_context(out_lock(out, stage))
-                    except OSError as exc:
-                        if is_no_space(exc):
-                            raise
-                        print(f"nic {stage}: cannot use the out folder {display(out)} ({display(Path(out) / LOCK_NAME)}): "
-                              f"{exc}", file=sys.stderr, flush=True)
-                        return 2
-                return _run_stage(run, config, args, kwargs, inputs, out, lazy_folders)
-        except LockedError as exc:
-            print(f"nic {stage}: {exc}", file=sys.stderr, flush=True)
-            return EXIT_LOCKED
-        except Exception as exc:
-            if not is_no_space(exc):
-                raise
-            print(f"nic {stage}: {no_space_message(exc, display(out) if out is not None else None)}; free some "
-                  "space (or choose another out folder) and re-run: complete outputs are kept, partial ones never "
-                  "look complete", file=sys.stderr, flush=True)
-            return 1
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _run_stage(run: Callable[..., Any], config: Any, args: tuple, kwargs: dict, inputs: list, out: Any,
-               lazy: tuple[str, ...] = ()) -> Any:
-    try:
-        for value in inputs:
-            ensure_local(value)
-    except (FileNotFoundError, OSError) as exc:
-        print(f"nic: {exc}", file=sys.stderr)
-        return 2
-    if out is None or uri_for(out) is None:
-        return run(config, *args, **kwargs)
-    try:
-        with mirrored_output(out, lazy):
-            return run(config, *args, **kwargs)
-    except UploadError as exc:
-        print(f"nic: {exc}", file=sys.stderr)
-        return 1

@@ -52,7 +52,8 @@ from nic.grids.schema import (
 )
 from nic.grids.writer import clean_staging, remove_slide_grid
 from nic.runtime import Progress, connect
-from nic.storage import display, ensure_local, remote_files, remove, stage_storage
+from nic.stage_io import stage_storage
+from nic.storage import display, ensure_local, remote_files, remove
 
 if TYPE_CHECKING:
     from nic.encoders.artifact import EncoderInfo

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from nic.storage import ensure_local, local_path, to_local
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message is meant for the user."""
@@ -45,8 +47,6 @@ class NicModel(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         if field is None or not _names_files(field):
             return value
-        from nic.storage import to_local
-
         if isinstance(value, (list, tuple)):
             return type(value)(to_local(v) if isinstance(v, str) else v for v in value)
         return to_local(value) if isinstance(value, str) else value
@@ -134,8 +134,6 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
 
 
 def read_yaml(path: str | Path) -> dict:
-    from nic.storage import ensure_local, local_path
-
     path = ensure_local(local_path(path), missing_ok=True)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")

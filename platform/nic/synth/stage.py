@@ -48,7 +48,8 @@ from nic.artifacts import (
 )
 from nic.config.base import dump_config
 from nic.config.synth import SynthConfig
-from nic.storage import display, ensure_local, publish, remove, stage_storage, uri_for
+from nic.stage_io import stage_storage
+from nic.storage import display, ensure_local, publish, remove, uri_for
 from nic.synth.labels import (
     APOPTOTIC_SPREAD,
     NECROSIS_MEAN,

@@ -32,7 +32,8 @@ from nic.config.base import dump_config
 from nic.config.tile import TileConfig
 from nic.runtime import Progress, connect
 from nic.slides.inputs import SlideInput, expand_slide_inputs, note_aliases
-from nic.storage import display, ensure_local, remote_files, stage_storage
+from nic.stage_io import stage_storage
+from nic.storage import display, ensure_local, remote_files
 from nic.tiling.worker import (
     MANIFEST_SCHEMA,
     completed_row,

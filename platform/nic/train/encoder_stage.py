@@ -24,7 +24,8 @@ from nic.encoders.objectives import ObjectiveSpec, TaskHeadSpec, finite_or_none
 from nic.patches.readers import PatchDataError, load_task
 from nic.patches.sampling import MixedPatches
 from nic.patches.tasks import TaskSpec, load_tasks, select_tasks
-from nic.storage import display, exists, remove, stage_storage
+from nic.stage_io import stage_storage
+from nic.storage import display, exists, remove
 from nic.train.common import path_fingerprint, stable_hash
 from nic.train.encoder_loop import STAGE, EpochHook, FitResult, LoopSettings, fit_encoder
 
@@ -170,6 +171,10 @@ def train_encoder(config: TrainEncoderConfig, epoch_hook: EpochHook | None = Non
         remove(storage / run_name)
     _say(f"training a '{config.kind}' encoder ({config.architecture}, C={config.embedding_dim}) on "
          f"{len(data['train_tasks'])} patches with {config.num_workers} worker(s); run {display(storage / run_name)}")
+    if config.max_minutes_per_epoch is not None:
+        _say(f"note: max_minutes_per_epoch={config.max_minutes_per_epoch:g} lets the machine's speed and load decide "
+             "how many steps an epoch trains, so another run of this config may give another encoder; "
+             "max_steps_per_epoch caps epochs reproducibly (history.json records the steps of each epoch)")
     fit = fit_encoder(loop_settings(config, heads), data, storage, run_name, config.num_workers,
                       config.cpus_per_worker, config.use_gpu, config.max_failures, epoch_hook=epoch_hook,
                       resource_timeout_s=config.ray.resource_timeout_s)

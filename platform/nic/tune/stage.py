@@ -16,7 +16,8 @@ from nic.artifacts import write_bytes_atomic
 from nic.config.base import ConfigError, dump_config
 from nic.config.tune import TuneConfig
 from nic.runtime import connect
-from nic.storage import ray_storage, stage_storage, uri_for
+from nic.stage_io import stage_storage
+from nic.storage import ray_storage, uri_for
 from nic.tune.results import trial_table, write_results
 from nic.tune.space import param_space
 from nic.tune.trial import METRIC, run_trial, trial_configs

@@ -3,10 +3,12 @@ writer, with a known per-slide latent value planted in the embeddings so models 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from nic.grids.dihedral import transform_positions
 from nic.grids.schema import GridMeta
@@ -80,3 +82,12 @@ def make_cohort(root: Path, n: int = 24, channels: int = 8, size: tuple[int, int
     labels = root / "labels.csv"
     pd.DataFrame(rows).to_csv(labels, index=False)
     return grids, labels
+
+
+def assert_same_weights(a: bytes, b: bytes) -> None:
+    """Two model.pt files (nic.downstream.models.save_model) hold the same meta and weights."""
+    first, second = (torch.load(io.BytesIO(blob), weights_only=True) for blob in (a, b))
+    assert first["meta"] == second["meta"]
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    for name, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][name]), name
