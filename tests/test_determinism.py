@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from nic.config.base import load_config
 from nic.config.pipeline import PipelineConfig
@@ -79,17 +78,10 @@ PX = 64
 
 
 def _tasks(root: Path) -> Path:
-    from test_patches_data import write_folder_task, write_hdf5_task
+    """The two-task set the encoder-training tests use (tissue folder + tumour HDF5)."""
+    from test_train_encoder_ray import _tasks as two_tasks
 
-    write_folder_task(root / "tissue", ["stroma", "tumour", "fat"], 16, PX, seed=1)
-    write_hdf5_task(root / "tumour.h5", np.random.default_rng(0).integers(0, 2, 40), PX, seed=2)
-    spec = {"tasks": [
-        {"name": "tissue_type", "kind": "multiclass", "classes": ["stroma", "tumour", "fat"], "format": "folder",
-         "path": "tissue"},
-        {"name": "tumour", "kind": "binary", "format": "hdf5", "path": "tumour.h5", "weight": 0.5},
-    ]}
-    (root / "tasks.yaml").write_text(yaml.safe_dump(spec))
-    return root / "tasks.yaml"
+    return two_tasks(root)
 
 
 @pytest.mark.ray
