@@ -106,6 +106,28 @@ def test_dataset_is_lazy_and_its_cache_bounded(tmp_path):
     assert {c[1] for c in loader.calls} == {0}  # no stored variants: identity read, cells moved
 
 
+def test_grid_cache_is_bounded_in_bytes_as_well_as_count(tmp_path):
+    grids = _store(tmp_path, n=4)
+    loader = CountingLoader()
+    one = GridSource(grids, cache_size=64, loader=loader)
+    grid, mask = one.load("s0")
+    per_grid = grid.nbytes + mask.nbytes
+    # A budget of two and a half grids keeps two, however many the count allows.
+    source = GridSource(grids, cache_size=64, loader=loader, max_cache_bytes=int(2.5 * per_grid))
+    for i in range(4):
+        source.load(f"s{i}")
+    assert source.cached == 2
+    calls = len(loader.calls)
+    source.load("s3"), source.load("s2")
+    assert len(loader.calls) == calls  # the two most recent came from the cache
+    source.load("s0")
+    assert len(loader.calls) == calls + 1  # an evicted one is read again
+    # A grid larger than the whole budget is still served (and held alone).
+    tiny = GridSource(grids, cache_size=64, loader=loader, max_cache_bytes=1)
+    tiny.load("s0"), tiny.load("s1")
+    assert tiny.cached == 1
+
+
 def test_dataset_reads_stored_dihedral_variants(tmp_path):
     grids = _store(tmp_path, n=1, dihedral_variants=True)
     loader = CountingLoader()

@@ -24,6 +24,10 @@ from nic.storage import ensure_local, local_path
 
 GridLoader = Callable[..., tuple[np.ndarray, np.ndarray]]
 
+# Memory bound of one worker's grid cache whatever `cache_grids` says: 64 synthetic-cohort grids
+# (~0.3 MB each) fit many times over, while 64 grids of 400 x 400 x 128 float16 (40 MB each) would not.
+CACHE_BYTES = 1 << 30
+
 
 class GridSource:
     """Reads grids (one transform at a time) with a bounded LRU cache and counts the reads.
@@ -34,11 +38,14 @@ class GridSource:
     Crop-centre weights (a distance transform) are computed once per cached grid.
     """
 
-    def __init__(self, grids_dir: str | Path, cache_size: int = 4, loader: GridLoader | None = None):
+    def __init__(self, grids_dir: str | Path, cache_size: int = 4, loader: GridLoader | None = None,
+                 max_cache_bytes: int = CACHE_BYTES):
         # On an object store, this worker's node fetches the whole store once (changed files only),
         # so the reads of every epoch need no request to the store.
         self.grids_dir = ensure_local(local_path(grids_dir), missing_ok=True)
         self.cache_size = max(0, int(cache_size))
+        self.max_cache_bytes = int(max_cache_bytes)
+        self._cache_bytes = 0
         self.loader = loader or functools.partial(load_grid, fetch=False)
         self.loads = 0  # grid reads from storage (for tests and diagnostics)
         self._cache: OrderedDict[tuple[str, int], list] = OrderedDict()
@@ -65,8 +72,12 @@ class GridSource:
         entry = [grid, mask, None]
         if self.cache_size:
             self._cache[key] = entry
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            self._cache_bytes += grid.nbytes + mask.nbytes
+            # The newest entry always stays: a grid larger than the budget is still read once per item.
+            while len(self._cache) > 1 and (len(self._cache) > self.cache_size
+                                            or self._cache_bytes > self.max_cache_bytes):
+                _, (old_grid, old_mask, _) = self._cache.popitem(last=False)
+                self._cache_bytes -= old_grid.nbytes + old_mask.nbytes
         return entry
 
     def load(self, slide_id: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -90,7 +90,7 @@ class FoldSpec:
     target_mean: float = 0.0
     target_std: float = 1.0
     seed: int = 0
-    cache_grids: int = 8
+    cache_grids: int = 64
     loader_workers: int = 0
     # Evaluation of the best model at the end of training (held-out fold and test slides).
     eval_ids: list[str] = field(default_factory=list)
