@@ -357,6 +357,55 @@ def slide_level_rows(study: Path, encoders: list[str]) -> tuple[list[str], list[
     return ["encoder", *(f"{t} ({primaries.get(t, '?')})" for t in targets)], rows
 
 
+# The issue's goals on the encoders' own validation sets: dense metrics of the encoder trained with
+# the dense tasks, and the most the patch tasks may lose against the encoder trained without them.
+DENSE_GOALS = {"nuclei/dice": 0.8, "nuclei/count_r": 0.9, "tissue_regions/dice": 0.8}
+PATCH_LOSS_LIMIT = 0.02
+PATCH_METRICS = ("auc", "acc", "r2")  # per patch task, the first it reports (binary, multiclass, regression)
+
+
+def encoder_metric_lines(study: Path, encoders: list[str], with_dense: str = "mtl-dense",
+                         without_dense: str = "mtl") -> list[str]:
+    """Markdown lines: the dense-task metrics of `with_dense` against DENSE_GOALS, and each patch
+    task's validation metric with and without the dense tasks (encoder.json's `metrics`, the last
+    epoch's validation set of each encoder; one training run each, so no interval)."""
+    metrics = {}
+    for enc in (with_dense, without_dense):
+        path = study / "encoders" / enc / "encoder.json"
+        if enc in encoders and path.is_file():
+            metrics[enc] = json.loads(path.read_text()).get("metrics") or {}
+    if with_dense not in metrics:
+        return []
+    dense = metrics[with_dense]
+    lines = ["", f"Dense tasks, `{with_dense}`'s validation set (encoder.json metrics; goal from issue 15):", "",
+             "| metric | value | goal | met |", "| --- | ---: | ---: | --- |"]
+    for key, goal in DENSE_GOALS.items():
+        value = dense.get(key)
+        shown = "n/a" if value is None else f"{value:.3f}"
+        met = "n/a" if value is None else ("yes" if value >= goal else "no")
+        lines.append(f"| {key} | {shown} | >= {goal:g} | {met} |")
+    extra = sorted(k for k in dense if k.split("/")[0] in {"nuclei", "tissue_regions"}
+                   and k not in DENSE_GOALS and not k.endswith("/loss"))
+    if extra:
+        lines.append("")
+        lines.append("Also: " + ", ".join(f"{k} {dense[k]:.3f}" for k in extra) + ".")
+    if without_dense in metrics:
+        plain = metrics[without_dense]
+        tasks = sorted({k.split("/")[0] for k in plain if "/" in k})
+        lines += ["", f"Patch tasks with (`{with_dense}`) and without (`{without_dense}`) the dense tasks "
+                  f"(goal: lose at most {PATCH_LOSS_LIMIT:g}):", "",
+                  f"| task | metric | {without_dense} | {with_dense} | difference | within {PATCH_LOSS_LIMIT:g} |",
+                  "| --- | --- | ---: | ---: | ---: | --- |"]
+        for task in tasks:
+            name = next((m for m in PATCH_METRICS if f"{task}/{m}" in plain), None)
+            if name is None or f"{task}/{name}" not in dense:
+                continue
+            a, b = plain[f"{task}/{name}"], dense[f"{task}/{name}"]
+            lines.append(f"| {task} | {name} | {a:.3f} | {b:.3f} | {b - a:+.3f} | "
+                         f"{'yes' if b - a >= -PATCH_LOSS_LIMIT else 'no'} |")
+    return lines
+
+
 def _fmt(entry: dict | None) -> str:
     if not entry or entry.get("value") is None:
         return "n/a"
@@ -471,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                       "same folds; from models/<encoder>/<target>/metrics.json):", "",
                       "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
             lines += ["| " + " | ".join(r) + " |" for r in slide_rows]
+    if args.study is not None:
+        lines += encoder_metric_lines(args.study, [e.name for e in encoders])
     lines.append(END)
     table = "\n".join(lines)
     print(table)

@@ -132,3 +132,27 @@ def test_write_replaces_only_the_text_between_the_markers(tmp_path, monkeypatch)
     text = results.read_text()
     assert "new table" in text and "old table" not in text
     assert text.startswith("# Encoders\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+
+
+def test_encoder_metric_lines_check_the_dense_goals_and_the_patch_task_loss(tmp_path):
+    import json
+
+    import bench_transfer
+
+    def encoder(name, metrics):
+        folder = tmp_path / "encoders" / name
+        folder.mkdir(parents=True)
+        (folder / "encoder.json").write_text(json.dumps({"metrics": metrics}))
+
+    encoder("mtl-dense", {"nuclei/dice": 0.85, "nuclei/count_r": 0.88, "nuclei/pq": 0.6, "tissue_regions/dice": 0.9,
+                          "tumour/auc": 0.95, "tumour/acc": 0.9, "tissue_type/acc": 0.97, "nuclei/loss": 0.3})
+    encoder("mtl", {"tumour/auc": 0.98, "tumour/acc": 0.91, "tissue_type/acc": 0.98})
+    text = "\n".join(bench_transfer.encoder_metric_lines(tmp_path, ["mtl-dense", "mtl", "random"]))
+    assert "| nuclei/dice | 0.850 | >= 0.8 | yes |" in text
+    assert "| nuclei/count_r | 0.880 | >= 0.9 | no |" in text
+    assert "nuclei/pq 0.600" in text and "nuclei/loss" not in text
+    # tumour is judged on AUC (the first of auc, acc, r2 it reports): 0.03 lost is beyond the limit.
+    assert "| tumour | auc | 0.980 | 0.950 | -0.030 | no |" in text
+    assert "| tissue_type | acc | 0.980 | 0.970 | -0.010 | yes |" in text
+    # No table without the dense encoder's artifact.
+    assert bench_transfer.encoder_metric_lines(tmp_path, ["mtl"]) == []
