@@ -204,6 +204,11 @@ def _patch_spec(config: SynthConfig, task: str) -> str:
     )
 
 
+def cohort_config_hash(config: SynthConfig) -> str:
+    """cohort.json's `config_hash`: every setting that shapes the cohort, with the generator version."""
+    return spec_hash(config.model_dump(mode="json", exclude={"ray", "verbose", "out", "strict"}))
+
+
 def _task_is_complete(out: Path, task: str, spec: str) -> bool:
     sidecar = out / PATCHES_DIR / f"{task}.json"
     if not sidecar.exists():
@@ -461,7 +466,7 @@ def run_synth(config: SynthConfig) -> int:
     cohort = {
         "generator_version": GENERATOR_VERSION,
         "seed": config.seed,
-        "config_hash": spec_hash(config.model_dump(mode="json", exclude={"ray", "verbose", "out", "strict"})),
+        "config_hash": cohort_config_hash(config),
         "slides": [
             {
                 "slide_id": s.slide_id,

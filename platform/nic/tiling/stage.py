@@ -91,13 +91,19 @@ class TileResume:
                 f"for without a download, {self.fetched} fetched to be verified")
 
 
+def options_hash_of(config: TileConfig) -> str:
+    """The resume key of every tile file: the slide options, which alone decide a slide's tile grid
+    (recorded in each file's metadata as `nic.options_hash`)."""
+    return stable_hash(config.slide.model_dump(mode="json"))
+
+
 @stage_storage(lazy=("tiles", "thumbnails"))
 def run_tile(config: TileConfig) -> int:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)
     write_bytes_atomic(out / "tile_config.yaml", dump_config(config).encode())
-    options_hash = stable_hash(config.slide.model_dump(mode="json"))
+    options_hash = options_hash_of(config)
 
     inputs = expand_slide_inputs(config.slides)
     previous = _previous_rows(out / MANIFEST_NAME)
