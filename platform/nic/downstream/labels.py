@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -64,7 +64,7 @@ class Labels:
         return None
 
     def summary(self) -> dict:
-        out = {
+        out: dict[str, Any] = {
             "kind": self.kind,
             "slides": len(self.frame),
             "patients": int(self.frame["patient_id"].nunique()),
@@ -145,8 +145,42 @@ def load_labels(
     """
     path = Path(path)
     frame = read_table(path, (slide_column, patient_column or "")).reset_index(drop=True)
-    problems: list[str] = []
+    _require_columns(path, frame, kind, target, time_column, event_column, slide_column)
+    has_patients = bool(patient_column) and patient_column in frame.columns
+    problems = _id_problems(frame, slide_column, patient_column if has_patients else None)
 
+    out = pd.DataFrame({
+        "slide_id": frame[slide_column],
+        "patient_id": frame[patient_column].astype(str) if has_patients else frame[slide_column],
+        "row": np.arange(1, len(frame) + 1),
+    })
+    classes: list[str] = []
+    if kind == "survival":
+        problems += _survival_columns(frame, out, time_column, event_column, slide_column)
+    else:
+        assert target is not None  # _require_columns refused a table without one
+        target_problems, classes = _target_column(frame, out, kind, target, slide_column)
+        problems += target_problems
+    if problems:
+        raise LabelError(path, problems)
+
+    dropped: list[str] = []
+    unlabelled: list[str] = []
+    if available_slides is not None:
+        out, dropped, unlabelled = _match_grids(path, frame, out, available_slides, missing_grids, slide_column)
+
+    count_problems = _count_problems(out, kind, classes, target, min_per_class)
+    if count_problems:
+        raise LabelError(path, count_problems)
+
+    return Labels(kind=kind, frame=out, classes=classes, has_patients=has_patients,
+                  unlabelled_grids=unlabelled, dropped_without_grid=dropped, source=str(path))
+
+
+def _require_columns(path: Path, frame: pd.DataFrame, kind: Kind, target: str | None, time_column: str,
+                     event_column: str, slide_column: str) -> None:
+    """Refuse at once a table that lacks a column the kind needs: every later check reads those
+    columns, so there is nothing more to collect without them."""
     needed = [slide_column]
     if kind == "survival":
         needed += [time_column, event_column]
@@ -157,8 +191,13 @@ def load_labels(
     missing_cols = [c for c in needed if c not in frame.columns]
     if missing_cols:
         raise LabelError(path, [f"missing column(s) {missing_cols}; the table has {list(frame.columns)}"])
-    has_patients = bool(patient_column) and patient_column in frame.columns
 
+
+def _id_problems(frame: pd.DataFrame, slide_column: str, patient_column: str | None) -> list[str]:
+    """Empty and duplicated slide ids, and rows without a patient (`patient_column` None: the
+    table has none). Strips the slide ids in `frame` in place, so a stray space in a spreadsheet
+    does not make an id that matches no grid."""
+    problems: list[str] = []
     slide = frame[slide_column]
     empty = slide.isna() | (slide.astype(str).str.strip() == "")
     if empty.any():
@@ -167,76 +206,90 @@ def load_labels(
     dup = frame[slide_column].duplicated(keep=False) & ~empty
     if dup.any():
         problems.append(f"duplicated slide ids: {_rows(frame, dup, slide_column)}")
-    if has_patients:
+    if patient_column is not None:
         no_patient = frame[patient_column].isna() & ~empty
         if no_patient.any():
             problems.append(f"{int(no_patient.sum())} row(s) without a {patient_column!r}: "
                             f"{_rows(frame, no_patient, slide_column)}")
+    return problems
 
-    out = pd.DataFrame({
-        "slide_id": frame[slide_column],
-        "patient_id": frame[patient_column].astype(str) if has_patients else frame[slide_column],
-        "row": np.arange(1, len(frame) + 1),
-    })
-    classes: list[str] = []
-    if kind == "survival":
-        t = _as_number(frame[time_column])
-        e = _as_number(frame[event_column])
-        bad_t = t.isna() | ~np.isfinite(t.fillna(0))
-        if bad_t.any():
-            problems.append(f"missing, NaN or non-numeric {time_column!r}: {_rows(frame, bad_t, slide_column)}")
-        nonpos = ~bad_t & (t <= 0)
-        if nonpos.any():
-            problems.append(f"negative or zero {time_column!r} (survival times must be > 0): "
-                            f"{_rows(frame, nonpos, slide_column)}")
-        bad_e = e.isna() | ~e.isin([0, 1])
-        if bad_e.any():
-            problems.append(f"{event_column!r} must be 0 (censored) or 1 (event): {_rows(frame, bad_e, slide_column)}")
-        out["time"] = t.astype(float)
-        out["event"] = e.fillna(-1).astype(int)
-    else:
-        raw = frame[target]
-        absent = raw.isna() | (raw.astype(str).str.strip() == "")
-        if kind == "regression":
-            values = _as_number(raw)
-            bad = values.isna() | ~np.isfinite(values.fillna(0))
-            if bad.any():
-                problems.append(f"missing, NaN or non-numeric {target!r}: {_rows(frame, bad, slide_column)}")
-            out["target"] = values.astype(float)
-        else:
-            if absent.any():
-                problems.append(f"missing or NaN {target!r}: {_rows(frame, absent, slide_column)}")
-            labels = _class_labels(raw[~absent])
-            if kind == "binary" and len(labels) > 2:
-                problems.append(f"binary target {target!r} has {len(labels)} distinct values {labels[:10]}; "
-                                "use kind: multiclass or recode it to two values")
-            if len(labels) < 2:
-                problems.append(f"target {target!r} has fewer than two classes ({labels}): nothing to learn")
-            index = {lab: i for i, lab in enumerate(labels)}
-            out["target"] = raw.map(lambda v: index.get(v, -1) if not pd.isna(v) else -1).astype(int)
-            classes = [_label_text(lab) for lab in labels]
 
-    if problems:
-        raise LabelError(path, problems)
+def _survival_columns(frame: pd.DataFrame, out: pd.DataFrame, time_column: str, event_column: str,
+                      slide_column: str) -> list[str]:
+    """Add `time` and `event` to `out`; returns the problems of those columns (times must be
+    finite and > 0 for the Cox loss, events exactly 0 or 1)."""
+    problems: list[str] = []
+    t = _as_number(frame[time_column])
+    e = _as_number(frame[event_column])
+    bad_t = t.isna() | ~np.isfinite(t.fillna(0))
+    if bad_t.any():
+        problems.append(f"missing, NaN or non-numeric {time_column!r}: {_rows(frame, bad_t, slide_column)}")
+    nonpos = ~bad_t & (t <= 0)
+    if nonpos.any():
+        problems.append(f"negative or zero {time_column!r} (survival times must be > 0): "
+                        f"{_rows(frame, nonpos, slide_column)}")
+    bad_e = e.isna() | ~e.isin([0, 1])
+    if bad_e.any():
+        problems.append(f"{event_column!r} must be 0 (censored) or 1 (event): {_rows(frame, bad_e, slide_column)}")
+    out["time"] = t.astype(float)
+    out["event"] = e.fillna(-1).astype(int)
+    return problems
 
+
+def _target_column(frame: pd.DataFrame, out: pd.DataFrame, kind: Kind, target: str,
+                   slide_column: str) -> tuple[list[str], list[str]]:
+    """Add `target` to `out` (a float for regression, a class index for classification); returns
+    the column's problems and the class names (empty for regression), index order."""
+    problems: list[str] = []
+    raw = frame[target]
+    absent = raw.isna() | (raw.astype(str).str.strip() == "")
+    if kind == "regression":
+        values = _as_number(raw)
+        bad = values.isna() | ~np.isfinite(values.fillna(0))
+        if bad.any():
+            problems.append(f"missing, NaN or non-numeric {target!r}: {_rows(frame, bad, slide_column)}")
+        out["target"] = values.astype(float)
+        return problems, []
+    if absent.any():
+        problems.append(f"missing or NaN {target!r}: {_rows(frame, absent, slide_column)}")
+    labels = _class_labels(raw[~absent])
+    if kind == "binary" and len(labels) > 2:
+        problems.append(f"binary target {target!r} has {len(labels)} distinct values {labels[:10]}; "
+                        "use kind: multiclass or recode it to two values")
+    if len(labels) < 2:
+        problems.append(f"target {target!r} has fewer than two classes ({labels}): nothing to learn")
+    index = {lab: i for i, lab in enumerate(labels)}
+    out["target"] = raw.map(lambda v: index.get(v, -1) if not pd.isna(v) else -1).astype(int)
+    return problems, [_label_text(lab) for lab in labels]
+
+
+def _match_grids(path: Path, frame: pd.DataFrame, out: pd.DataFrame, available_slides: list[str],
+                 missing_grids: Literal["error", "drop"],
+                 slide_column: str) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Match the validated rows to the grid store: a labelled slide without a grid is an error (or,
+    with missing_grids="drop", dropped and reported); returns the rows kept, the slides dropped and
+    the grids that have no label (reported, never an error)."""
     dropped: list[str] = []
-    unlabelled: list[str] = []
-    if available_slides is not None:
-        have = set(available_slides)
-        no_grid = ~out["slide_id"].isin(have)
-        if no_grid.any():
-            if missing_grids == "error":
-                raise LabelError(path, [
-                    f"{int(no_grid.sum())} labelled slide(s) have no grid in the grid store: "
-                    f"{_rows(frame, no_grid.to_numpy(), slide_column)} (compression failed or skipped them, or "
-                    "the ids differ; set missing_grids: drop to train without them)"
-                ])
-            dropped = out.loc[no_grid, "slide_id"].tolist()
-            out = out.loc[~no_grid].reset_index(drop=True)
-        labelled = set(out["slide_id"])
-        unlabelled = sorted(s for s in have if s not in labelled)
+    have = set(available_slides)
+    no_grid = ~out["slide_id"].isin(have)
+    if no_grid.any():
+        if missing_grids == "error":
+            raise LabelError(path, [
+                f"{int(no_grid.sum())} labelled slide(s) have no grid in the grid store: "
+                f"{_rows(frame, no_grid.to_numpy(), slide_column)} (compression failed or skipped them, or "
+                "the ids differ; set missing_grids: drop to train without them)"
+            ])
+        dropped = out.loc[no_grid, "slide_id"].tolist()
+        out = out.loc[~no_grid].reset_index(drop=True)
+    labelled = set(out["slide_id"])
+    unlabelled = sorted(s for s in have if s not in labelled)
+    return out, dropped, unlabelled
 
-    # Enough slides per class (per event status for survival) for stratified folds.
+
+def _count_problems(out: pd.DataFrame, kind: Kind, classes: list[str], target: str | None,
+                    min_per_class: int) -> list[str]:
+    """Enough slides per class (per event status for survival) for stratified folds: counted
+    after matching with the grids, since a dropped slide can leave a class too small."""
     count_problems = []
     if kind in ("binary", "multiclass"):
         counts = out["target"].value_counts()
@@ -256,11 +309,7 @@ def load_labels(
                                   "are needed (one per fold) to fit and evaluate a survival model")
     elif len(out) < min_per_class:
         count_problems.append(f"only {len(out)} slide(s) with a grid; at least {min_per_class} are needed")
-    if count_problems:
-        raise LabelError(path, count_problems)
-
-    return Labels(kind=kind, frame=out, classes=classes, has_patients=has_patients,
-                  unlabelled_grids=unlabelled, dropped_without_grid=dropped, source=str(path))
+    return count_problems
 
 
 def _label_text(value: object) -> str:
