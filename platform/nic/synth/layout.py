@@ -144,146 +144,238 @@ def _smooth_curve(rng, start, end, wiggle, n=5) -> np.ndarray:
     return ndimage.gaussian_filter1d(dense, 3, axis=0, mode="nearest")
 
 
+@dataclass(frozen=True)
+class _MapGrid:
+    """The geometry of a slide's map, shared by every step that draws on it: its pixel size, the
+    slide's extent in um and each map pixel's centre in um (`yy` a column, `xx` a row)."""
+
+    map_um: float
+    h_um: float
+    w_um: float
+    yy: np.ndarray
+    xx: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.yy.shape[0], self.xx.shape[1])
+
+    @property
+    def size(self) -> float:
+        """The slide's shorter side (um): what the sizes of tissue pieces and artefacts scale with."""
+        return min(self.h_um, self.w_um)
+
+    @classmethod
+    def of(cls, p: SlideParams) -> _MapGrid:
+        """`MAP_UM` um/px, coarser for a slide whose map would exceed `MAX_MAP_PX`, one pixel of
+        margin on each side."""
+        h_um, w_um = p.height * p.mpp, p.width * p.mpp
+        map_um = max(MAP_UM, max(h_um, w_um) / MAX_MAP_PX)
+        mh, mw = math.ceil(h_um / map_um) + 2, math.ceil(w_um / map_um) + 2
+        yy = ((np.arange(mh) + 0.5) * map_um)[:, None].astype(np.float32)
+        xx = ((np.arange(mw) + 0.5) * map_um)[None, :].astype(np.float32)
+        return cls(map_um, h_um, w_um, yy, xx)
+
+
+@dataclass
+class _ClassMaps:
+    """The class map being built and the continuous maps that go with it; every step of
+    `build_layout` adds its class to `classes` in turn, so the order of the steps is the order in
+    which classes overwrite one another."""
+
+    tissue: np.ndarray  # (mh, mw) bool: tissue, not glass
+    classes: np.ndarray  # (mh, mw) uint8
+    til: np.ndarray  # (mh, mw) float32 lymphocyte density inside the tumour
+    density: np.ndarray  # (mh, mw) float32 stroma density
+
+
 def build_layout(p: SlideParams) -> Layout:
     """The layout of slide `p` (deterministic in p.seed)."""
     rng = np.random.default_rng(np.random.SeedSequence([p.seed, 1]))
     art_rng = np.random.default_rng(np.random.SeedSequence([p.seed, 3]))
-    h_um, w_um = p.height * p.mpp, p.width * p.mpp
-    map_um = max(MAP_UM, max(h_um, w_um) / MAX_MAP_PX)
-    mh, mw = math.ceil(h_um / map_um) + 2, math.ceil(w_um / map_um) + 2
-    shape = (mh, mw)
-    yy = ((np.arange(mh) + 0.5) * map_um)[:, None].astype(np.float32)
-    xx = ((np.arange(mw) + 0.5) * map_um)[None, :].astype(np.float32)
-    size = min(h_um, w_um)
-
+    g = _MapGrid.of(p)
     if p.layout == "slide":
-        tissue = _tissue(rng, shape, yy, xx, (h_um, w_um), p.tissue_pieces, p.tissue_fraction, map_um)
+        tissue = _tissue(rng, g.shape, g.yy, g.xx, (g.h_um, g.w_um), p.tissue_pieces, p.tissue_fraction, g.map_um)
     else:
-        tissue = np.ones(shape, bool)
-    classes = np.where(tissue, STROMA, BACKGROUND).astype(np.uint8)
-    til = np.zeros(shape, np.float32)
-    density = np.ones(shape, np.float32)
-
+        tissue = np.ones(g.shape, bool)
+    t = _ClassMaps(tissue, np.where(tissue, STROMA, BACKGROUND).astype(np.uint8),
+                np.zeros(g.shape, np.float32), np.ones(g.shape, np.float32))
     if p.layout == "uniform":
-        classes[:] = p.uniform_class
-        til[:] = p.til_density
-        density += 0.15 * _noise(rng, shape, 150.0, map_um)
+        t.classes[:] = p.uniform_class
+        t.til[:] = p.til_density
+        t.density += 0.15 * _noise(rng, g.shape, 150.0, g.map_um)
     else:
-        depth = _edt_um(np.pad(tissue, 1), map_um)[1:-1, 1:-1]
-        desmo = p.growth_pattern == "desmoplastic"
-        scale = rng.uniform(140.0, 260.0) * (1.0 if desmo else 0.8)
-        t_field = _noise(rng, shape, scale, map_um)
-        if not desmo:  # ragged, infiltrative borders and satellite nests
-            t_field += 0.55 * _noise(rng, shape, 30.0, map_um) + 0.25 * _noise(rng, shape, 12.0, map_um)
-        t_field += 0.9 * np.clip(depth / max(0.18 * size, 1.0), 0.0, 1.0)
-        tumour = tissue & (t_field > _quantile_threshold(t_field, tissue, p.tumour_fraction))
-        tumour = ndimage.binary_opening(tumour, iterations=1) if desmo else tumour
-
-        # fat and stroma in the surrounding (non-tumour) tissue
-        normal = tissue & ~tumour
-        f_field = _noise(rng, shape, 110.0, map_um) + 0.3 * _noise(rng, shape, 30.0, map_um)
-        fat = normal & (f_field > _quantile_threshold(f_field, normal, p.fat_fraction))
-        classes[fat] = FAT
-        density += 0.18 * _noise(rng, shape, 120.0, map_um)
-
-        d_out = _edt_um(~tumour, map_um)
-        lymph_noise = _noise(rng, shape, 35.0, map_um)
-        if desmo and tumour.any():
-            rim_um = rng.uniform(110.0, 190.0)
-            rim = tissue & ~tumour & (d_out <= rim_um)
-            classes[rim] = STROMA
-            density[rim] = 1.15 + 0.1 * np.clip(lymph_noise[rim], -1, 1)
-            band = tissue & ~tumour & (d_out > 0.45 * rim_um) & (d_out <= 1.05 * rim_um)
-            coverage = 0.35 + 0.6 * p.til_density
-            lymph_band = band & (lymph_noise > _quantile_threshold(lymph_noise, band, coverage))
-            classes[lymph_band] = LYMPHOCYTES
-
-        # lymphoid aggregates in the surrounding tissue
-        area_mm2 = float(tissue.sum()) * (map_um / 1000.0) ** 2
-        n_agg = rng.poisson((0.5 + 3.0 * p.til_density) * max(area_mm2, 0.5) / 4.0)
-        agg_noise = _noise(rng, shape, 15.0, map_um)
-        candidates = np.argwhere(normal & (d_out > 60.0))
-        for _ in range(int(n_agg)):
-            if len(candidates) == 0:
-                break
-            cy, cx = candidates[rng.integers(len(candidates))]
-            r_um = rng.uniform(35.0, 110.0)
-            d = np.hypot(yy[:, 0][:, None] - (cy + 0.5) * map_um, xx[0][None, :] - (cx + 0.5) * map_um)
-            blob = tissue & ~tumour & (d < r_um * (1.0 + 0.25 * agg_noise))
-            classes[blob] = LYMPHOCYTES
-
-        classes[tumour] = TUMOUR
-        # thin fibrovascular septa between tumour nests
-        septa_field = _noise(rng, shape, 45.0, map_um)
-        septa = tumour & (np.abs(septa_field) < (0.07 if desmo else 0.05))
-        classes[septa] = STROMA
-        # necrotic cores, away from the tumour border
-        d_in = _edt_um(tumour, map_um)
-        n_field = _noise(rng, shape, 70.0, map_um) + d_in / 150.0
-        core = tumour & (d_in > 50.0)
-        wanted = p.necrosis_fraction * tumour.sum() / max(core.sum(), 1)
-        necrosis = core & (n_field > _quantile_threshold(n_field, core, min(1.0, wanted)))
-        classes[necrosis] = NECROSIS
-        # tumour-infiltrating lymphocytes: strongest near the tumour border
-        til_field = np.clip(0.55 + 0.45 * _noise(rng, shape, 60.0, map_um), 0.0, 1.0)
-        til = (p.til_density * til_field * (0.35 + np.exp(-d_out / 120.0))).astype(np.float32)
-        til[~tissue] = 0.0
+        _tumour_and_surroundings(rng, p, g, t)
 
     # smoothed one-hot class scores: bilinear interpolation of these gives smooth borders
-    onehot = np.stack([(classes == k).astype(np.float32) for k in range(K)], axis=-1)
+    onehot = np.stack([(t.classes == k).astype(np.float32) for k in range(K)], axis=-1)
     scores = ndimage.gaussian_filter(onehot, sigma=(0.7, 0.7, 0), mode="nearest")
-    extra = np.zeros((mh, mw, 5), np.float32)
-    extra[..., CH_TIL - K] = til
-    extra[..., CH_STROMA_DENSITY - K] = ndimage.gaussian_filter(density, 1.0)
+    extra = np.zeros((*g.shape, 5), np.float32)
+    extra[..., CH_TIL - K] = t.til
+    extra[..., CH_STROMA_DENSITY - K] = ndimage.gaussian_filter(t.density, 1.0)
 
-    fold = blur = pen = None
-    blur_box = pen_box = None
-    if p.artefacts.fold and tissue.any():
-        ty, tx = np.argwhere(tissue).mean(axis=0) * map_um
-        ang = art_rng.uniform(0, np.pi)
-        half = size * 0.45
-        start = np.array([ty - half * np.sin(ang), tx - half * np.cos(ang)])
-        end = np.array([ty + half * np.sin(ang), tx + half * np.cos(ang)])
-        curve = _smooth_curve(art_rng, start, end, size * 0.06) / map_um
-        d = ndimage.distance_transform_edt(~_line_mask(shape, curve)) * map_um
-        width = art_rng.uniform(50.0, 130.0)
-        fold = np.clip((width / 2 - d) / 12.0 + 0.5, 0, 1) * tissue
-        extra[..., CH_FOLD - K] = ndimage.gaussian_filter(fold.astype(np.float32), 0.7)
+    # Artefacts draw from their own stream, in a fixed order, so turning one on moves no tissue.
+    has_fold = p.artefacts.fold and bool(tissue.any())
+    if has_fold:
+        extra[..., CH_FOLD - K] = _fold(art_rng, g, tissue)
+    blur_box = None
     if p.artefacts.blur and tissue.any():
-        cy, cx = np.argwhere(tissue)[art_rng.integers(tissue.sum())] * map_um
-        r = size * art_rng.uniform(0.12, 0.25)
-        d = np.hypot(yy - cy, xx - cx) / r
-        blur = np.clip((1.0 - d) * 4.0, 0, 1) * (1 + 0.0 * yy)
-        extra[..., CH_BLUR - K] = blur
-        blur_box = (cy - r, cx - r, cy + r, cx + r)
+        extra[..., CH_BLUR - K], blur_box = _blur(art_rng, g, tissue)
+    pen_box = None
     if p.artefacts.pen:
-        side = art_rng.integers(4)
-        t0, t1 = art_rng.uniform(0.1, 0.9, 2)
-        corners = {
-            0: (np.array([0.0, t0 * w_um]), np.array([h_um * art_rng.uniform(0.3, 0.7), t1 * w_um])),
-            1: (np.array([h_um, t0 * w_um]), np.array([h_um * art_rng.uniform(0.3, 0.7), t1 * w_um])),
-            2: (np.array([t0 * h_um, 0.0]), np.array([t1 * h_um, w_um * art_rng.uniform(0.3, 0.7)])),
-            3: (np.array([t0 * h_um, w_um]), np.array([t1 * h_um, w_um * art_rng.uniform(0.3, 0.7)])),
-        }
-        start, end = corners[int(side)]
-        curve = _smooth_curve(art_rng, start, end, size * 0.08) / map_um
-        d = ndimage.distance_transform_edt(~_line_mask(shape, curve)) * map_um
-        width = size * art_rng.uniform(0.02, 0.045)
-        pen = np.clip((width / 2 - d) / (0.15 * width) + 0.5, 0, 1).astype(np.float32)
-        pen *= np.clip(0.85 + 0.15 * _noise(art_rng, shape, 40.0, map_um), 0.5, 1.0)
-        extra[..., CH_PEN - K] = pen
-        ys, xs = np.nonzero(pen > 0)
-        if len(ys):
-            pen_box = (ys.min() * map_um - map_um, xs.min() * map_um - map_um,
-                       (ys.max() + 2) * map_um, (xs.max() + 2) * map_um)
+        extra[..., CH_PEN - K], pen_box = _pen(art_rng, g)
     maps = np.concatenate([scores, extra], axis=-1).astype(np.float32)
     return Layout(
-        map_um=map_um,
-        classes=classes,
+        map_um=g.map_um,
+        classes=t.classes,
         maps=np.ascontiguousarray(maps),
-        has_fold=fold is not None,
-        has_blur=blur is not None,
+        has_fold=has_fold,
+        has_blur=blur_box is not None,
         has_pen=pen_box is not None,
         blur_box_um=blur_box,
         pen_box_um=pen_box,
     )
+
+
+def _tumour_and_surroundings(rng: np.random.Generator, p: SlideParams, g: _MapGrid, t: _ClassMaps) -> None:
+    """The classes of a `slide` or `fill` layout, in the order they overwrite one another: the
+    tumour's extent, fat and the desmoplastic rim around it, lymphoid aggregates, then the tumour
+    itself with its septa and necrotic cores, and the lymphocyte density. One `rng`, drawn in this
+    order: the same seed gives the same slide."""
+    tumour = _tumour_mask(rng, p, g, t.tissue)
+    normal = t.tissue & ~tumour
+    d_out = _surroundings(rng, p, g, t, tumour, normal)
+    _aggregates(rng, p, g, t, tumour, normal, d_out)
+    _tumour_interior(rng, p, g, t, tumour)
+    # tumour-infiltrating lymphocytes: strongest near the tumour border
+    til_field = np.clip(0.55 + 0.45 * _noise(rng, g.shape, 60.0, g.map_um), 0.0, 1.0)
+    t.til = (p.til_density * til_field * (0.35 + np.exp(-d_out / 120.0))).astype(np.float32)
+    t.til[~t.tissue] = 0.0
+
+
+def _tumour_mask(rng: np.random.Generator, p: SlideParams, g: _MapGrid, tissue: np.ndarray) -> np.ndarray:
+    """Where the tumour lies: a smooth field, deeper in the tissue more likely, thresholded for
+    `tumour_fraction`. The growth pattern shows here first: compact nests (desmoplastic) or ragged
+    borders with satellites (replacement)."""
+    depth = _edt_um(np.pad(tissue, 1), g.map_um)[1:-1, 1:-1]
+    desmo = p.growth_pattern == "desmoplastic"
+    scale = rng.uniform(140.0, 260.0) * (1.0 if desmo else 0.8)
+    t_field = _noise(rng, g.shape, scale, g.map_um)
+    if not desmo:  # ragged, infiltrative borders and satellite nests
+        t_field += 0.55 * _noise(rng, g.shape, 30.0, g.map_um) + 0.25 * _noise(rng, g.shape, 12.0, g.map_um)
+    t_field += 0.9 * np.clip(depth / max(0.18 * g.size, 1.0), 0.0, 1.0)
+    tumour = tissue & (t_field > _quantile_threshold(t_field, tissue, p.tumour_fraction))
+    return ndimage.binary_opening(tumour, iterations=1) if desmo else tumour
+
+
+def _surroundings(rng: np.random.Generator, p: SlideParams, g: _MapGrid, t: _ClassMaps, tumour: np.ndarray,
+                  normal: np.ndarray) -> np.ndarray:
+    """Fat and stroma in the non-tumour tissue and, for the desmoplastic pattern, the fibrotic rim
+    around the tumour with its band of lymphocytes (the binary target's signal); returns each
+    pixel's distance (um) from the tumour, which the later steps place things by."""
+    f_field = _noise(rng, g.shape, 110.0, g.map_um) + 0.3 * _noise(rng, g.shape, 30.0, g.map_um)
+    fat = normal & (f_field > _quantile_threshold(f_field, normal, p.fat_fraction))
+    t.classes[fat] = FAT
+    t.density += 0.18 * _noise(rng, g.shape, 120.0, g.map_um)
+
+    d_out = _edt_um(~tumour, g.map_um)
+    lymph_noise = _noise(rng, g.shape, 35.0, g.map_um)
+    if p.growth_pattern == "desmoplastic" and tumour.any():
+        rim_um = rng.uniform(110.0, 190.0)
+        rim = t.tissue & ~tumour & (d_out <= rim_um)
+        t.classes[rim] = STROMA
+        t.density[rim] = 1.15 + 0.1 * np.clip(lymph_noise[rim], -1, 1)
+        band = t.tissue & ~tumour & (d_out > 0.45 * rim_um) & (d_out <= 1.05 * rim_um)
+        coverage = 0.35 + 0.6 * p.til_density
+        lymph_band = band & (lymph_noise > _quantile_threshold(lymph_noise, band, coverage))
+        t.classes[lymph_band] = LYMPHOCYTES
+    return d_out
+
+
+def _aggregates(rng: np.random.Generator, p: SlideParams, g: _MapGrid, t: _ClassMaps, tumour: np.ndarray,
+                normal: np.ndarray, d_out: np.ndarray) -> None:
+    """Lymphoid aggregates in the surrounding tissue, more of them with a higher TIL density, kept
+    away from the tumour so they do not read as the desmoplastic band."""
+    area_mm2 = float(t.tissue.sum()) * (g.map_um / 1000.0) ** 2
+    n_agg = rng.poisson((0.5 + 3.0 * p.til_density) * max(area_mm2, 0.5) / 4.0)
+    agg_noise = _noise(rng, g.shape, 15.0, g.map_um)
+    candidates = np.argwhere(normal & (d_out > 60.0))
+    for _ in range(int(n_agg)):
+        if len(candidates) == 0:
+            break
+        cy, cx = candidates[rng.integers(len(candidates))]
+        r_um = rng.uniform(35.0, 110.0)
+        d = np.hypot(g.yy[:, 0][:, None] - (cy + 0.5) * g.map_um, g.xx[0][None, :] - (cx + 0.5) * g.map_um)
+        blob = t.tissue & ~tumour & (d < r_um * (1.0 + 0.25 * agg_noise))
+        t.classes[blob] = LYMPHOCYTES
+
+
+def _tumour_interior(rng: np.random.Generator, p: SlideParams, g: _MapGrid, t: _ClassMaps,
+                     tumour: np.ndarray) -> None:
+    """The tumour class, then what lies inside it: thin fibrovascular septa between nests and
+    necrotic cores away from the border, sized for `necrosis_fraction` of the tumour."""
+    t.classes[tumour] = TUMOUR
+    # thin fibrovascular septa between tumour nests
+    septa_field = _noise(rng, g.shape, 45.0, g.map_um)
+    septa = tumour & (np.abs(septa_field) < (0.07 if p.growth_pattern == "desmoplastic" else 0.05))
+    t.classes[septa] = STROMA
+    # necrotic cores, away from the tumour border
+    d_in = _edt_um(tumour, g.map_um)
+    n_field = _noise(rng, g.shape, 70.0, g.map_um) + d_in / 150.0
+    core = tumour & (d_in > 50.0)
+    wanted = p.necrosis_fraction * tumour.sum() / max(core.sum(), 1)
+    necrosis = core & (n_field > _quantile_threshold(n_field, core, min(1.0, wanted)))
+    t.classes[necrosis] = NECROSIS
+
+
+def _fold(art_rng: np.random.Generator, g: _MapGrid, tissue: np.ndarray) -> np.ndarray:
+    """A tissue fold: a band along a gently curved line through the tissue's centre (the fold
+    channel, smoothed), for artefact detection to find."""
+    size, map_um = g.size, g.map_um
+    ty, tx = np.argwhere(tissue).mean(axis=0) * map_um
+    ang = art_rng.uniform(0, np.pi)
+    half = size * 0.45
+    start = np.array([ty - half * np.sin(ang), tx - half * np.cos(ang)])
+    end = np.array([ty + half * np.sin(ang), tx + half * np.cos(ang)])
+    curve = _smooth_curve(art_rng, start, end, size * 0.06) / map_um
+    d = ndimage.distance_transform_edt(~_line_mask(g.shape, curve)) * map_um
+    width = art_rng.uniform(50.0, 130.0)
+    fold = np.clip((width / 2 - d) / 12.0 + 0.5, 0, 1) * tissue
+    return ndimage.gaussian_filter(fold.astype(np.float32), 0.7)
+
+
+def _blur(art_rng: np.random.Generator, g: _MapGrid,
+          tissue: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """An out-of-focus disc centred on a tissue pixel: the blur channel and its box (um), which
+    the sidecar records so a test can check that tiling flags it."""
+    cy, cx = np.argwhere(tissue)[art_rng.integers(tissue.sum())] * g.map_um
+    r = g.size * art_rng.uniform(0.12, 0.25)
+    d = np.hypot(g.yy - cy, g.xx - cx) / r
+    blur = np.clip((1.0 - d) * 4.0, 0, 1) * (1 + 0.0 * g.yy)
+    return blur, (cy - r, cx - r, cy + r, cx + r)
+
+
+def _pen(art_rng: np.random.Generator,
+         g: _MapGrid) -> tuple[np.ndarray, tuple[float, float, float, float] | None]:
+    """A pen stroke from one edge of the slide inwards: the pen channel and its box (um; None
+    when the stroke misses the map)."""
+    size, map_um, h_um, w_um = g.size, g.map_um, g.h_um, g.w_um
+    side = art_rng.integers(4)
+    t0, t1 = art_rng.uniform(0.1, 0.9, 2)
+    corners = {
+        0: (np.array([0.0, t0 * w_um]), np.array([h_um * art_rng.uniform(0.3, 0.7), t1 * w_um])),
+        1: (np.array([h_um, t0 * w_um]), np.array([h_um * art_rng.uniform(0.3, 0.7), t1 * w_um])),
+        2: (np.array([t0 * h_um, 0.0]), np.array([t1 * h_um, w_um * art_rng.uniform(0.3, 0.7)])),
+        3: (np.array([t0 * h_um, w_um]), np.array([t1 * h_um, w_um * art_rng.uniform(0.3, 0.7)])),
+    }
+    start, end = corners[int(side)]
+    curve = _smooth_curve(art_rng, start, end, size * 0.08) / map_um
+    d = ndimage.distance_transform_edt(~_line_mask(g.shape, curve)) * map_um
+    width = size * art_rng.uniform(0.02, 0.045)
+    pen = np.clip((width / 2 - d) / (0.15 * width) + 0.5, 0, 1).astype(np.float32)
+    pen *= np.clip(0.85 + 0.15 * _noise(art_rng, g.shape, 40.0, map_um), 0.5, 1.0)
+    ys, xs = np.nonzero(pen > 0)
+    pen_box = None
+    if len(ys):
+        pen_box = (ys.min() * map_um - map_um, xs.min() * map_um - map_um,
+                   (ys.max() + 2) * map_um, (xs.max() + 2) * map_um)
+    return pen, pen_box
