@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import imagecodecs
 import numpy as np
@@ -151,68 +152,22 @@ def write_pyramidal_tiff(
     publish it atomically. Returns the (width, height) of every level written.
     """
     path = Path(path)
-    if tile_size % 16 or tile_size <= 0:
-        raise ValueError(f"tile_size must be a positive multiple of 16 (JPEG 4:2:0 blocks), got {tile_size}")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
-    if mpp <= 0:
-        raise ValueError(f"mpp must be positive, got {mpp}")
+    _check_options(tile_size, quality, mpp)
     region_width = max(tile_size, (region_width // tile_size) * tile_size)
     dims = pyramid_dimensions(width, height, min_level_px)
     raw_bytes = sum(w * h * 3 for w, h in dims)
     bigtiff = raw_bytes > _BIGTIFF_RAW_BYTES
 
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-    encoder = _Encoder(tile_size, quality, pool)
     spool_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.spool.tmp")
-    spools = [_LevelSpool(w, h) for w, h in dims[1:]]
     try:
         with open(spool_path, "w+b") as spool_file:
-            for spool in spools:
-                spool.handle = spool_file
-            offsets: list[list[int]] = [[] for _ in spools]
-
-            def push(level: int, rows: np.ndarray, last: bool) -> None:
-                """Append level-`level` (>= 1) rows; encode full tile rows; cascade downwards."""
-                spool = spools[level - 1]
-                spool.pending.append(rows)
-                spool.pending_rows += rows.shape[0]
-                while spool.pending_rows >= tile_size or (last and spool.pending_rows > 0):
-                    band = np.concatenate(spool.pending, axis=0) if len(spool.pending) > 1 else spool.pending[0]
-                    take = min(tile_size, band.shape[0])
-                    head, rest = band[:take], band[take:]
-                    spool.pending = [rest] if rest.shape[0] else []
-                    spool.pending_rows = rest.shape[0]
-                    for data in encoder.encode_band(head):
-                        offsets[level - 1].append(spool_file.tell())
-                        spool.sizes.append(len(data))
-                        spool_file.write(data)
-                    spool.rows_done += take
-                    is_last = last and spool.pending_rows == 0
-                    if level < len(dims) - 1:
-                        push(level + 1, _downsample2(head), is_last)
-
-            def level0_tiles() -> Iterator[bytes]:
-                for y0 in range(0, height, tile_size):
-                    h = min(tile_size, height - y0)
-                    band = _render_band(tile_fn, y0, h, width, region_width, pool)
-                    encoded = encoder.encode_band(band)
-                    # Cascade before yielding: tifffile stops pulling after the last tile, so
-                    # work placed after the final yield would never run.
-                    if len(dims) > 1:
-                        push(1, _downsample2(band), last=y0 + h >= height)
-                    del band
-                    yield from encoded
-
-            def spooled_tiles(level: int) -> Iterator[bytes]:
-                for offset, size in zip(offsets[level - 1], spools[level - 1].sizes):
-                    spool_file.seek(offset)
-                    yield spool_file.read(size)
-
+            pyramid = _Pyramid(dims, tile_fn, tile_size, region_width, _Encoder(tile_size, quality, pool), pool,
+                               spool_file)
             with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
                 for level, (w, h) in enumerate(dims):
                     level_mpp = mpp * (width / w)
-                    tiles = level0_tiles() if level == 0 else spooled_tiles(level)
+                    tiles = pyramid.level0_tiles() if level == 0 else pyramid.spooled_tiles(level)
                     tif.write(
                         tiles,
                         shape=(h, w, 3),
@@ -231,15 +186,90 @@ def write_pyramidal_tiff(
                         datetime=False,
                     )
                     if level > 0:
-                        expected = math.ceil(w / tile_size) * math.ceil(h / tile_size)
-                        if len(spools[level - 1].sizes) != expected:
-                            raise RuntimeError(
-                                f"{path}: level {level} has {len(spools[level - 1].sizes)} tiles, "
-                                f"expected {expected} (internal pyramid error)"
-                            )
+                        pyramid.check_level(path, level)
     finally:
         if pool is not None:
             pool.shutdown()
         if spool_path.exists():
             os.unlink(spool_path)
     return dims
+
+
+def _check_options(tile_size: int, quality: int, mpp: float) -> None:
+    """Refuse settings that would give a file OpenSlide misreads (or none), before any pixel is
+    rendered: a slide can take minutes to render."""
+    if tile_size % 16 or tile_size <= 0:
+        raise ValueError(f"tile_size must be a positive multiple of 16 (JPEG 4:2:0 blocks), got {tile_size}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    if mpp <= 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+
+
+class _Pyramid:
+    """The tiles of every level of one slide, in the order tifffile writes them: level 0 rendered
+    band by band from `tile_fn`, each band cascading 2 x 2 means down the levels below as it goes
+    (`push`), whose encoded tiles wait in `spool_file` until their directory is written. One object
+    rather than closures so that each step (render, cascade, replay, check) has a name."""
+
+    def __init__(self, dims: list[tuple[int, int]], tile_fn: TileFn, tile_size: int, region_width: int,
+                 encoder: _Encoder, pool: ThreadPoolExecutor | None, spool_file: BinaryIO) -> None:
+        self.dims, self.tile_fn, self.tile_size, self.region_width = dims, tile_fn, tile_size, region_width
+        self.encoder, self.pool, self.spool_file = encoder, pool, spool_file
+        self.spools = [_LevelSpool(w, h) for w, h in dims[1:]]
+        for spool in self.spools:
+            spool.handle = spool_file
+        self.offsets: list[list[int]] = [[] for _ in self.spools]
+
+    def push(self, level: int, rows: np.ndarray, last: bool) -> None:
+        """Append level-`level` (>= 1) rows; encode full tile rows; cascade downwards."""
+        tile_size, spool_file = self.tile_size, self.spool_file
+        spool = self.spools[level - 1]
+        spool.pending.append(rows)
+        spool.pending_rows += rows.shape[0]
+        while spool.pending_rows >= tile_size or (last and spool.pending_rows > 0):
+            band = np.concatenate(spool.pending, axis=0) if len(spool.pending) > 1 else spool.pending[0]
+            take = min(tile_size, band.shape[0])
+            head, rest = band[:take], band[take:]
+            spool.pending = [rest] if rest.shape[0] else []
+            spool.pending_rows = rest.shape[0]
+            for data in self.encoder.encode_band(head):
+                self.offsets[level - 1].append(spool_file.tell())
+                spool.sizes.append(len(data))
+                spool_file.write(data)
+            spool.rows_done += take
+            is_last = last and spool.pending_rows == 0
+            if level < len(self.dims) - 1:
+                self.push(level + 1, _downsample2(head), is_last)
+
+    def level0_tiles(self) -> Iterator[bytes]:
+        """Level 0's encoded tiles, rendered one band of tile rows at a time (the lower levels are
+        filled in passing, so they are complete when level 0's last tile has been taken)."""
+        width, height = self.dims[0]
+        for y0 in range(0, height, self.tile_size):
+            h = min(self.tile_size, height - y0)
+            band = _render_band(self.tile_fn, y0, h, width, self.region_width, self.pool)
+            encoded = self.encoder.encode_band(band)
+            # Cascade before yielding: tifffile stops pulling after the last tile, so
+            # work placed after the final yield would never run.
+            if len(self.dims) > 1:
+                self.push(1, _downsample2(band), last=y0 + h >= height)
+            del band
+            yield from encoded
+
+    def spooled_tiles(self, level: int) -> Iterator[bytes]:
+        """A lower level's encoded tiles, read back from the spool in TIFF tile order."""
+        for offset, size in zip(self.offsets[level - 1], self.spools[level - 1].sizes):
+            self.spool_file.seek(offset)
+            yield self.spool_file.read(size)
+
+    def check_level(self, path: Path, level: int) -> None:
+        """Fail loudly when a lower level got another number of tiles than its size needs: the
+        cascade's bookkeeping went wrong, and the file would be a corrupt pyramid."""
+        w, h = self.dims[level]
+        expected = math.ceil(w / self.tile_size) * math.ceil(h / self.tile_size)
+        if len(self.spools[level - 1].sizes) != expected:
+            raise RuntimeError(
+                f"{path}: level {level} has {len(self.spools[level - 1].sizes)} tiles, "
+                f"expected {expected} (internal pyramid error)"
+            )
