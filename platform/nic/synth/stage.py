@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -359,17 +360,53 @@ def _remove_stale_slides(out: Path, keep: set[str]) -> None:
 @stage_storage
 def run_synth(config: SynthConfig) -> int:
     """Generate (or complete) the cohort in `config.out`; 0 on success."""
-    import ray
-
-    from nic.runtime import Progress, connect
-
     out = Path(config.out)
+    _prepare_out(out, config)
+    plan = _plan(out, config)
+    if plan.total:
+        _render(out, config, plan)
+    files = _write_task_files(out, config, plan)
+    write_json_atomic(out / "cohort.json", _cohort_record(config, plan, files))
+    return _report(out, config, plan)
+
+
+def _prepare_out(out: Path, config: SynthConfig) -> None:
+    """Make `out` and clear what an interrupted run left in it (temporary files, patch staging
+    folders: a chunk's files there may be half written), then record the resolved config."""
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)
     for stale in (out / PATCHES_DIR).glob(".*.staging") if (out / PATCHES_DIR).exists() else []:
         shutil.rmtree(stale)
     write_bytes_atomic(out / "config.yaml", dump_config(config).encode())
 
+
+@dataclass
+class _SynthPlan:
+    """The cohort and what of it is left to make: the slides (all of them, `todo` the ones to
+    render), the patch tasks (`patch_todo`, cut into `chunks`), their spec hashes, and the
+    status of each as the run learns it (`status` per slide, `task_status` per patch task)."""
+
+    slides: list[SlideParams]
+    patients: dict
+    specs: dict[str, str]
+    todo: list[SlideParams]
+    task_specs: dict[str, str]
+    patch_todo: list[str]
+    chunks: list[Chunk]
+    sidecars: dict[str, dict] = field(default_factory=dict)
+    status: dict[str, dict] = field(default_factory=dict)
+    task_status: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Ray tasks to run: one per slide to render, one per patch chunk."""
+        return len(self.todo) + len(self.chunks)
+
+
+def _plan(out: Path, config: SynthConfig) -> _SynthPlan:
+    """Plan the cohort from the seed and split it into done and to-do: a slide is done when its
+    sidecar and file verify (`_slide_is_complete`), a patch task when its sidecar matches. Slides
+    of an earlier plan that are not in this one are deleted, so nothing downstream picks them up."""
     slides, patients = plan_cohort(config)
     _remove_stale_slides(out, {s.slide_id for s in slides})
     specs = {s.slide_id: spec_hash(_slide_spec(s, config)) for s in slides}
@@ -387,74 +424,101 @@ def run_synth(config: SynthConfig) -> int:
     task_specs = {t: _patch_spec(config, t) for t in config.patches.tasks}
     patch_todo = [t for t in config.patches.tasks if not _task_is_complete(out, t, task_specs[t])]
     chunks = [c for c in plan_chunks(config) if c.task in patch_todo]
-    total = len(todo) + len(chunks)
-    progress = Progress("synth", total=total, unit="tasks")
     task_status: dict[str, dict] = {
         t: {"status": STATUS_SKIPPED, "reason": "already complete"} for t in config.patches.tasks if t not in patch_todo
     }
+    return _SynthPlan(slides, patients, specs, todo, task_specs, patch_todo, chunks, sidecars, status, task_status)
 
-    if total:
-        connect(config.ray, config.verbose)
-        remote_slide = ray.remote(num_cpus=1, max_retries=0)(render_slide)
-        remote_chunk = ray.remote(num_cpus=1, max_retries=0)(render_patch_chunk)
-        config_dict = config.model_dump(mode="json")
-        pending: dict[Any, tuple[str, Any]] = {}
-        # biggest slides first, so the tail of the run is short tasks
-        for s in sorted(todo, key=lambda p: -p.width * p.height):
-            ref = remote_slide.remote(
-                s.to_dict(), str(out), config.render.tile_size, config.render.quality, specs[s.slide_id]
-            )
-            pending[ref] = ("slide", s.slide_id)
-        for task in patch_todo:
-            staging = out / PATCHES_DIR / f".{task}.staging"
-            staging.mkdir(parents=True, exist_ok=True)
-        for c in chunks:
-            staging = out / PATCHES_DIR / f".{c.task}.staging"
-            pending[remote_chunk.remote(config_dict, c, str(staging))] = ("chunk", c)
-        chunk_results: dict[str, dict[str, dict[int, dict]]] = {t: {s: {} for s in SPLITS} for t in patch_todo}
-        failed_tasks: set[str] = set()
-        done_slides = done_chunks = processed = 0
-        refs = list(pending)
-        while refs:
-            ready, refs = ray.wait(refs, num_returns=1)
-            kind, item = pending.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except Exception as exc:  # a task failed: record why, keep going
-                reason = _short_error(exc)
-                if kind == "slide":
-                    status[item] = {"status": STATUS_FAILED, "reason": reason}
-                else:
-                    failed_tasks.add(item.task)
-                    task_status[item.task] = {"status": STATUS_FAILED, "reason": reason}
-                result = None
-            if result is not None:
-                if kind == "slide":
-                    sidecars[item] = result
-                    status[item] = {"status": STATUS_OK, "reason": ""}
-                    done_slides += 1
-                else:
-                    chunk_results[item.task][item.split][item.index] = result
-                    done_chunks += 1
-            processed += 1
-            progress.update(
-                processed,
-                extra=f"slides {done_slides}/{len(todo)}, patch chunks {done_chunks}/{len(chunks)}",
-            )
-        for task in patch_todo:
-            if task in failed_tasks:
-                continue
-            ordered = {split: [chunk_results[task][split][i] for i in sorted(chunk_results[task][split])]
-                       for split in SPLITS}
-            staging = out / PATCHES_DIR / f".{task}.staging"
-            ensure_local(staging, missing_ok=True)  # staged by tasks on other nodes (object stores)
-            summary = _finish_patch_task(out, task, ordered, task_specs[task])
-            if uri_for(staging) is not None:
-                remove(staging)
-            task_status[task] = {"status": STATUS_OK, "reason": "", "train": summary["train"], "val": summary["val"]}
-        progress.finish(extra=f"slides {done_slides}/{len(todo)}, patch chunks {done_chunks}/{len(chunks)}")
 
-    _write_labels_and_truth(out, config, slides, patients, sidecars)
+def _render(out: Path, config: SynthConfig, plan: _SynthPlan) -> None:
+    """Render what is left on Ray (slides biggest first, then patch chunks), record each result
+    or failure in `plan` as it arrives, then assemble the patch tasks whose chunks all succeeded."""
+    import ray
+
+    from nic.runtime import Progress, connect
+
+    progress = Progress("synth", total=plan.total, unit="tasks")
+    connect(config.ray, config.verbose)
+    pending = _submit(out, config, plan)
+    chunk_results: dict[str, dict[str, dict[int, dict]]] = {t: {s: {} for s in SPLITS} for t in plan.patch_todo}
+    failed_tasks: set[str] = set()
+    done_slides = done_chunks = processed = 0
+    refs = list(pending)
+    while refs:
+        ready, refs = ray.wait(refs, num_returns=1)
+        kind, item = pending.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except Exception as exc:  # a task failed: record why, keep going
+            reason = _short_error(exc)
+            if kind == "slide":
+                plan.status[item] = {"status": STATUS_FAILED, "reason": reason}
+            else:
+                failed_tasks.add(item.task)
+                plan.task_status[item.task] = {"status": STATUS_FAILED, "reason": reason}
+            result = None
+        if result is not None:
+            if kind == "slide":
+                plan.sidecars[item] = result
+                plan.status[item] = {"status": STATUS_OK, "reason": ""}
+                done_slides += 1
+            else:
+                chunk_results[item.task][item.split][item.index] = result
+                done_chunks += 1
+        processed += 1
+        progress.update(
+            processed,
+            extra=f"slides {done_slides}/{len(plan.todo)}, patch chunks {done_chunks}/{len(plan.chunks)}",
+        )
+    _finish_patch_tasks(out, plan, chunk_results, failed_tasks)
+    progress.finish(extra=f"slides {done_slides}/{len(plan.todo)}, patch chunks {done_chunks}/{len(plan.chunks)}")
+
+
+def _submit(out: Path, config: SynthConfig, plan: _SynthPlan) -> dict[Any, tuple[str, Any]]:
+    """Start one Ray task per slide to render and per patch chunk; returns what each reference
+    is ("slide", slide id) or ("chunk", Chunk). Biggest slides first, so the tail of the run is
+    short tasks; each patch task's staging folder exists before its chunks write into it."""
+    import ray
+
+    remote_slide = ray.remote(num_cpus=1, max_retries=0)(render_slide)
+    remote_chunk = ray.remote(num_cpus=1, max_retries=0)(render_patch_chunk)
+    config_dict = config.model_dump(mode="json")
+    pending: dict[Any, tuple[str, Any]] = {}
+    for s in sorted(plan.todo, key=lambda p: -p.width * p.height):
+        ref = remote_slide.remote(
+            s.to_dict(), str(out), config.render.tile_size, config.render.quality, plan.specs[s.slide_id]
+        )
+        pending[ref] = ("slide", s.slide_id)
+    for task in plan.patch_todo:
+        staging = out / PATCHES_DIR / f".{task}.staging"
+        staging.mkdir(parents=True, exist_ok=True)
+    for c in plan.chunks:
+        staging = out / PATCHES_DIR / f".{c.task}.staging"
+        pending[remote_chunk.remote(config_dict, c, str(staging))] = ("chunk", c)
+    return pending
+
+
+def _finish_patch_tasks(out: Path, plan: _SynthPlan, chunk_results: dict[str, dict[str, dict[int, dict]]],
+                        failed_tasks: set[str]) -> None:
+    """Write each patch task whose chunks all succeeded from its chunks in index order (the order
+    the seed fixes, not the order they finished), and drop its staging folder."""
+    for task in plan.patch_todo:
+        if task in failed_tasks:
+            continue
+        ordered = {split: [chunk_results[task][split][i] for i in sorted(chunk_results[task][split])]
+                   for split in SPLITS}
+        staging = out / PATCHES_DIR / f".{task}.staging"
+        ensure_local(staging, missing_ok=True)  # staged by tasks on other nodes (object stores)
+        summary = _finish_patch_task(out, task, ordered, plan.task_specs[task])
+        if uri_for(staging) is not None:
+            remove(staging)
+        plan.task_status[task] = {"status": STATUS_OK, "reason": "", "train": summary["train"], "val": summary["val"]}
+
+
+def _write_task_files(out: Path, config: SynthConfig, plan: _SynthPlan) -> dict[str, str]:
+    """labels.csv, truth.json and the task lists, rewritten on every run (they are cheap and
+    follow the config); returns cohort.json's `files`."""
+    _write_labels_and_truth(out, config, plan.slides, plan.patients, plan.sidecars)
     write_bytes_atomic(out / "tasks.yaml", _tasks_yaml(config).encode())
     files = {"labels": "labels.csv", "truth": "truth.json", "tasks": "tasks.yaml", "config": "config.yaml"}
     if any(t in HELD_OUT for t in config.patches.tasks):
@@ -462,8 +526,14 @@ def run_synth(config: SynthConfig) -> int:
         files["heldout_tasks"] = HELDOUT_YAML
     else:  # from an earlier run with other tasks: it would name data this run did not make
         (out / HELDOUT_YAML).unlink(missing_ok=True)
-    ok_slides = [s.slide_id for s in slides if status[s.slide_id]["status"] != STATUS_FAILED]
-    cohort = {
+    return files
+
+
+def _cohort_record(config: SynthConfig, plan: _SynthPlan, files: dict[str, str]) -> dict:
+    """cohort.json: what was made, per slide and per patch task, with its status; written last,
+    it is the cohort's completion marker."""
+    sidecars, status = plan.sidecars, plan.status
+    return {
         "generator_version": GENERATOR_VERSION,
         "seed": config.seed,
         "config_hash": cohort_config_hash(config),
@@ -479,12 +549,18 @@ def run_synth(config: SynthConfig) -> int:
                 **({k: sidecars[s.slide_id][k] for k in ("bytes", "sha256", "levels", "seconds")}
                    if s.slide_id in sidecars else {}),
             }
-            for s in slides
+            for s in plan.slides
         ],
-        "patch_tasks": [{"name": t, **task_status.get(t, {})} for t in config.patches.tasks],
+        "patch_tasks": [{"name": t, **plan.task_status.get(t, {})} for t in config.patches.tasks],
         "files": files,
     }
-    write_json_atomic(out / "cohort.json", cohort)
+
+
+def _report(out: Path, config: SynthConfig, plan: _SynthPlan) -> int:
+    """Print the failed slides and a summary line; the exit code: 1 when no slide succeeded, or
+    with `strict` when anything failed, else 0."""
+    slides, status, task_status = plan.slides, plan.status, plan.task_status
+    ok_slides = [s.slide_id for s in slides if status[s.slide_id]["status"] != STATUS_FAILED]
     n_failed = len(slides) - len(ok_slides) + sum(1 for v in task_status.values() if v["status"] == STATUS_FAILED)
     for s in slides:
         if status[s.slide_id]["status"] == STATUS_FAILED:
