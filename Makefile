@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# ruff for style and likely bugs; mypy type-checks platform/nic ([tool.mypy] in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check platform tests jobs benchmarks
+	$(VENV)/bin/mypy
 
 # Everything but the heavy tier, the whole-study tests included (a tiny pipeline and Tune search,
 # a 2-node cluster). The heavy tier (a study killed and re-run, a study or search in a bucket, a

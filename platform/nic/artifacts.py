@@ -37,21 +37,22 @@ class NoSpaceError(OSError):
         super().__init__(errno.ENOSPC, f"no space left on device writing {path}", str(path))
 
     def __str__(self) -> str:
-        return self.strerror
+        return str(self.strerror)  # always set by __init__
 
 
 def is_no_space(exc: BaseException) -> bool:
     """Whether an error (or one it was raised from) is a full disk or quota. Libraries report it
     their own way: OSError errno 28/122, or only the system's text (pyarrow)."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        text = str(exc)
+        text = str(current)
         if "No space left on device" in text or "Disk quota exceeded" in text:
             return True
-        exc = exc.__cause__ or exc.__context__
+        current = current.__cause__ or current.__context__
     return False
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nic.config.base import RayOptions
 
@@ -60,7 +61,7 @@ def connect(options: RayOptions | None = None, verbose: bool = False) -> RayInfo
     _quiet_ray_data(verbose)
     if not ray.is_initialized():
         address = options.address or os.environ.get("RAY_ADDRESS")
-        common = dict(
+        common: dict[str, Any] = dict(
             logging_level=logging.INFO if verbose else logging.WARNING,
             log_to_driver=verbose,
             configure_logging=True,

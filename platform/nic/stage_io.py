@@ -71,7 +71,7 @@ def stage_storage(run: F | None = None, *, lazy: Iterable[str] = ()) -> Any:
                   "look complete", file=sys.stderr, flush=True)
             return 1
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _run_stage(run: Callable[..., Any], config: Any, args: tuple, kwargs: dict, inputs: list, out: Any,

@@ -20,12 +20,15 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from nic.config.slides import SlideOptions
 from nic.grids.dihedral import transform_image, transform_positions
+
+if TYPE_CHECKING:
+    from nic.encoders.inference import _InferenceBase
 
 #: Columns of the light tile rows (plan output) and, plus embedding/transform, of the encoded rows.
 ROW_COLUMNS = (
@@ -143,7 +146,8 @@ class EncoderActor:
             raise RuntimeError(f"encoder {info.name}: content hash {info.content_hash[:12]} on this worker differs "
                                f"from the driver's {encoder_hash[:12]} (was it replaced during the job?)")
         # Decided here, not by the driver: actors on other nodes may have other CPUs or GPUs.
-        self.model = model.to(self.device).eval().set_precision(reduced_precision(self.device.type, mixed_precision))
+        # load_encoder optimises by default: an inference encoder (set_precision, precision)
+        self.model = cast("_InferenceBase", model.to(self.device).eval()).set_precision(reduced_precision(self.device.type, mixed_precision))
         self.precision_code = PRECISION_CODES[self.model.precision]
         self.info = info
         self.embedding_dim = int(info.embedding_dim)
@@ -167,7 +171,7 @@ class EncoderActor:
         """This thread's open reader of `slide_id` (TileReader is not thread-safe)."""
         from nic.slides import SlideError, TileReader
 
-        cache: OrderedDict = getattr(self._local, "readers", None)
+        cache: OrderedDict | None = getattr(self._local, "readers", None)
         if cache is None:
             cache = self._local.readers = OrderedDict()
         if slide_id in cache:
@@ -224,7 +228,7 @@ class EncoderActor:
 
     def _blank(self, n: int) -> dict[str, np.ndarray]:
         """The encoder's columns of `n` rows that carry no encoding (error rows, empty batches)."""
-        out = {"transform": np.zeros(n, np.int8), "embedding": np.zeros((n, self.embedding_dim), np.float16)}
+        out: dict[str, np.ndarray] = {"transform": np.zeros(n, np.int8), "embedding": np.zeros((n, self.embedding_dim), np.float16)}
         if self.head_columns:
             out["heads"] = np.zeros((n, len(self.head_columns)), np.float32)
         return out
@@ -264,7 +268,7 @@ class EncoderActor:
                 embeddings = np.split(self.encode(stacked), sizes)
             else:
                 emb_all, heads_all = self.encode_with_heads(stacked)
-                embeddings, heads = np.split(emb_all, sizes), np.split(heads_all, sizes)
+                embeddings, heads = np.split(emb_all, sizes), [*np.split(heads_all, sizes)]
             for part, emb, head in zip(parts, embeddings, heads, strict=True):
                 rows, cols = part["row"], part["col"]
                 shape = (int(part["grid_rows"][0]), int(part["grid_cols"][0]))
@@ -310,13 +314,16 @@ class EncoderActor:
         order = np.lexsort((np.asarray(batch["col"]), np.asarray(batch["row"]), ids))
         sorted_ids = ids[order]
         bounds = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1
-        done, readable, pixels = [], [], []
+        done: list[dict] = []
+        readable: list[dict[str, np.ndarray]] = []
+        pixels: list[np.ndarray] = []
         for idx in np.split(order, bounds):
             part = {k: np.asarray(v)[idx] for k, v in batch.items()}
             px, failed = self._read_part(part)
             if failed is not None:
                 done.append(failed)
             else:
+                assert px is not None  # _read_part gives pixels or a failed row
                 readable.append(part)
                 pixels.append(px)
         if readable:

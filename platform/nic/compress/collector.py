@@ -75,7 +75,7 @@ class SlideCollector:
 
     def add_batch(self, batch: dict[str, np.ndarray]) -> list[str]:
         """Take one output batch of the encoder pool; returns the ids of slides finished by it."""
-        finished = []
+        finished: list[str] = []
         if "read_s" in batch:
             self.actor_read_s += float(np.sum(batch["read_s"]))
             self.actor_encode_s += float(np.sum(batch["encode_s"]))

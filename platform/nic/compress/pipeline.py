@@ -183,7 +183,9 @@ def _pipeline(config: CompressConfig, todo: list[tuple[str, str]], pool: PoolPla
     slides = ray.data.from_items([{"slide_id": sid, "path": path} for sid, path in todo],
                                  override_num_blocks=max(1, len(todo)))
     chunks = slides.map_batches(
-        plan_slides, batch_size=1, fn_kwargs={"options": config.slide}, num_cpus=pool.plan_cpus,
+        # Ray types fn as taking the batch alone; `options` comes through fn_kwargs
+        plan_slides,  # type: ignore[arg-type]
+        batch_size=1, fn_kwargs={"options": config.slide}, num_cpus=pool.plan_cpus,
         compute=TaskPoolStrategy(size=pool.plan_concurrency), batch_format="numpy",
     )
     compute = ActorPoolStrategy(

@@ -239,7 +239,7 @@ def run_compress(config: CompressConfig) -> int:
     order = [item.slide_id for item in inputs]
     results: dict[str, dict] = {}
     todo: list[tuple[str, str]] = []
-    redo = Counter()
+    redo: Counter[str] = Counter()
     for item in inputs:
         if item.duplicate_of:  # the same file under the same id again: one row, encoded once
             results[item.slide_id] = {**failed_row(item.slide_id, item.path, item.note or "", DUPLICATE, 0.0,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, ValidationInfo, field_validator
 
 from nic.storage import ensure_local, local_path, to_local
 
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 #: Mark of str fields that name files or folders (`Field(..., json_schema_extra=LOCAL_PATH_FIELD)`);
 #: Path fields need no mark.
 LOCAL_PATH = "local_path"
-LOCAL_PATH_FIELD = {LOCAL_PATH: True}
+LOCAL_PATH_FIELD: dict[str, JsonValue] = {LOCAL_PATH: True}  # typed as pydantic's json_schema_extra
 
 
 def _is_path_type(annotation: Any) -> bool:

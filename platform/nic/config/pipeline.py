@@ -126,8 +126,8 @@ class PipelineConfig(StageConfig):
         for run in self.encoders:
             self._check_wired("compress" if run.kind == "external" else "encoder", run.settings,
                               f"encoders[{run.name}].settings")
-        for run in self.targets:
-            self._check_wired("downstream", run.settings, f"targets[{run.name}].settings")
+        for target in self.targets:
+            self._check_wired("downstream", target.settings, f"targets[{target.name}].settings")
         return self
 
     @staticmethod

@@ -31,8 +31,9 @@ matter to it, so it is a useful contrast to the CNN.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -216,7 +217,7 @@ class NicGridCNN(TissuePooling):
         0 wherever the weight is 0."""
         weight = tissue_weight(grid, mask)
         x = zero_background(grid, weight)
-        for block in self.features:
+        for block in cast("Iterable[SeparableConvBlock]", self.features):
             x = block(x)
             weight = block.downsample(weight)
             x = x * (weight > 0).unsqueeze(1).to(x.dtype)
@@ -286,7 +287,7 @@ def save_model(path: str | Path, model: nn.Module, meta: dict) -> Path:
     is recorded, so a caller's meta cannot disagree with the weights."""
     from nic.artifacts import atomic_path
 
-    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    module: nn.Module = getattr(model, "module", model)  # unwrap DDP
     with atomic_path(path) as tmp:
         torch.save({"meta": {**dict(meta), **model_meta(module)}, "state_dict": module.state_dict()}, tmp)
     return Path(path)

@@ -128,6 +128,7 @@ class ProbeTargets:
     def strata(self) -> np.ndarray | None:
         """What inner folds stratify on, as the outer folds do: class, or event for survival."""
         if self.kind in ("binary", "multiclass"):
+            assert self.target is not None  # every kind but survival has a target
             return self.target.astype(int)
         return self.event if self.kind == "survival" else None
 
@@ -262,6 +263,7 @@ def inner_score(y: ProbeTargets, prediction: np.ndarray) -> float:
     if y.kind == "regression":
         return -float(np.mean((y.target - prediction) ** 2))
     if y.kind == "survival":
+        assert y.time is not None and y.event is not None  # survival targets are (time, event)
         return c_index(y.time, y.event, prediction)
     proba = np.column_stack([1 - prediction, prediction]) if y.kind == "binary" else prediction
     proba = np.clip(proba, 1e-9, 1.0)

@@ -40,10 +40,15 @@ def resolve_pool(architecture: str, pool: str | None) -> str | None:
     """`pool`, or the architecture's own when None; a clear error for a pair that does not exist."""
     if architecture == "mean-rgb":
         return None
+    return _trunk_pool(architecture, pool)
+
+
+def _trunk_pool(architecture: str, pool: str | None) -> str:
+    """`resolve_pool` for a trunk that pools (every architecture but mean-rgb)."""
     own = DEFAULT_POOL.get(architecture)
     pool = pool or own
     allowed = ("flatten", "avgmax") if architecture == "reference" else ("avg", "avgmax")
-    if pool not in allowed:
+    if pool is None or pool not in allowed:
         raise ValueError(f"pool '{pool}' does not apply to the '{architecture}' trunk; use one of {', '.join(allowed)}")
     return pool
 
@@ -180,9 +185,9 @@ def build_trunk(architecture: str, embedding_dim: int, tile_px: int, pool: str |
     """A freshly initialised trunk (initialisation uses torch's global RNG: seed around it); `pool`
     None means the architecture's own (DEFAULT_POOL)."""
     if architecture == "reference":
-        return ReferenceTrunk(embedding_dim, tile_px, pool=resolve_pool(architecture, pool))
+        return ReferenceTrunk(embedding_dim, tile_px, pool=_trunk_pool(architecture, pool))
     if architecture == "resnet":
-        return ResNetTrunk(embedding_dim, tile_px, pool=resolve_pool(architecture, pool))
+        return ResNetTrunk(embedding_dim, tile_px, pool=_trunk_pool(architecture, pool))
     if architecture == "mean-rgb":
         return MeanRGB(embedding_dim, tile_px)
     raise ValueError(f"unknown encoder architecture '{architecture}'; known: {', '.join(ARCHITECTURES)}")

@@ -209,11 +209,12 @@ def load_encoder(
     it normalises its input itself and runs under inference_mode. With `optimise` (the default)
     BatchNorms and the input scaling are folded into the convolutions (same outputs, faster).
     """
-    from nic.encoders.external import load_external, resolve_encoder
+    from nic.encoders.external import EncoderSpec, load_external, resolve_encoder
 
     spec = resolve_encoder(path_or_name, overrides)
     if spec is not None:
         return load_external(spec, device)
+    assert not isinstance(path_or_name, EncoderSpec)  # a spec always resolves to itself
     if isinstance(path_or_name, str) and path_or_name in BUILTIN_NAMES:
         encoder, info = builtin_encoder(path_or_name)
     else:

@@ -7,6 +7,8 @@ compression stage cannot mis-normalise. In eval mode the forward runs under
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -23,7 +25,9 @@ class PatchEncoder(nn.Module):
 
     def __init__(self, trunk: nn.Module, architecture: str, embedding_dim: int, tile_px: int):
         super().__init__()
-        self.trunk = trunk
+        # Any: trunks are duck-typed (nic.encoders.architectures): all have `features`, the dense-capable
+        # ones `feature_maps`, `embed_maps`, `fc`, `map_channels` (checked with hasattr where optional).
+        self.trunk: Any = trunk
         self.architecture = architecture
         self.embedding_dim = embedding_dim
         self.tile_px = tile_px

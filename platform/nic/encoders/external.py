@@ -159,7 +159,8 @@ def resolve_encoder(ref: str | Path | EncoderSpec, overrides: dict[str, Any] | N
         return _apply(ref, overrides, None)
     text = str(ref)
     if text in BUILTIN_NAMES:
-        return _refuse_overrides(text, overrides)
+        _refuse_overrides(text, overrides)
+        return None
     if text.startswith(TIMM_PREFIX):
         architecture = text[len(TIMM_PREFIX):].strip()
         if not architecture:
@@ -172,19 +173,23 @@ def resolve_encoder(ref: str | Path | EncoderSpec, overrides: dict[str, Any] | N
         return _with_sidecar_of_weights(spec, overrides)
     if path.is_dir():
         if (path / ENCODER_JSON).is_file():
-            return _refuse_overrides(text, overrides)
+            _refuse_overrides(text, overrides)
+            return None
         for name in SPEC_NAMES:
             if (path / name).is_file():
                 return _apply(read_spec(path / name), overrides, None)
-        return _refuse_overrides(text, overrides)  # nic's loader says what is missing
+        _refuse_overrides(text, overrides)  # nic's loader says what is missing
+        return None
     if not path.exists():
         if path.suffix.lower() in MODEL_SUFFIXES:
             raise FileNotFoundError(f"{text}: no such file")
-        return _refuse_overrides(text, overrides)
+        _refuse_overrides(text, overrides)
+        return None
     if path.suffix.lower() in (".yaml", ".yml") or (path.suffix.lower() == ".json" and _is_spec_json(path)):
         return _apply(read_spec(path), overrides, None)
     if path.suffix.lower() == ".json":
-        return _refuse_overrides(text, overrides)  # an encoder.json of nic's own
+        _refuse_overrides(text, overrides)  # an encoder.json of nic's own
+        return None
     # A model file: its spec beside it, else a TorchScript file described by the overrides.
     sidecar = find_sidecar(path)
     if sidecar is None:
@@ -346,6 +351,9 @@ class ExternalEncoder(_InferenceBase):
     multiply-add), the module runs in eval mode under inference_mode (and autocast when
     `set_precision` asks for float16/bfloat16), and its output must be a (N, C) tensor."""
 
+    scale: torch.Tensor  # buffers, registered in __init__
+    shift: torch.Tensor
+
     def __init__(self, module: nn.Module, embedding_dim: int | None, tile_px: int, mean: list[float],
                  std: list[float], label: str):
         super().__init__(embedding_dim or 0, tile_px)
@@ -384,6 +392,7 @@ def load_external(spec: EncoderSpec, device: torch.device | str | None = None):
         flags = " and ".join("--" + OVERRIDE_FIELDS[f].replace("_", "-") for f in missing)
         raise EncoderSpecError(f"{where}: {' and '.join(missing)} not given: say which tile size and resolution "
                                f"the model takes in its spec (encoder.yaml) or with {flags}")
+    assert spec.tile_px is not None and spec.mpp is not None  # for mypy: `missing` is empty
     module, weights, code_hash, default_norm = _build_module(spec)
     module.eval()
     for p in module.parameters():
@@ -441,6 +450,7 @@ def _dry_run(encoder: ExternalEncoder, spec: EncoderSpec, label: str) -> int:
     """C, from a forward pass over a few seeded random tiles (a wrong tile size or output fails here)."""
     device = next((b.device for b in encoder.buffers()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
+    assert spec.tile_px is not None  # load_external refuses a spec without one
     tiles = torch.randint(0, 256, (DRY_RUN_TILES, 3, spec.tile_px, spec.tile_px), generator=generator,
                           dtype=torch.uint8).to(device)
     try:
@@ -541,14 +551,14 @@ def _timm_module(spec: EncoderSpec) -> tuple[nn.Module, Path | None, str | None,
         raise EncoderSpecError(f"{spec.origin}: timm architecture {spec.architecture!r} needs a local weights file "
                                "(weights: in the spec, or --encoder-weights); nic never downloads weights")
     weights = _existing(spec.weights, "weights file", spec)
-    if not timm.is_model(spec.architecture):
+    if not timm.is_model(spec.target):  # the architecture (EncoderSpec: a timm spec names nothing else)
         close = timm.list_models(f"*{str(spec.architecture).split('.')[0][:12]}*")[:8]
         raise EncoderSpecError(f"{spec.origin}: timm has no architecture {spec.architecture!r}"
                                + (f" (similar: {', '.join(close)})" if close else "")
                                + f"; timm {timm.__version__}")
     kwargs = {"num_classes": 0, **spec.kwargs, "pretrained": False}
     try:
-        module = timm.create_model(spec.architecture, **kwargs)
+        module = timm.create_model(spec.target, **kwargs)
     except Exception as exc:
         raise EncoderSpecError(f"{spec.origin}: timm.create_model({spec.architecture!r}, {kwargs}) failed "
                                f"({type(exc).__name__}: {exc})") from None
@@ -564,6 +574,7 @@ def _timm_module(spec: EncoderSpec) -> tuple[nn.Module, Path | None, str | None,
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a torch.save file (a plain one, or nested under state_dict / model) or a
     .safetensors file; DataParallel's `module.` prefix is dropped."""
+    state: Any  # whatever the file holds, checked below
     if path.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file

@@ -14,6 +14,7 @@ import abc
 import contextlib
 import copy
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,10 +84,13 @@ class FusedReferenceEncoder(_InferenceBase):
         with torch.no_grad():
             for conv, bn in zip(convs, bns):
                 w = conv.weight
+                assert conv.bias is not None  # the reference trunk's convs have biases
                 weights.append(w * scale[None, :, None, None])
                 biases.append(conv.bias + (w * shift[None, :, None, None]).sum(dim=(1, 2, 3)))
-                s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                scale, shift = s, bn.bias - bn.running_mean * s
+                mean, var = bn.running_mean, bn.running_var
+                assert mean is not None and var is not None  # the trunk's BatchNorms track running statistics
+                s = bn.weight / torch.sqrt(var + bn.eps)
+                scale, shift = s, bn.bias - mean * s
             self.pool_kind = trunk.pool_kind
             if self.pool_kind == "flatten":  # the last BatchNorm folds into the dense layer
                 channels = convs[-1].out_channels
@@ -94,13 +98,14 @@ class FusedReferenceEncoder(_InferenceBase):
                 fc_w = trunk.fc.weight.view(-1, channels, side, side)
                 fc_weight = (fc_w * scale[None, :, None, None]).reshape(fc_w.shape[0], -1)
                 fc_bias = trunk.fc.bias + (fc_w * shift[None, :, None, None]).sum(dim=(1, 2, 3))
-                scale = shift = None
+                last: tuple[torch.Tensor, torch.Tensor] | None = None  # folded into the dense layer
             else:  # a max does not commute with a negative BatchNorm scale: apply it before pooling
                 fc_weight, fc_bias = trunk.fc.weight.clone(), trunk.fc.bias.clone()
+                last = (scale, shift)
             self.fc_weight = nn.Parameter(fc_weight, requires_grad=False)
             self.fc_bias = nn.Parameter(fc_bias, requires_grad=False)
-            self.last_scale = None if scale is None else nn.Parameter(scale.clone(), requires_grad=False)
-            self.last_shift = None if shift is None else nn.Parameter(shift.clone(), requires_grad=False)
+            self.last_scale = None if last is None else nn.Parameter(last[0].clone(), requires_grad=False)
+            self.last_shift = None if last is None else nn.Parameter(last[1].clone(), requires_grad=False)
         self.weights = nn.ParameterList([nn.Parameter(w.contiguous(memory_format=torch.channels_last),
                                                       requires_grad=False) for w in weights])
         self.biases = nn.ParameterList([nn.Parameter(b, requires_grad=False) for b in biases])
@@ -130,8 +135,8 @@ class FusedReferenceEncoder(_InferenceBase):
                       for (w, st), b in zip(convs, self.biases)],
             "pooled": stride > 2,
             "fc": (self.fc_weight.detach().to(dtype), self.fc_bias.detach().to(dtype)),
-            "last": None if self.last_scale is None else (self.last_scale.detach().to(dtype),
-                                                          self.last_shift.detach().to(dtype)),
+            "last": None if (last := self._last()) is None else (last[0].detach().to(dtype),
+                                                                 last[1].detach().to(dtype)),
         }
         return self
 
@@ -156,8 +161,13 @@ class FusedReferenceEncoder(_InferenceBase):
         x = x.contiguous(memory_format=torch.channels_last)
         for w, b in zip(self.weights, self.biases):
             x = F.leaky_relu_(F.conv2d(x, w, b, stride=2), self.slope)
-        last = None if self.last_scale is None else (self.last_scale, self.last_shift)
-        return F.linear(self._pooled(x, last), self.fc_weight, self.fc_bias)
+        return F.linear(self._pooled(x, self._last()), self.fc_weight, self.fc_bias)
+
+    def _last(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The last BatchNorm's (scale, shift) to apply before pooling; None when folded (flatten)."""
+        if self.last_scale is None or self.last_shift is None:  # both set, or neither
+            return None
+        return self.last_scale, self.last_shift
 
     def _pooled(self, x: torch.Tensor, last: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """The dense layer's input from the last conv map (its BatchNorm already folded for flatten)."""
@@ -180,18 +190,22 @@ class FusedResNetEncoder(_InferenceBase):
 
     def __init__(self, trunk: ResNetTrunk, embedding_dim: int, tile_px: int):
         super().__init__(embedding_dim, tile_px)
-        trunk = copy.deepcopy(trunk).eval()
-        trunk.stem[0] = fuse_conv_bn_eval(trunk.stem[0], trunk.stem[1])
-        trunk.stem[1] = nn.Identity()
-        for block in trunk.stages:
-            assert isinstance(block, BasicBlock)
+        # Any: the copy's conv/BN pairs are swapped for fused convs and Identity, which the declared
+        # layer types of ResNetTrunk cannot express (and torch's stubs lack Module.to(memory_format=)).
+        fused: Any = copy.deepcopy(trunk).eval()
+        fused.stem[0] = fuse_conv_bn_eval(fused.stem[0], fused.stem[1])
+        fused.stem[1] = nn.Identity()
+        for stage_block in fused.stages:
+            assert isinstance(stage_block, BasicBlock)
+            block: Any = stage_block  # its BatchNorms become Identity
             block.conv1, block.bn1 = fuse_conv_bn_eval(block.conv1, block.bn1), nn.Identity()
             block.conv2, block.bn2 = fuse_conv_bn_eval(block.conv2, block.bn2), nn.Identity()
             if isinstance(block.shortcut, nn.Sequential):
-                block.shortcut = fuse_conv_bn_eval(block.shortcut[0], block.shortcut[1])
-        for p in trunk.parameters():
+                shortcut: Any = block.shortcut  # (conv, BatchNorm)
+                block.shortcut = fuse_conv_bn_eval(shortcut[0], shortcut[1])
+        for p in fused.parameters():
             p.requires_grad_(False)
-        self.trunk = trunk.to(memory_format=torch.channels_last)
+        self.trunk = fused.to(memory_format=torch.channels_last)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         x = PatchEncoder.normalise(x).contiguous(memory_format=torch.channels_last)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from nic.storage import display, local_path, publish
 
@@ -68,6 +69,7 @@ def _ls(args: argparse.Namespace) -> int:
         print(f"nic grids ls: {exc}", file=sys.stderr)
         return 2
     print(f"{'slide_id':<32} {'status':<8} {'grid':>11} {'tiles':>8}  reason")
+    row: Any  # a manifest row: its fields are typed by the manifest's schema, not by pandas
     for row in manifest.itertuples(index=False):
         shape = f"{int(row.rows)}x{int(row.cols)}" if _known(row.rows) and _known(row.cols) else "-"
         tiles = str(int(row.tiles)) if _known(row.tiles) else "-"

@@ -60,6 +60,7 @@ def render_channel_png(
     h, w = mask.shape
     if overlay:
         scale = thumb.shape[1] / width
+        assert meta.base_mpp  # `overlay` needs it
         tile = meta.tile_px * meta.mpp / float(meta.base_mpp) * scale  # one tile in thumbnail pixels
         right.imshow(thumb, alpha=0.5)
         image = right.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, alpha=OVERLAY_ALPHA,

@@ -103,7 +103,7 @@ def _check_labels(spec: TaskSpec, labels: np.ndarray, source: str, index: np.nda
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         row = int(index[first]) if index is not None else first
-        allowed = "a finite number" if spec.kind == "regression" else f"an integer in [0, {len(spec.classes) - 1}]"
+        allowed = "a finite number" if spec.kind == "regression" else f"an integer in [0, {len(spec.classes or []) - 1}]"
         raise PatchDataError(
             f"{source}: label {float(values[first])!r} of sample {row} out of range for task '{spec.name}' "
             f"({spec.kind}: expected {allowed}); {int(bad.sum())} bad label(s) in all"
@@ -269,8 +269,9 @@ def check_classes_present(spec: TaskSpec, data: PatchSet) -> None:
     """Every class must have training samples, or its logit is never taught anything."""
     if spec.kind == "regression" or spec.dense:  # dense tasks: pixels of every class are not required
         return
-    counts = np.bincount(data.labels.astype(np.int64), minlength=len(spec.classes or []))
-    empty = [spec.classes[i] for i, c in enumerate(counts) if c == 0]
+    classes = spec.classes or []  # never None here: TaskSpec gives every class task its names
+    counts = np.bincount(data.labels.astype(np.int64), minlength=len(classes))
+    empty = [classes[i] for i, c in enumerate(counts) if c == 0]
     if empty:
         raise PatchDataError(f"{data.source}: task '{spec.name}': class(es) {empty} have no samples")
 

@@ -64,6 +64,7 @@ class MixedPatches:
         dense keys only when a task is dense."""
         out = {f"{prefix}images": self.images, f"{prefix}labels": self.labels, f"{prefix}tasks": self.task_ids}
         if self.dense_index is not None:
+            assert self.masks is not None and self.types is not None  # set with dense_index (mix)
             out.update({f"{prefix}dense_index": self.dense_index, f"{prefix}masks": self.masks,
                         f"{prefix}types": self.types})
         return out

@@ -105,7 +105,7 @@ class TaskSpec(NicModel):
             return len(self.classes or [])
         if self.kind == "nuclei":
             return 3 + (len(self.classes) + 1 if self.classes else 0)
-        return len(self.classes) if self.kind == "multiclass" else 1
+        return len(self.classes or []) if self.kind == "multiclass" else 1
 
     def describe(self) -> dict:
         """What encoder.json records about a task (paths are deliberately left out: they are local)."""

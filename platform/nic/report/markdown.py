@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 def _cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def table(header: list[str], rows: list[list[object]]) -> list[str]:
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     """A GitHub-flavoured Markdown table as lines (no rows -> a one-line note instead)."""
     if not rows:
         return ["(nothing to show)"]

@@ -71,7 +71,7 @@ def cohort_section(labels_path: Path, cohort_dir: Path | None) -> list[str]:
                                   f"median follow-up {labels['time'].median():.1f}"])
     lines += table(["", "value"], facts) + [""]
     truth = _read_json(cohort_dir / "truth.json") if cohort_dir else None
-    if truth:
+    if truth and cohort_dir is not None:  # (truth is only read from a cohort_dir)
         lines += ["Synthetic cohort: every target comes from hidden per-slide parameters recorded in "
                   f"`{_rel(cohort_dir / 'truth.json', cohort_dir.parent)}` (seed {truth.get('seed', '?')}).", ""]
         lines += oracle_lines(cohort_dir / "truth.json")
@@ -122,7 +122,8 @@ def encoder_section(names: dict[str, str], overrides: dict[str, dict] | None = N
 def compression_section(grids: dict[str, Path]) -> list[str]:
     from nic.grids.reader import read_manifest
 
-    rows, failures = [], []
+    rows: list[list[str]] = []
+    failures: list[list[object]] = []
     for name, folder in grids.items():
         try:
             manifest = read_manifest(folder)
@@ -189,7 +190,10 @@ def downstream_section(models: dict[tuple[str, str], Path], targets: list[Any], 
              "test-set results where a test split was held out.", ""]
     header = ["encoder"] + [f"{t.name} ({METRIC_NAMES.get(_primary(models, t.name, encoders) or '', 'metric')})"
                             for t in targets]
-    rows, probe_rows, chart, probe_chart = [], [], {}, {}
+    rows: list[list[str]] = []
+    probe_rows: list[list[str]] = []
+    chart: dict[str, dict[str, Any]] = {}
+    probe_chart: dict[str, dict[str, Any]] = {}
     for enc in encoders:
         row, probe_row = [enc], [enc]
         for t in targets:

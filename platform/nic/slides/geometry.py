@@ -55,10 +55,10 @@ class TileGrid:
     def count(self) -> int:
         return self.rows * self.cols
 
-    def _origin_1d(self, cells: np.ndarray) -> np.ndarray:
+    def _origin_1d(self, cells: np.ndarray | np.integer) -> np.ndarray:
         return _round_half_up(np.asarray(cells, dtype=np.float64) * self.level0_tile_size)
 
-    def _index_1d(self, coords: np.ndarray) -> np.ndarray:
+    def _index_1d(self, coords: np.ndarray | np.integer) -> np.ndarray:
         coords = np.asarray(coords, dtype=np.int64)
         cells = np.ceil((coords + 0.5) / self.level0_tile_size).astype(np.int64) - 1
         # Division rounding can be off by one ulp at a boundary: fix against the origins themselves.

@@ -182,7 +182,7 @@ def _open_dicom_folder(folder: Path, verify: bool) -> openslide.OpenSlide:
             continue
         slide, problem, unknown = _try_open(first)
         if slide is None:
-            refused.append((first, problem, unknown))
+            refused.append((first, problem or "", unknown))
             continue
         if verify and len(files) > slide.level_count + len(slide.associated_images):
             try:
@@ -211,7 +211,7 @@ def _check_one_series(folder: Path, slide: openslide.OpenSlide, refused: list[tu
             continue
         other, problem, unknown = _try_open(path)
         if other is None:
-            refused.append((path, problem, unknown))
+            refused.append((path, problem or "", unknown))
             continue
         with other:
             theirs = other.properties.get("dicom.SeriesInstanceUID")

@@ -180,6 +180,8 @@ class TileReader:
 
     def _read_block(self, idx: np.ndarray, fx, fy, span: float, margin: int, out: np.ndarray) -> None:
         """One OpenSlide region over the bounding box of some tiles, split (and resampled) into them."""
+        if self._slide is None:  # region mode keeps the handle until close()
+            raise RuntimeError(f"{self.path}: tiles read after the reader was closed")
         res = self.resolution
         ds = res.level_downsample
         size = self.tile_px

@@ -8,6 +8,7 @@ detection; OpenSlide-based pipelines composite onto white instead, and so do we,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import openslide
@@ -42,6 +43,7 @@ def read_region_rgb(
         region = slide.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1])))
     except openslide.OpenSlideError as exc:
         raise SlideError.about(name, f"pixels cannot be read ({exc})", "unreadable") from exc
-    if region.getextrema()[3][0] == 255:  # fully opaque (the usual case): PIL's C conversion is fastest
+    extrema = cast("tuple[tuple[float, float], ...]", region.getextrema())  # RGBA: (min, max) per band
+    if extrema[3][0] == 255:  # fully opaque (the usual case): PIL's C conversion is fastest
         return np.asarray(region.convert("RGB"))
     return composite_on_white(np.asarray(region))

@@ -111,6 +111,9 @@ class DirectLevel:
             raise SlideError.about(
                 self.path, f"pixels cannot be read ({exc}) in file tile ({tx}, {ty})", "unreadable"
             ) from exc
+        if decoded is None:  # tifffile decodes nothing: as unreadable as a decoding error
+            raise SlideError.about(self.path, f"pixels cannot be read (file tile ({tx}, {ty}) decodes to nothing)",
+                                   "unreadable")
         self.stats.decoded += 1
         h = min(self.tile_h, self.height - ty * self.tile_h)
         w = min(self.tile_w, self.width - tx * self.tile_w)
@@ -169,6 +172,8 @@ def open_direct_level(
         return None, f"tifffile cannot parse it ({exc})"
     try:
         for page in tif.pages:
+            if not isinstance(page, tifffile.TiffPage):  # frames only with pages.useframes, never set here
+                continue
             if (int(page.imagewidth), int(page.imagelength)) != want or not page.is_tiled:
                 continue
             problem = _page_problem(page)

@@ -72,7 +72,7 @@ class SlideParams:
     apoptotic_fraction: float = 0.004
     appearance: Appearance = field(default_factory=Appearance)
     artefacts: Artefacts = field(default_factory=Artefacts)
-    texture_offset: tuple[int, int] = (0, 0)  # um; decorrelates slides that share textures
+    texture_offset: tuple[float, float] = (0, 0)  # um; decorrelates slides that share textures
     layout: str = "slide"  # slide | fill (tissue everywhere) | uniform (one class everywhere)
     uniform_class: int = STROMA  # the class of a `uniform` layout
 

@@ -50,6 +50,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -172,7 +173,7 @@ def _canvas_params(rng: np.random.Generator, config: SynthConfig, canvas_px: int
     """
     sig = config.signal
     stain, appearance = sample_look(rng, config.render.stain_variation)
-    values = dict(
+    values: dict[str, Any] = dict(
         slide_id="canvas",
         patient_id="canvas",
         seed=int(rng.integers(0, 2**62)),
@@ -218,7 +219,9 @@ MITOSIS_APOPTOTIC = 0.02
 as figures, i.e. enriched over slides (0.004) like the figures themselves."""
 _TUMOUR_CELL_KINDS = (KIND_TUMOUR, KIND_MITOSIS, KIND_APOPTOTIC)
 _TUMOUR_SPEC = next(spec for spec in NUCLEI if spec.kind == KIND_TUMOUR)
-TUMOUR_NUCLEI_PER_UM2 = _TUMOUR_SPEC.accept[TUMOUR] / _TUMOUR_SPEC.spacing_um**2 * 0.85
+_TUMOUR_SPACING_UM = _TUMOUR_SPEC.spacing_um
+assert _TUMOUR_SPACING_UM is not None, "tumour nuclei lie on a jittered grid, not Poisson"
+TUMOUR_NUCLEI_PER_UM2 = _TUMOUR_SPEC.accept[TUMOUR] / _TUMOUR_SPACING_UM**2 * 0.85
 """Tumour nuclei per um^2 of tumour (the grid's, less ~15 % for gland lumens; measured ~28 per
 64 um tile). Converts figures per tile into a mitotic fraction."""
 MITOSIS_TUMOUR_BEARING = 8
@@ -410,7 +413,7 @@ def render_detection_chunk(config: SynthConfig, chunk: Chunk) -> tuple[np.ndarra
     scenes, tiles = plan_detection_chunk(config, chunk)
     used = np.bincount([t.canvas for t in tiles], minlength=len(scenes))
     x = np.empty((len(tiles), px, px, 3), np.uint8)
-    canvas, image = -1, None
+    canvas, image = -1, np.empty((0, 0, 3), np.uint8)  # canvas -1 matches no tile: set before use
     for i, t in enumerate(tiles):  # in canvas order
         if 2 * used[t.canvas] < n * n:
             x[i] = scenes[t.canvas].render(t.y0, t.x0, px, px)

@@ -172,7 +172,7 @@ class Scene:
     # ------------------------------------------------------------------ classes
     def classify_cells(
         self, cy: np.ndarray, cx: np.ndarray, artefacts: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray | None, np.ndarray]:
         """(class, continuous maps) at global cell indices (any matching shapes).
 
         The continuous maps are (density, fold, til) channels, or (blur, pen) with `artefacts`.

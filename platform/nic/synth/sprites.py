@@ -270,6 +270,7 @@ def sprite_bank(kind: str, mpp: float, snr: float = 1.0) -> SpriteBank:
     # Seeded by kind index, not hash(kind): str hashes change between processes.
     rng = np.random.default_rng([SPRITE_SEED, KINDS.index(kind), int(round(mpp * 1000)), int(round(snr * 1000))])
     angles = eosin = clear = None
+    sprites: list[np.ndarray] | np.ndarray
     if kind == "tumour":
         size = _sprite_size(8.0, mpp)
         sprites = [_tumour(rng, mpp, size) for _ in range(VARIANTS)]
@@ -290,5 +291,5 @@ def sprite_bank(kind: str, mpp: float, snr: float = 1.0) -> SpriteBank:
     else:  # apoptotic
         size = _sprite_size(6.5, mpp)
         sprites, eosin, clear = (np.stack(v) for v in zip(*(_apoptotic(rng, mpp, size) for _ in range(VARIANTS))))
-    return SpriteBank(kind=kind, sprites=np.stack(sprites).astype(np.float32), angles=angles, eosin=eosin,
+    return SpriteBank(kind=kind, sprites=np.stack(list(sprites)).astype(np.float32), angles=angles, eosin=eosin,
                       clear=clear)

@@ -613,7 +613,7 @@ def _write_labels_and_truth(
     truth = {
         "generator_version": GENERATOR_VERSION,
         "seed": config.seed,
-        "config": config.model_dump(mode="json", exclude={"ray", "verbose", "out"}),
+        "config": config_identity(config),
         "classes": list(CLASSES),
         "proliferation": {
             "definition": "proliferation = log_mitotic_z + proliferation_noise_sd * proliferation_noise; "

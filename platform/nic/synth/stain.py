@@ -86,9 +86,15 @@ def sample_stain(rng: np.random.Generator, variation: float = 1.0) -> Stain:
     tint = rng.normal(0.0, 1.5 * variation, 3)
     glass = np.clip(glass_level + tint, 225.0, 252.0)
     return Stain(
-        h_vector=tuple(float(x) for x in _unit(h)),
-        e_vector=tuple(float(x) for x in _unit(e)),
+        h_vector=_triple(_unit(h)),
+        e_vector=_triple(_unit(e)),
         h_strength=h_strength,
         e_strength=e_strength,
-        glass_rgb=tuple(float(x) for x in glass),
+        glass_rgb=_triple(glass),
     )
+
+
+def _triple(values: np.ndarray) -> tuple[float, float, float]:
+    """A 3-vector as the plain float triple `Stain` holds (JSON-able, hashable)."""
+    a, b, c = (float(x) for x in values)
+    return a, b, c

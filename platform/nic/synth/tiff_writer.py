@@ -86,13 +86,13 @@ class _Encoder:
         self.pool = pool
 
     def encode_one(self, tile: np.ndarray) -> bytes:
-        return imagecodecs.jpeg8_encode(
+        return bytes(imagecodecs.jpeg8_encode(
             tile,
             level=self.quality,
             colorspace="RGB",
             outcolorspace="YCBCR",
             subsampling=_JPEG_SUBSAMPLING,
-        )
+        ))  # bytes() of bytes is the same object: no copy
 
     def encode_band(self, band: np.ndarray) -> list[bytes]:
         """Encode one tile row (band height <= tile size), padding edge tiles by replication."""

@@ -35,7 +35,7 @@ def render_overview(slide, plan, max_px: int = 1024) -> Image.Image:
         keep = np.zeros(plan.grid.shape, dtype=np.uint8)
         keep[rows, cols] = 255
         cover = Image.fromarray(keep).resize(
-            (round(plan.grid.cols * size * sx), round(plan.grid.rows * size * sy)), Image.NEAREST
+            (round(plan.grid.cols * size * sx), round(plan.grid.rows * size * sy)), Image.Resampling.NEAREST
         )
         overlay = Image.new("RGB", cover.size, TILE_OUTLINE)
         base = image.crop((0, 0, *cover.size))

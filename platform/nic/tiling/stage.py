@@ -66,15 +66,16 @@ class TileResume:
         previous = self.previous.get(slide_id)
         files = (tiles_path(self.out, slide_id), overview_path(self.out, slide_id))
         if self.listing is not None and not all(f.exists() for f in files):
-            remote = [self.listing.get(f.relative_to(self.out).as_posix()) for f in files]
-            if None in remote:
+            listed = [self.listing.get(f.relative_to(self.out).as_posix()) for f in files]
+            remote = [r for r in listed if r is not None]
+            if len(remote) < len(listed):
                 return None
             row = previous or {}
-            times = [r.mtime_ns for r in remote]
+            times = [r.mtime_ns for r in remote if r.mtime_ns is not None]
             if (row.get("status") in (STATUS_OK, STATUS_SKIPPED) and row.get("options_hash") == self.options_hash
                     and row.get("tiles") is not None and row.get("file_bytes") is not None
                     and int(row["file_bytes"]) == remote[0].size and self.manifest_mtime_ns is not None
-                    and None not in times and max(times) <= self.manifest_mtime_ns):
+                    and len(times) == len(remote) and max(times) <= self.manifest_mtime_ns):
                 self.vouched += 1
                 return {**row, "path": display(path), "status": STATUS_SKIPPED, "reason": "already complete",
                         "error_kind": None, "seconds": 0.0}

@@ -260,7 +260,7 @@ class ProgressRelay:
         import ray
 
         try:
-            ray.kill(self.queue.actor)
+            ray.kill(self.queue.actor)  # type: ignore[arg-type]  # Queue.actor is an ActorHandle; Ray types it as the class too
         except Exception:  # already gone
             pass
 

@@ -62,5 +62,6 @@ def make_deterministic(cpus: float | None = None, device: torch.device | str = "
             import torch.utils.deterministic as deterministic
         except ImportError:  # torch < 2.1: no such setting, and nothing filled
             return threads
-        deterministic.fill_uninitialized_memory = False
+        # a property of the module's own class in torch, absent from its stub
+        deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     return threads

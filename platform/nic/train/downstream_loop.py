@@ -119,7 +119,8 @@ def _validate(model, dataset: GridDataset, loss_fn, spec: FoldSpec, device, rank
     """Loss and primary metric on centred crops of every validation slide (sharded over ranks,
     gathered, so the Cox loss sees the whole validation set's risk sets and every rank agrees)."""
     model.eval()
-    outs, idxs = [], []
+    outs: list[np.ndarray] = []
+    idxs: list[int] = []
     with torch.no_grad():
         mine = list(range(rank, len(dataset), world))
         for start in range(0, len(mine), spec.batch_size):
@@ -158,7 +159,8 @@ def _build(spec: FoldSpec) -> torch.nn.Module:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The model inside DDP's wrapper (or the model itself on one worker)."""
+    return getattr(model, "module", model)
 
 
 class _TrainSession:
@@ -321,7 +323,7 @@ def _fold_loop(config: dict, session: _TrainSession | _StoreSession) -> None:
         return
     # Evaluate the best model once, on rank 0 (within this fold's reserved resources), and report it
     # as the final checkpoint so the driver gets predictions and weights from Ray's storage.
-    final = {"fold": spec.fold, "epoch": epoch, "evaluated": True}
+    final: dict[str, Any] = {"fold": spec.fold, "epoch": epoch, "evaluated": True}
     if rank != 0:
         session.report(final)
         return
@@ -417,7 +419,8 @@ def fit_fold(
         run_config=RunConfig(
             name=name,
             storage_path=ray_storage(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures,
+            # Ray Train v2's FailureConfig: ray.train exports v2 at run time, mypy reads v1's
+            failure_config=FailureConfig(max_failures=max_failures,  # type: ignore[call-arg]
                                          controller_failure_limit=controller_failure_limit(resource_timeout_s)),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),

@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -75,7 +75,9 @@ def _say(message: str) -> None:
 
 def _grid_info(grids: Path, slide_ids: list[str]) -> dict:
     """C, encoder and the largest grid side of the slides used; a mix of encoders is an error."""
-    dims, encoders, side = {}, {}, 1
+    dims: dict[int, list[str]] = {}
+    encoders: dict[str, list[str]] = {}
+    side = 1
     for s, meta in verify_store(grids, slide_ids).items():  # complete files that agree with the manifest
         dims.setdefault(meta.embedding_dim, []).append(s)
         encoders.setdefault(meta.encoder_hash, []).append(s)
@@ -104,7 +106,7 @@ def _run_parts(config: TrainDownstreamConfig, encoder_hash: str, labels: Labels)
             "labels": stable_hash(frame)[:16], "labels_file": display(config.labels)}
 
 
-def _targets_of(labels: Labels, ids: pd.Index) -> dict[str, list]:
+def _targets_of(labels: Labels, ids: pd.Series) -> dict[str, list]:
     frame = labels.frame.set_index("slide_id").loc[ids]
     if labels.kind == "survival":
         return {"time": frame["time"].astype(float).tolist(), "event": frame["event"].astype(int).tolist()}
@@ -403,6 +405,7 @@ def pool_predictions(frame: pd.DataFrame, labels: Labels) -> pd.DataFrame:
 
 def split_metrics(kind: str, part: pd.DataFrame, labels: Labels, bootstrap: int, seed: int) -> dict:
     if kind == "survival":
+    pred: np.ndarray
         return compute_metrics(kind, time=part["time"].to_numpy(), event=part["event"].to_numpy(),
                                prediction=part["prediction"].to_numpy(), n_bootstrap=bootstrap, seed=seed)
     if kind == "multiclass":
@@ -418,8 +421,8 @@ def evaluate_predictions(labels: Labels, predictions: pd.DataFrame, bootstrap: i
     predictions, and the primary metric of each fold's held-out slides."""
     primary = PRIMARY_METRIC[labels.kind]
     cv = predictions[predictions["split"] == "cv"]
-    per_fold = {int(k): split_metrics(labels.kind, part, labels, 0, seed)[primary]["value"]
-                for k, part in cv.groupby("fold", sort=True)}
+    per_fold = {int(cast(int, k)): split_metrics(labels.kind, part, labels, 0, seed)[primary]["value"]
+                for k, part in cv.groupby("fold", sort=True)}  # k: a fold number (pandas types group keys loosely)
     entries: dict[str, dict] = {}
     for split in ("cv", "test"):
         part = predictions[predictions["split"] == split]

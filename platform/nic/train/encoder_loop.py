@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -36,6 +36,10 @@ from nic.train.common import (
     save_checkpoint,
     send_progress,
 )
+
+if TYPE_CHECKING:
+    from nic.encoders.objectives import Objective
+
 
 STAGE = "train-encoder"
 EpochHook = Callable[[int, int], None]
@@ -74,8 +78,9 @@ def _objective_spec(d: dict):
     return ObjectiveSpec(**d)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+def _unwrap(model: torch.nn.Module) -> Objective:
+    """The objective inside DDP's wrapper (or the objective itself on one worker)."""
+    return cast("Objective", getattr(model, "module", model))
 
 
 def _views(x: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor], num_views: int) -> torch.Tensor:
@@ -339,7 +344,8 @@ def fit_encoder(
                             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
     run_config = RunConfig(
         name=run_name, storage_path=storage,
-        failure_config=FailureConfig(max_failures=max_failures,
+        # Ray Train v2's FailureConfig: ray.train exports v2 at run time, mypy reads v1's
+        failure_config=FailureConfig(max_failures=max_failures,  # type: ignore[call-arg]
                                      controller_failure_limit=controller_failure_limit(resource_timeout_s)),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
     )

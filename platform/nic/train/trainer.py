@@ -144,16 +144,19 @@ class OwnedTorchTrainer(TorchTrainer):
             )
             from ray.train.v2._internal.execution.controller import TrainController
         except ImportError:  # a Ray whose internals moved: its own code, without the guarantee
-            return super()._initialize_and_run_controller(**controller_init_kwargs)
+            # Ray Train v2's method: ray.train.torch exports v2's TorchTrainer at run time, mypy reads v1's
+            return super()._initialize_and_run_controller(**controller_init_kwargs)  # type: ignore[misc]
 
         env_vars = get_env_vars_to_propagate()
         env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
         controller_cls = ray.remote(
             num_cpus=0,
-            label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
+            # RAY_NODE_ID_KEY lives in the compiled _raylet module; its .pyi stub omits it
+            label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},  # type: ignore[attr-defined]
             runtime_env={"env_vars": env_vars},
         )(TrainController)
-        controller = controller_cls.remote(**controller_init_kwargs)
+        # Any: Ray's types do not carry an actor handle's remote methods (run, get_result)
+        controller: Any = controller_cls.remote(**controller_init_kwargs)
         with _LIVE_LOCK:
             _LIVE[id(controller)] = controller
         # Ray's own SIGINT handler is not installed: it keeps the controller's handle alive (so the
@@ -204,7 +207,8 @@ class WorkerPool:
         self._timeout_s = timeout_s
         self._args = args
         custom = {k: v for k, v in self._resources.items() if k not in ("CPU", "GPU")}
-        self._cls = ray.remote(actor_cls).options(
+        # Any: ray.remote of a class is typed as the class itself, not an actor class with .remote
+        self._cls: Any = ray.remote(actor_cls).options(
             num_cpus=self._resources.get("CPU", 0), num_gpus=self._resources.get("GPU", 0),
             resources=custom or None, max_restarts=0, scheduling_strategy="DEFAULT")
         self._idle: list[Any] = []

@@ -97,7 +97,7 @@ def run_tune(cfg: TuneConfig) -> int:
     trials = len(space["tasks"]["grid_search"])
     folds = int(cfg.downstream.get("folds", 5))
     # Ray Tune needs a non-empty reservation per trial; a MiB of memory stands in for "nothing".
-    reservation = {"cpu": cfg.trial_cpus} if cfg.trial_cpus > 0 else {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
+    reservation: dict[str, float] = {"cpu": cfg.trial_cpus} if cfg.trial_cpus > 0 else {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
     trainable = tune.with_resources(tune.with_parameters(run_trial, static=static), reservation)
     scheduler = None
     if cfg.asha:
