@@ -114,21 +114,23 @@ def test_truncated_slide_says_truncated(tmp_path, real_slide, keep_bytes, proble
 
 
 def test_error_pickles_with_its_fields():
-    err = SlideError.about("/x/a.svs", "file is empty (0 bytes)", "empty")
+    err = SlideError("/x/a.svs", "file is empty (0 bytes)", "empty")
     back = pickle.loads(pickle.dumps(err))
     assert (str(back), back.kind, back.path, back.problem) == (str(err), "empty", "/x/a.svs", err.problem)
 
 
-def test_construction_forms_and_unknown_kind():
-    for err in (SlideError("/x/a.svs: no tissue", kind="no_tissue"), SlideError("/x/a.svs: no tissue", "no_tissue")):
-        assert str(err) == "/x/a.svs: no tissue" and err.kind == "no_tissue"
+def test_one_construction_form_and_unknown_kind():
+    """SlideError(path, problem, kind) is the only form: a ready message without its parts is refused."""
     for err in (SlideError("/x/a.svs", "no tissue", "no_tissue"), SlideError("/x/a.svs", "no tissue", kind="no_tissue"),
-                SlideError.about("/x/a.svs", "no tissue", "no_tissue")):
+                SlideError(path="/x/a.svs", problem="no tissue", kind="no_tissue")):
         assert (str(err), err.kind, err.path, err.problem) == ("/x/a.svs: no tissue", "no_tissue", "/x/a.svs",
                                                                "no tissue")
+    assert (str(SlideError(None, "no file", "missing")), SlideError(None, "no file", "missing").path) == ("no file", None)
     with pytest.raises(TypeError, match="SlideError"):
         SlideError("just a message")
+    with pytest.raises(TypeError, match="SlideError"):
+        SlideError("/x/a.svs: no tissue", kind="no_tissue")
     assert set(KINDS) >= {"missing", "empty", "directory", "unopenable", "no_mpp", "bad_mpp", "too_small",
                           "unreadable", "no_tissue"}
     with pytest.raises(ValueError, match="unknown SlideError kind"):
-        SlideError("x", kind="weird")
+        SlideError("x", "a problem", "weird")

@@ -29,46 +29,23 @@ KINDS: dict[str, str] = {
 
 
 class SlideError(Exception):
-    """A slide that cannot be used: `str(err)` names the file and the problem; `kind` is one of KINDS.
+    """A slide that cannot be used: `str(err)` is "<path>: <problem>"; `kind` is one of KINDS.
 
-    Three ways to build one, all giving `path`, `problem`, `kind` attributes:
-    - `SlideError(path, problem, kind)` or `SlideError.about(path, problem, kind)`: message "<path>: <problem>";
-    - `SlideError(message, kind=...)` (or `SlideError(message, kind)`): a ready message that already names the file.
+    One way to build one, `SlideError(path, problem, kind)`: the message always names the file the
+    same way (a mirror path as the URI the user gave, nic.storage.display), and `path`, `problem`
+    and `kind` are always there for code and manifests to use. `path` None (no file to name) gives
+    the problem alone.
     """
 
-    def __init__(self, *args: object, kind: str | None = None, path: str | Path | None = None,
-                 problem: str | None = None):
-        if len(args) == 3 and kind is None:
-            path, problem, kind = args  # type: ignore[assignment]
-            message = f"{path}: {problem}" if path is not None else str(problem)
-        elif len(args) == 2 and kind is not None:
-            path, problem = args  # type: ignore[assignment]
-            message = f"{path}: {problem}" if path is not None else str(problem)
-        elif len(args) == 2 and args[1] in KINDS:
-            message, kind = str(args[0]), str(args[1])
-        elif len(args) == 1 and kind is not None:
-            message = str(args[0])
-        else:
-            raise TypeError(
-                "SlideError(path, problem, kind) or SlideError(message, kind=...), got "
-                f"{len(args)} positional argument(s) and kind={kind!r}"
-            )
+    def __init__(self, path: str | Path | None, problem: str, kind: str):
         if kind not in KINDS:
             raise ValueError(f"unknown SlideError kind {kind!r}; expected one of {sorted(KINDS)}")
-        super().__init__(message)
+        shown = None if path is None else display(path)
+        super().__init__(problem if shown is None else f"{shown}: {problem}")
+        self.path: str | None = shown
+        self.problem: str = str(problem)
         self.kind: str = kind
-        self.path = str(path) if path is not None else None
-        self.problem = str(problem) if problem is not None else message
 
-    @classmethod
-    def about(cls, path: str | Path | None, problem: str, kind: str) -> SlideError:
-        """The error for `path`: message "<path>: <problem>" (the URI for a mirror path)."""
-        return cls(None if path is None else display(path), problem, kind)
-
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[SlideError], tuple[str | None, str, str]]:
         # Ray ships exceptions between processes by pickling; keep every field.
-        return (_rebuild, (str(self), self.kind, self.path, self.problem))
-
-
-def _rebuild(message: str, kind: str, path: str | None, problem: str | None) -> SlideError:
-    return SlideError(message, kind=kind, path=path, problem=problem)
+        return (SlideError, (self.path, self.problem, self.kind))

@@ -23,7 +23,7 @@ import openslide
 import tifffile
 
 from nic.slides.errors import SlideError
-from nic.storage import display, ensure_local
+from nic.storage import ensure_local
 
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _IMAGE_MAGICS = {
@@ -113,23 +113,23 @@ def check_slide_file(path: str | Path) -> Path:
     try:
         ensure_local(path)
     except FileNotFoundError:
-        raise SlideError.about(display(path), "no such object in the object store", "missing") from None
+        raise SlideError(path, "no such object in the object store", "missing") from None
     except OSError as exc:
-        raise SlideError.about(display(path), f"cannot be downloaded ({exc})", "unopenable") from exc
+        raise SlideError(path, f"cannot be downloaded ({exc})", "unopenable") from exc
     if not path.exists():
-        raise SlideError.about(path, "no such file", "missing")
+        raise SlideError(path, "no such file", "missing")
     if path.is_dir():
         if dicom_instances(path):
             return path
         # A directory named *.svs is a real thing (unpacked uploads); say so plainly.
-        raise SlideError.about(path, "is a directory, not a slide file (nor a DICOM slide: it holds no "
+        raise SlideError(path, "is a directory, not a slide file (nor a DICOM slide: it holds no "
                                ".dcm files)", "directory")
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise SlideError.about(path, f"cannot be read ({exc.strerror or exc})", "unopenable") from exc
+        raise SlideError(path, f"cannot be read ({exc.strerror or exc})", "unopenable") from exc
     if size == 0:
-        raise SlideError.about(path, "file is empty (0 bytes)", "empty")
+        raise SlideError(path, "file is empty (0 bytes)", "empty")
     return path
 
 
@@ -144,7 +144,7 @@ def open_slide(path: str | Path, verify: bool = False) -> openslide.OpenSlide:
         with open(path, "rb") as fh:
             head = fh.read(512)
     except OSError as exc:
-        raise SlideError.about(path, f"cannot be read ({exc.strerror or exc})", "unopenable") from exc
+        raise SlideError(path, f"cannot be read ({exc.strerror or exc})", "unopenable") from exc
     try:
         return openslide.OpenSlide(os.fspath(path))
     except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -152,13 +152,13 @@ def open_slide(path: str | Path, verify: bool = False) -> openslide.OpenSlide:
         if head.startswith(_TIFF_MAGICS):
             damage = tiff_damage(path)
             if damage:
-                raise SlideError.about(path, f"OpenSlide cannot open it ({damage})", "unopenable") from exc
-            raise SlideError.about(path, f"OpenSlide cannot open it ({what}: {exc})", "unopenable") from exc
-        raise SlideError.about(path, f"not a slide ({what})", "not_a_slide") from exc
+                raise SlideError(path, f"OpenSlide cannot open it ({damage})", "unopenable") from exc
+            raise SlideError(path, f"OpenSlide cannot open it ({what}: {exc})", "unopenable") from exc
+        raise SlideError(path, f"not a slide ({what})", "not_a_slide") from exc
     except openslide.OpenSlideError as exc:
-        raise SlideError.about(path, f"OpenSlide cannot open it ({exc})", "unopenable") from exc
+        raise SlideError(path, f"OpenSlide cannot open it ({exc})", "unopenable") from exc
     except OSError as exc:
-        raise SlideError.about(path, f"cannot be read ({exc.strerror or exc})", "unopenable") from exc
+        raise SlideError(path, f"cannot be read ({exc.strerror or exc})", "unopenable") from exc
 
 
 def _try_open(path: Path) -> tuple[openslide.OpenSlide | None, str | None, bool]:
@@ -192,7 +192,7 @@ def _open_dicom_folder(folder: Path, verify: bool) -> openslide.OpenSlide:
                 raise
         return slide
     where, why, _ = refused[0]
-    raise SlideError.about(
+    raise SlideError(
         folder, f"a folder of {len(files)} .dcm file(s), none of which OpenSlide opens as a DICOM "
                 f"whole-slide image ({where.name}: {why})",
         "not_a_slide" if all(unknown for _, _, unknown in refused) else "unopenable")
@@ -216,14 +216,14 @@ def _check_one_series(folder: Path, slide: openslide.OpenSlide, refused: list[tu
         with other:
             theirs = other.properties.get("dicom.SeriesInstanceUID")
         if series and theirs and theirs != series:
-            raise SlideError.about(
+            raise SlideError(
                 folder, f"holds more than one DICOM slide (series {series} and, e.g. in {path.name}, "
                         f"{theirs}); put each slide's .dcm files in a folder of its own", "ambiguous")
     # Files OpenSlide does not recognise at all are other DICOM objects (annotations, reports) that
     # are no part of the slide; one it recognises but cannot open is a damaged instance of it.
     for path, problem, unknown in refused:
         if not unknown:
-            raise SlideError.about(folder, f"its instance {path.name} cannot be opened ({problem}); "
+            raise SlideError(folder, f"its instance {path.name} cannot be opened ({problem}); "
                                            "the slide would be read without it", "unopenable")
 
 

@@ -68,7 +68,7 @@ def plan_slide(path: str | Path, options: SlideOptions, slide_id: str | None = N
         tissue = detect_tissue(slide, options.tissue, resolution.base_mpp, path)
         grid = TileGrid(width, height, resolution.base_mpp, options.target_mpp, options.tile_px)
         if grid.rows == 0 or grid.cols == 0:
-            raise SlideError.about(
+            raise SlideError(
                 path,
                 f"too small: {width} x {height} px at {resolution.base_mpp:.3g} um/px holds no "
                 f"{options.tile_px} px tile at {options.target_mpp:g} um/px "

@@ -42,7 +42,7 @@ def read_region_rgb(
     try:
         region = slide.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1])))
     except openslide.OpenSlideError as exc:
-        raise SlideError.about(name, f"pixels cannot be read ({exc})", "unreadable") from exc
+        raise SlideError(name, f"pixels cannot be read ({exc})", "unreadable") from exc
     extrema = cast("tuple[tuple[float, float], ...]", region.getextrema())  # RGBA: (min, max) per band
     if extrema[3][0] == 255:  # fully opaque (the usual case): PIL's C conversion is fastest
         return np.asarray(region.convert("RGB"))

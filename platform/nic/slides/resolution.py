@@ -101,7 +101,7 @@ def resolve_resolution(
     note = ""
     if mpp is None:
         if options.assume_mpp is None:
-            raise SlideError.about(
+            raise SlideError(
                 name,
                 f"no usable resolution metadata ({origin}); set slide.assume_mpp to the level-0 um/px",
                 "no_mpp",
@@ -110,7 +110,7 @@ def resolve_resolution(
         mpp, source, origin = options.assume_mpp, MPP_SOURCE_ASSUMED, "slide.assume_mpp"
     elif mpp <= 0 or mpp > options.max_plausible_mpp:
         if options.assume_mpp is None:
-            raise SlideError.about(
+            raise SlideError(
                 name,
                 f"resolution {mpp:.4g} um/px is not plausible (max {options.max_plausible_mpp:g}); "
                 "set slide.assume_mpp",

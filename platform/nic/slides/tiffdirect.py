@@ -108,18 +108,18 @@ class DirectLevel:
             data = os.pread(self._fd, count, self._offsets[key])
             decoded, _, _ = self._decode(data, key, jpegtables=self._tables)
         except Exception as exc:  # imagecodecs/tifffile raise many types for corrupt data
-            raise SlideError.about(
+            raise SlideError(
                 self.path, f"pixels cannot be read ({exc}) in file tile ({tx}, {ty})", "unreadable"
             ) from exc
         if decoded is None:  # tifffile decodes nothing: as unreadable as a decoding error
-            raise SlideError.about(self.path, f"pixels cannot be read (file tile ({tx}, {ty}) decodes to nothing)",
+            raise SlideError(self.path, f"pixels cannot be read (file tile ({tx}, {ty}) decodes to nothing)",
                                    "unreadable")
         self.stats.decoded += 1
         h = min(self.tile_h, self.height - ty * self.tile_h)
         w = min(self.tile_w, self.width - tx * self.tile_w)
         arr = decoded[0, :h, :w, :3]
         if arr.shape[0] != h or arr.shape[1] != w:
-            raise SlideError.about(
+            raise SlideError(
                 self.path,
                 f"pixels cannot be read (file tile ({tx}, {ty}) decodes to {arr.shape[1]} x {arr.shape[0]} px, "
                 f"expected {w} x {h})",

@@ -132,8 +132,8 @@ def tile_one_slide(item: dict[str, Any], options: Any, out: Path, thumbnail_px: 
         if not len(rows):  # the overview stays, so a person can see why
             best = float(plan.fractions.max()) if plan.fractions.size else 0.0
             raise SlideError(
-                f"{path}: no tissue: none of its {plan.grid.rows * plan.grid.cols} tiles is at least "
-                f"{options.tissue.threshold:.0%} tissue (best tile: {best:.0%})", kind="no_tissue")
+                path, f"no tissue: none of its {plan.grid.rows * plan.grid.cols} tiles is at least "
+                f"{options.tissue.threshold:.0%} tissue (best tile: {best:.0%})", "no_tissue")
         write_parquet_atomic(tiles_path(out, slide_id), table)  # last: marks the slide complete
         # On an object store, this node uploads what it wrote (the driver's node cannot see it).
         publish(overview_path(out, slide_id))
