@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from nic.downstream.labels import load_labels
-from nic.downstream.splits import TEST_FOLD, group_kfold, make_splits, train_val_split
+from nic.downstream.splits import TEST_FOLD, SplitError, group_kfold, make_splits, train_val_split
 
 
 def _labels(tmp_path, kind="binary", n=60, seed=0):
@@ -68,3 +68,15 @@ def test_train_val_split_is_grouped():
     assert not set(groups[val]) & set(groups[~val])
     assert not train_val_split(groups, strata, 0.0, seed=0).any()
     assert not train_val_split(np.zeros(4), None, 0.2, seed=0).any()  # one patient: nothing to hold out
+
+
+def test_too_few_patients_is_a_split_error(tmp_path):
+    """Bad input gets its own error, which train-downstream turns into exit 2; a plain ValueError,
+    which a bug raises, is no longer caught as bad input."""
+    from nic.train import downstream_stage
+
+    labels = _labels(tmp_path, n=6)  # 2 patients
+    with pytest.raises(SplitError, match="cannot make 3 folds from 2 patient"):
+        make_splits(labels, folds=3)
+    assert issubclass(SplitError, ValueError)  # callers catching ValueError still catch it
+    assert downstream_stage.SplitError is SplitError

@@ -18,6 +18,11 @@ from nic.downstream.labels import Labels
 TEST_FOLD = -1
 
 
+class SplitError(ValueError):
+    """The labelled slides cannot be split as asked (fewer patients than folds): the user's input,
+    so train-downstream exits 2 with this message, as for a LabelError."""
+
+
 def _splitter(n_splits: int, stratified: bool, seed: int):
     if stratified:
         return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
@@ -30,9 +35,9 @@ def group_kfold(
     """Fold index (0..n_splits-1) per sample; samples of one group always share a fold."""
     n_groups = len(np.unique(groups))
     if n_splits < 2:
-        raise ValueError(f"need at least 2 folds, got {n_splits}")
+        raise SplitError(f"need at least 2 folds, got {n_splits}")
     if n_groups < n_splits:
-        raise ValueError(f"cannot make {n_splits} folds from {n_groups} patient(s); lower 'folds'")
+        raise SplitError(f"cannot make {n_splits} folds from {n_groups} patient(s); lower 'folds'")
     fold = np.full(len(groups), -1, dtype=int)
     x = np.zeros((len(groups), 1))
     y = strata if strata is not None else np.zeros(len(groups), dtype=int)

@@ -52,7 +52,7 @@ from nic.config.downstream import TrainDownstreamConfig
 from nic.downstream.labels import LabelError, Labels, load_labels
 from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
 from nic.downstream.models import strided_layers_for
-from nic.downstream.splits import TEST_FOLD, make_splits, train_val_split
+from nic.downstream.splits import TEST_FOLD, SplitError, make_splits, train_val_split
 from nic.grids.reader import list_slides, verify_store
 from nic.grids.schema import GridError
 from nic.stage_io import stage_storage
@@ -531,6 +531,11 @@ def write_plots(config: TrainDownstreamConfig, labels: Labels, part: pd.DataFram
         written["kaplan_meier"] = path.name
         written["logrank_p"] = None if not np.isfinite(p) else p
     return written
+class RunMismatchError(ValueError):
+    """`out` holds a run of other settings, grids or labels (its run.json says so) and overwrite is
+    not set: the user's choice of folder, so the stage exits 2 with this message."""
+
+
 
 
 def _prepare_out(config: TrainDownstreamConfig, run_hash: str, storage: Path, name_prefix: str,
@@ -540,11 +545,14 @@ def _prepare_out(config: TrainDownstreamConfig, run_hash: str, storage: Path, na
     out = Path(config.out)
     marker = out / "run.json"
     if marker.exists():
-        recorded = read_json(marker)
+        try:
+            recorded = read_json(marker)
+        except ValueError as exc:  # not JSON (a damaged file): said as before, exit 2
+            raise RunMismatchError(str(exc)) from exc
         previous = recorded.get("run_hash")
         if previous != run_hash:
             if not config.overwrite:
-                raise ValueError(
+                raise RunMismatchError(
                     f"{out} holds a run made with {_what_changed(recorded.get('parts'), parts)} (run hash "
                     f"{previous}, now {run_hash}); its folds were trained on that and are not reused: choose "
                     "another out folder or set overwrite: true to discard them")
@@ -631,8 +639,8 @@ def run_train_downstream(config: TrainDownstreamConfig,
         storage = Path(config.storage_path or out / "ray").absolute()
         name_prefix = config.run_name or out.resolve().name
         _prepare_out(config, run_hash, storage, name_prefix, _run_parts(config, info["encoder_hash"], labels))
-    except (LabelError, GridError, ValueError) as exc:
-        print(f"nic {STAGE}: {exc}", file=sys.stderr)
+    except (LabelError, GridError, SplitError, RunMismatchError) as exc:  # bad input only: a bug raising
+        print(f"nic {STAGE}: {exc}", file=sys.stderr)  # a plain ValueError keeps its traceback
         return 2
 
     if labels.unlabelled_grids:
