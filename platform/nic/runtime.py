@@ -7,10 +7,12 @@ Ray's logs and progress bars, which `verbose` brings back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,26 @@ class RayInfo:
     num_nodes: int
 
 
+#: Device files one of which exists on Linux wherever torch.cuda can find a device: the NVIDIA
+#: driver (bare metal, containers), WSL2's GPU bridge, AMD's compute driver (ROCm builds of torch).
+_GPU_DEVICE_FILES = ("/proc/driver/nvidia/gpus", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def _may_have_gpu() -> bool:
+    """False only where torch.cuda certainly finds no device: Linux without any GPU driver's files."""
+    if not sys.platform.startswith("linux"):
+        return True  # no cheap test elsewhere: ask torch
+    return any(os.path.exists(path) for path in _GPU_DEVICE_FILES)
+
+
 def local_gpu_count() -> int:
-    """CUDA devices visible to this process (0 without torch or CUDA)."""
+    """CUDA devices visible to this process (0 without torch or CUDA).
+
+    Importing torch only to count devices costs seconds of an embedded start (a large share of a
+    small job's), and most machines have none to count: where no GPU driver is installed the
+    answer is 0 without importing torch."""
+    if not _may_have_gpu():
+        return 0
     try:
         import torch
 
@@ -39,18 +59,35 @@ def local_gpu_count() -> int:
         return 0
 
 
-def _runtime_env(cluster: bool) -> dict:
-    """Workers must import the same `nic` as the driver.
+def _runtime_env() -> dict:
+    """Workers on a cluster must import the same `nic` as the driver: the package is shipped to
+    every node (`py_modules`), so a job submitted with `--working-dir` runs its own code even where
+    another version is installed; it merges with a job's own runtime env, which sets `working_dir`.
+    (An embedded instance needs none: see `_embedded_worker_env`.)"""
+    return {"py_modules": [str(_PLATFORM_DIR / "nic")]}
 
-    On a cluster the package is shipped to every node (`py_modules`), so a job submitted with
-    `--working-dir` runs its own code even where another version is installed; it merges with a
-    job's own runtime env, which sets `working_dir`. An embedded instance's workers live on this
-    machine and only need platform/ on their path (set for runs from a source checkout).
+
+@contextlib.contextmanager
+def _embedded_worker_env() -> Iterator[None]:
+    """platform/ on PYTHONPATH while an embedded instance starts, so its workers import this `nic`
+    (runs from a source checkout that is not installed).
+
+    The workers of an embedded instance are children of the raylet that `ray.init` starts from
+    this process, so they inherit its environment as it is during `ray.init`; afterwards the
+    driver's own environment is put back. This replaces a job-level `runtime_env` of env_vars,
+    which made every worker of the job need that environment: the workers Ray prestarts at
+    `ray.init` (one per CPU) have none, so they sat idle and the first task of every command
+    waited for a new worker process to start (a second or more of a small job's start-up).
     """
-    if cluster:
-        return {"py_modules": [str(_PLATFORM_DIR / "nic")]}
-    path = os.pathsep.join(filter(None, [str(_PLATFORM_DIR), os.environ.get("PYTHONPATH")]))
-    return {"env_vars": {"PYTHONPATH": path}}
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PLATFORM_DIR), before]))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 def connect(options: RayOptions | None = None, verbose: bool = False) -> RayInfo:
@@ -58,7 +95,10 @@ def connect(options: RayOptions | None = None, verbose: bool = False) -> RayInfo
     import ray
 
     options = options or RayOptions()
-    _quiet_ray_data(verbose)
+    global _VERBOSE
+    _VERBOSE = verbose
+    if "ray.data" in sys.modules:  # else quiet_ray_data() runs where Ray Data is first used
+        quiet_ray_data()
     if not ray.is_initialized():
         address = options.address or os.environ.get("RAY_ADDRESS")
         common: dict[str, Any] = dict(
@@ -67,21 +107,21 @@ def connect(options: RayOptions | None = None, verbose: bool = False) -> RayInfo
             configure_logging=True,
         )
         if address:
-            ray.init(address=address, runtime_env=_runtime_env(cluster=True), **common)
+            ray.init(address=address, runtime_env=_runtime_env(), **common)
         else:
             num_gpus = options.num_gpus if options.num_gpus is not None else local_gpu_count()
             # "local" starts a new instance. With no address Ray would join whatever cluster the
             # last `ray start` on this machine recorded in /tmp/ray/ray_current_cluster, even one
             # long dead (then num_cpus makes ray.init fail): embedded means embedded.
-            ray.init(
-                address="local",
-                num_cpus=options.num_cpus or os.cpu_count(),
-                num_gpus=num_gpus,
-                include_dashboard=False,
-                object_store_memory=_object_store_bytes(),
-                runtime_env=_runtime_env(cluster=False),
-                **common,
-            )
+            with _embedded_worker_env():
+                ray.init(
+                    address="local",
+                    num_cpus=options.num_cpus or os.cpu_count(),
+                    num_gpus=num_gpus,
+                    include_dashboard=False,
+                    object_store_memory=_object_store_bytes(),
+                    **common,
+                )
     return cluster_info()
 
 
@@ -106,7 +146,16 @@ def cluster_info() -> RayInfo:
     )
 
 
-def _quiet_ray_data(verbose: bool) -> None:
+#: `verbose` of the last `connect`, for `quiet_ray_data` called later by a stage that uses Ray Data.
+_VERBOSE = False
+
+
+def quiet_ray_data(verbose: bool | None = None) -> None:
+    """Ray Data's progress bars and execution logs only when `verbose` (default: as in the last
+    `connect`). A stage calls this where it builds a Dataset; `connect` does not import Ray Data
+    for it, since only `nic compress` uses Ray Data and the import costs a second or more of every
+    other stage's start-up."""
+    verbose = _VERBOSE if verbose is None else verbose
     try:
         from ray.data import DataContext
     except ImportError:  # ray without the data extra

@@ -4,6 +4,10 @@ Stages are registered by name with their config model and entry function (import
 `nic --help` is instant and a broken stage does not break the others). Each top-level scalar field
 of a stage's config model becomes a flag with the field's description as help, so `--help` always
 matches what the config accepts.
+
+Start-up matters here (issue 16: a user's first command is one slide, where a fixed second is
+noticed): `nic --help` imports no config model, pydantic, numpy, torch or ray, and `nic <stage>`
+imports only its own stage's config model before parsing (tests/test_cli_startup.py).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import textwrap
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel
-
-from nic.config.base import ConfigError, load_config, unwrap_model
 from nic.storage import local_path
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pydantic import BaseModel
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,8 @@ def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
 
 def _nested_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Every dotted key below the top level, with default and description, for `--help`."""
+    from nic.config.base import unwrap_model
+
     lines = []
     for name, field in model.model_fields.items():
         sub = unwrap_model(field.annotation)
@@ -115,7 +123,18 @@ def _nested_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return lines
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_command(argv: Sequence[str]) -> str | None:
+    """The command `argv` asks for: its first word that is not an option (the top-level parser
+    has no option taking a value), or None for a bare `nic` / `nic --help`."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `nic` parser. With `argv`, only the stage it names gets the flags of its config model
+    (importing that model alone); the other stages are listed with their help but parse only the
+    common flags, which they never do since argparse runs one subcommand. Without `argv`, every
+    stage gets its flags (for tests and tools that parse several commands with one parser)."""
+    wanted = requested_command(argv) if argv is not None else None
     parser = argparse.ArgumentParser(
         prog="nic",
         description="Neural Image Compression for whole-slide images, on Ray. "
@@ -123,10 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<stage>")
     for stage in STAGES:
-        try:
-            model = _import(stage.config)
-        except (ImportError, AttributeError):
-            model = None
+        model = None
+        if argv is None or stage.name == wanted:
+            try:
+                model = _import(stage.config)
+            except (ImportError, AttributeError):
+                model = None
         epilog = None
         if model is not None and _nested_keys(model):
             epilog = "nested keys (YAML sections; set with --set key=value):\n" + "\n".join(_nested_keys(model))
@@ -145,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p.set_defaults(flag_names=_add_model_flags(p, model))
     for name, spec in COMMAND_GROUPS.items():
+        if argv is not None and wanted is not None and wanted in (stage.name for stage in STAGES):
+            continue  # a stage's run never needs another command group's parser
         try:
             adder = _import(spec)
         except (ImportError, AttributeError):
@@ -154,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
+    from nic.config.base import load_config
+
     stage: Stage = args.stage
     model = _import(stage.config)
     values: dict[str, Any] = {}
@@ -169,11 +194,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    from nic.config.base import ConfigError
+
     try:
         if hasattr(args, "handler"):
             return int(args.handler(args) or 0)

@@ -32,7 +32,7 @@ import numpy as np
 
 from nic.config.base import ConfigError
 from nic.config.compress import CompressConfig
-from nic.runtime import RayInfo
+from nic.runtime import RayInfo, quiet_ray_data
 
 #: CPU share of one planning task on a small machine: tissue detection is short (a coarse level,
 #: once per slide), and reserving a whole CPU for it would leave a 2-core laptop's encoder one core.
@@ -152,6 +152,7 @@ def build_dataset(config: CompressConfig, todo: list[tuple[str, str]], pool: Poo
     `encoder_hash` the content hash they must find (an encoder replaced during the job fails)."""
     import ray
 
+    quiet_ray_data()  # connect leaves Ray Data alone (not imported) for the stages that do not use it
     ctx = ray.data.DataContext.get_current()
     saved = ctx.target_max_block_size, ctx.max_errored_blocks, ctx.execution_options.preserve_order
     # All three are sealed into the dataset when it is created (a deep copy of the context), so they
