@@ -171,7 +171,8 @@ def probed_command(command: str, args: list[str], workdir: Path) -> dict[str, fl
         import pyarrow.parquet as pq
 
         rows = pq.read_table(out / "slides.parquet").to_pylist()
-        phases["start to first finished slide"] = marks["first_progress"] - start
+        if "first_progress" in marks:  # the stage's progress line for its first finished slide
+            phases["start to first finished slide"] = marks["first_progress"] - start
         phases["the slide's work (worker seconds)"] = sum(float(r["seconds"] or 0) for r in rows)
     phases["whole command"] = end - start
     return phases
