@@ -137,9 +137,12 @@ def read_manifest(path: str | Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def stable_hash(obj: Any) -> str:
-    """Short content hash of a JSON-able object, to tell whether an output was made with the same options."""
+def stable_hash(obj: Any, digits: int = 16) -> str:
+    """The one hash of nic's resume keys: sha256 of the canonical JSON of `obj` (keys sorted, paths
+    and other non-JSON values as strings), as its first `digits` hex digits. 16 is enough to tell
+    one set of options from another; the encoder's config_hash keeps all 64, as encoder.json always
+    has. Every stage hashes through here, so equal settings give equal keys in every stage."""
     import hashlib
 
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hashlib.sha256(blob).hexdigest()[:digits]

@@ -38,6 +38,7 @@ from nic.compress.actors import PRECISION_CODES
 from nic.compress.collector import EncoderFacts, SlideCollector
 from nic.config.base import ConfigError, dump_config
 from nic.config.compress import CompressConfig
+from nic.config.identity import config_identity
 from nic.grids.dihedral import ALL_TRANSFORMS
 from nic.grids.manifest import MANIFEST_SCHEMA, failed_row, grid_row
 from nic.grids.reader import verify_grid_file
@@ -112,7 +113,7 @@ def options_hash_of(config: CompressConfig) -> str:
     """What besides the encoder decides a grid's content. Head maps enter only when asked for (with
     the sha256 of the heads they come from), so grids made without them keep their hash, and a
     grid made without heads (or with other heads) is redone by a run with --heads."""
-    options = {"slide": config.slide.model_dump(mode="json"), "format": FORMAT_VERSION}
+    options = {"slide": config_identity(config.slide), "format": FORMAT_VERSION}
     if config.heads:
         from nic.encoders.artifact import read_info, sha256_file
         from nic.encoders.head_maps import check_has_heads

@@ -9,11 +9,12 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, ValidationInfo, field_validator
 
+from nic.config.identity import check_classified
 from nic.storage import ensure_local, local_path, to_local
 
 
@@ -37,6 +38,17 @@ class NicModel(BaseModel):
     """Base of every config model: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    #: The fields this class adds, by what a change to them means (nic.config.identity): part of
+    #: the result (and so of the resume key), or only of how the stage runs.
+    identity_fields: ClassVar[frozenset[str]] = frozenset()
+    execution_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """A model that classifies its fields must classify every one, checked here so that a new
+        field without a class fails at import instead of silently entering or leaving resume keys."""
+        super().__pydantic_init_subclass__(**kwargs)
+        check_classified(cls, required=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -72,6 +84,8 @@ def path_fields(model: type[BaseModel]) -> list[tuple[str, bool]]:
 class RayOptions(NicModel):
     """Where and how a stage runs on Ray."""
 
+    execution_fields = frozenset({"address", "num_cpus", "num_gpus", "resource_timeout_s"})
+
     address: str | None = Field(
         None,
         description="Ray cluster address (e.g. 'auto' or 'ray://head:10001'). Default: RAY_ADDRESS, "
@@ -92,6 +106,8 @@ class RayOptions(NicModel):
 
 class StageConfig(NicModel):
     """Fields every stage has."""
+
+    execution_fields = frozenset({"ray", "verbose"})
 
     ray: RayOptions = Field(default_factory=RayOptions, description="Ray connection options.")
     verbose: bool = Field(False, description="Show Ray's own logs and progress bars.")

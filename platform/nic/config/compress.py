@@ -11,6 +11,17 @@ from nic.config.slides import SlideOptions
 
 
 class CompressConfig(StageConfig):
+    # batch_size, preserve_order and mixed_precision can move an embedding value by a rounding step
+    # (docs/compress.md); grids made either way are accepted, so they are not in the resume key.
+    identity_fields = frozenset({
+        "slides", "encoder", "encoder_weights", "encoder_tile_px", "encoder_mpp", "encoder_mean", "encoder_std",
+        "encoder_embedding_dim", "slide", "dihedral", "heads",
+    })
+    execution_fields = frozenset({
+        "out", "batch_size", "pool_size", "cpus_per_actor", "read_parallelism", "plan_concurrency",
+        "preserve_order", "use_gpu", "mixed_precision", "strict", "overwrite",
+    })
+
     slides: list[str] = Field(
         ..., min_length=1,
         description="Slide files, folders, glob patterns, or CSV files with a 'path' column (and optional 'slide_id'); "

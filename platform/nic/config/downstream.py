@@ -28,6 +28,20 @@ DEFAULT_POOL: dict[str, dict[str, str]] = {
 class TrainDownstreamConfig(StageConfig):
     """Train and evaluate a slide-level model (classification, regression or survival) on grids."""
 
+    # bootstrap, risk_groups, probe, train_model: the pooled metrics, plots and probe are remade on
+    # every run, so they are no part of a fold's identity; num_workers as in every run hash so far.
+    identity_fields = frozenset({
+        "grids", "labels", "kind", "target", "time_column", "event_column", "patient_column", "slide_column",
+        "missing_grids", "model", "pool", "strided_layers", "folds", "test_fraction", "val_fraction", "epochs",
+        "crops_per_slide", "batch_size", "lr", "min_lr", "lr_patience", "patience", "l2", "dropout", "crop_size",
+        "tta_crops", "dihedral", "balanced", "ties", "seed",
+    })
+    execution_fields = frozenset({
+        "out", "risk_groups", "num_workers", "cpus_per_worker", "use_gpu", "max_parallel_folds", "shared_workers",
+        "max_failures", "loader_workers", "cache_grids", "bootstrap", "probe", "train_model", "storage_path",
+        "run_name", "overwrite",
+    })
+
     grids: Path = Field(..., description="Grid store written by `nic compress` (folder with slides.parquet and tiles/).")
     labels: Path = Field(..., description="Labels table, CSV or Parquet: slide_id, optional patient_id, targets, time/event.")
     kind: Literal["binary", "multiclass", "regression", "survival"] = Field(

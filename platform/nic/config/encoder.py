@@ -21,6 +21,11 @@ BUILTIN_KINDS = ("mean-rgb", "random")
 class AugmentOptions(NicModel):
     """Augmentation of training batches (uint8 tiles turned into float tensors, on the worker)."""
 
+    identity_fields = frozenset({
+        "enabled", "dihedral", "hed_sigma", "hed_bias", "brightness", "contrast", "blur_prob", "blur_sigma",
+        "noise_std", "crop_scale",
+    })
+
     enabled: bool = Field(True, description="Augment training batches at all.")
     dihedral: bool = Field(True, description="Random one of the 8 rotations/flips per tile.")
     hed_sigma: float = Field(
@@ -44,6 +49,10 @@ class AugmentOptions(NicModel):
 class ObjectiveOptions(NicModel):
     """Hyperparameters of the individual objectives."""
 
+    identity_fields = frozenset({
+        "head_hidden", "vae_beta", "contrastive_temperature", "projection_dim", "gan_lr_factor",
+    })
+
     head_hidden: int = Field(
         0, ge=0, description="MTL: hidden units of each task head (0 = a linear head, which keeps the task "
         "information linearly readable from the embedding, as the downstream CNN sees it).",
@@ -58,6 +67,17 @@ class ObjectiveOptions(NicModel):
 
 class TrainEncoderConfig(StageConfig):
     """`nic train-encoder`: train a patch encoder and write `encoder/` (weights + encoder.json)."""
+
+    # num_workers is identity: every DDP worker takes its own batch_size, so it changes the batches.
+    identity_fields = frozenset({
+        "tasks", "kind", "architecture", "trunk_pool", "embedding_dim", "tile_px", "mpp", "epochs", "batch_size",
+        "lr", "weight_decay", "lr_factor", "lr_patience", "num_workers", "patience", "task_weights",
+        "tasks_subset", "val_fraction", "max_samples_per_task", "max_val_samples_per_task", "samples_per_task",
+        "max_steps_per_epoch", "max_minutes_per_epoch", "augment", "objective", "seed",
+    })
+    execution_fields = frozenset({
+        "out", "name", "cpus_per_worker", "use_gpu", "max_failures", "storage_path", "run_name", "overwrite",
+    })
 
     tasks: Path | None = Field(
         None, description="tasks.yaml describing the patch datasets (required for trained kinds; "

@@ -26,6 +26,8 @@ WIRED_KEYS = {
 class OwnData(NicModel):
     """The user's own cohort instead of a synthetic one."""
 
+    identity_fields = frozenset({"slides", "labels", "tasks"})
+
     slides: list[str] = Field(..., min_length=1, description="Slide files, folders, globs or CSV lists.",
                              json_schema_extra=LOCAL_PATH_FIELD)
     labels: Path = Field(..., description="Labels table (CSV/Parquet) with slide_id, targets, time/event.")
@@ -34,6 +36,10 @@ class OwnData(NicModel):
 
 class EncoderRun(NicModel):
     """One encoder of the comparison."""
+
+    # name: which folder and which label in the report, not what is trained.
+    identity_fields = frozenset({"kind", "path", "settings"})
+    execution_fields = frozenset({"name"})
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9._-]+$", description="Folder name and label in the report.")
     kind: Literal["mtl", "vae", "bigan", "contrastive", "mean-rgb", "random", "external"] = Field(
@@ -62,6 +68,10 @@ class EncoderRun(NicModel):
 class TargetRun(NicModel):
     """One slide-level target to learn from the grids of every encoder."""
 
+    # name: which folder and which label in the report, not what is learned.
+    identity_fields = frozenset({"kind", "target", "settings"})
+    execution_fields = frozenset({"name"})
+
     name: str = Field(..., pattern=r"^[A-Za-z0-9._-]+$", description="Folder name and label in the report.")
     kind: Literal["binary", "multiclass", "regression", "survival"] = Field(..., description="Target kind.")
     target: str | None = Field(None, description="Labels column (not needed for survival).")
@@ -86,6 +96,12 @@ def _default_targets() -> list[TargetRun]:
 
 class PipelineConfig(StageConfig):
     """synth (or your data) -> encoders -> compress -> downstream models -> report.md."""
+
+    # The stage sections are taken whole; each step's own config classifies their keys.
+    identity_fields = frozenset({
+        "synth", "data", "encoders", "encoder", "compress", "downstream", "targets", "report_slides",
+    })
+    execution_fields = frozenset({"out", "title"})
 
     out: Path = Field(Path("pipeline-out"), description="Folder of every artifact and of report.md.")
     synth: dict[str, Any] | None = Field(

@@ -10,6 +10,10 @@ from nic.config.base import NicModel
 class TissueOptions(NicModel):
     """Tissue detection on a low-resolution level (saturation + Otsu + morphology)."""
 
+    identity_fields = frozenset({
+        "mask_mpp", "min_saturation", "close_um", "min_object_um2", "fill_holes", "threshold",
+    })
+
     mask_mpp: float = Field(
         8.0, gt=0, description="Resolution (um/px) the tissue mask is computed at (the closest level is used)."
     )
@@ -29,6 +33,10 @@ class TissueOptions(NicModel):
 
 class SlideOptions(NicModel):
     """Resolution and tile geometry."""
+
+    identity_fields = frozenset({
+        "target_mpp", "mpp_tolerance", "assume_mpp", "max_plausible_mpp", "tile_px", "tissue",
+    })
 
     target_mpp: float = Field(0.5, gt=0, description="Working resolution in um/px (NIC uses 0.5).")
     mpp_tolerance: float = Field(

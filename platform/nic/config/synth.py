@@ -19,6 +19,8 @@ heldout_tasks.yaml instead of tasks.yaml."""
 class RenderOptions(NicModel):
     """How slides are drawn and written."""
 
+    identity_fields = frozenset({"tile_size", "quality", "stain_variation", "max_tissue_pieces", "min_aspect"})
+
     tile_size: int = Field(256, ge=16, multiple_of=16, description="TIFF tile size in px (JPEG tiles).")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality of the slide tiles.")
     stain_variation: float = Field(
@@ -32,6 +34,10 @@ class RenderOptions(NicModel):
 
 class SignalOptions(NicModel):
     """How hard the tasks are: the signal-to-noise knob."""
+
+    identity_fields = frozenset({
+        "snr", "mitotic_fraction", "mitotic_spread", "apoptotic_fraction", "proliferation_noise",
+    })
 
     snr: float = Field(
         0.7, ge=0, le=1,
@@ -60,6 +66,8 @@ class SignalOptions(NicModel):
 class CohortOptions(NicModel):
     """Patients and their biology."""
 
+    identity_fields = frozenset({"two_slide_fraction", "desmoplastic_fraction"})
+
     two_slide_fraction: float = Field(
         0.25, ge=0, le=1, description="Fraction of patients with two slides (so splits must group by patient)."
     )
@@ -70,6 +78,11 @@ class CohortOptions(NicModel):
 
 class SurvivalOptions(NicModel):
     """Proportional-hazards survival: hazard = baseline Weibull x exp(sum of coefficient x covariate)."""
+
+    identity_fields = frozenset({
+        "beta_proliferation", "beta_desmoplastic", "beta_til", "beta_necrosis", "weibull_shape",
+        "weibull_scale_months", "follow_up_months", "dropout_months",
+    })
 
     beta_proliferation: float = Field(0.7, description="Log hazard ratio per SD of log mitotic rate.")
     beta_desmoplastic: float = Field(-0.8, description="Log hazard ratio of the desmoplastic growth pattern.")
@@ -88,6 +101,8 @@ class SurvivalOptions(NicModel):
 class ArtefactOptions(NicModel):
     """Probability that a slide carries each artefact."""
 
+    identity_fields = frozenset({"pen", "fold", "blur"})
+
     pen: float = Field(0.15, ge=0, le=1, description="Probability of a pen mark.")
     fold: float = Field(0.15, ge=0, le=1, description="Probability of a tissue fold.")
     blur: float = Field(0.15, ge=0, le=1, description="Probability of an out-of-focus area.")
@@ -95,6 +110,11 @@ class ArtefactOptions(NicModel):
 
 class PatchOptions(NicModel):
     """Labelled patch datasets for training the patch encoder."""
+
+    # chunk_canvases has been in the patch spec since the first cohorts: a change re-renders the patches.
+    identity_fields = frozenset({
+        "tasks", "train", "val", "patch_px", "mpp", "canvas_patches", "mitosis_positive_fraction", "chunk_canvases",
+    })
 
     tasks: list[str] = Field(
         list(PATCH_TASKS), description=f"Tasks to generate, any of {', '.join(PATCH_TASKS)}, the dense "
@@ -126,6 +146,12 @@ class PatchOptions(NicModel):
 
 class SynthConfig(StageConfig):
     """`nic synth`: a synthetic cohort with known ground truth."""
+
+    identity_fields = frozenset({
+        "slides", "size", "min_size", "seed", "mpp", "render", "signal", "cohort", "survival", "artefacts",
+        "patches",
+    })
+    execution_fields = frozenset({"out", "strict"})
 
     out: Path = Field(Path("cohort"), description="Output folder of the cohort.")
     slides: int = Field(36, ge=1, description="Number of slides.")

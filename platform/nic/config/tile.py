@@ -11,6 +11,10 @@ from nic.config.slides import SlideOptions
 
 
 class TileConfig(StageConfig):
+    # thumbnail_px: the overviews are previews; a changed size does not redo complete slides.
+    identity_fields = frozenset({"slides", "slide"})
+    execution_fields = frozenset({"out", "thumbnail_px", "strict", "overwrite"})
+
     slides: list[str] = Field(
         ..., min_length=1,
         description="Slide files, folders, glob patterns, or CSV files with a 'path' column (and optional 'slide_id'); "

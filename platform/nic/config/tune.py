@@ -13,6 +13,8 @@ from nic.config.base import LOCAL_PATH_FIELD, NicModel, StageConfig
 class Range(NicModel):
     """A continuous range: log-uniform by default (learning rates), uniform with log: false."""
 
+    identity_fields = frozenset({"low", "high", "log"})
+
     low: float = Field(..., gt=0, description="Lower bound.")
     high: float = Field(..., gt=0, description="Upper bound.")
     log: bool = Field(True, description="Sample log-uniformly.")
@@ -26,6 +28,8 @@ class Range(NicModel):
 
 class SearchSpace(NicModel):
     """Hyperparameters searched besides the task subset; a list means 'one of these', a range samples."""
+
+    identity_fields = frozenset({"encoder_lr", "embedding_dim", "task_weight", "downstream_lr"})
 
     encoder_lr: list[float] | Range | None = Field(
         default_factory=lambda: Range(low=3e-4, high=3e-3), description="Encoder learning rate (null: not searched)."
@@ -42,6 +46,12 @@ class SearchSpace(NicModel):
 class TuneConfig(StageConfig):
     """`nic tune`: every trial trains an MTL encoder on a task subset (Ray Train), compresses the
     validation slides with it, trains the downstream model and reports its cross-validated metric."""
+
+    identity_fields = frozenset({
+        "tasks", "slides", "labels", "kind", "target", "subsets", "num_trials", "min_tasks", "space", "encoder",
+        "compress", "downstream", "trial_metric", "asha", "grace_folds", "reduction_factor", "seed",
+    })
+    execution_fields = frozenset({"out", "max_concurrent_trials", "trial_cpus"})
 
     tasks: Path = Field(..., description="tasks.yaml of the patch datasets; subsets of its tasks are searched.")
     slides: list[str] = Field(..., min_length=1, description="Slides compressed and used downstream in each trial.",

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 import shutil
 import time
@@ -44,10 +43,12 @@ from nic.artifacts import (
     atomic_path,
     clean_stale_temporaries,
     read_json,
+    stable_hash,
     write_bytes_atomic,
     write_json_atomic,
 )
 from nic.config.base import dump_config
+from nic.config.identity import config_identity
 from nic.config.synth import SynthConfig
 from nic.stage_io import stage_storage
 from nic.storage import display, ensure_local, publish, remove, uri_for
@@ -86,9 +87,9 @@ LABEL_COLUMNS = (
 
 
 def spec_hash(obj: Any) -> str:
-    """Hash of what determines an output (its parameters and the generator version)."""
-    text = json.dumps({"generator": GENERATOR_VERSION, "spec": obj}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Hash of what determines an output: its parameters and the generator version (a new
+    generator draws other pixels from the same parameters)."""
+    return stable_hash({"generator": GENERATOR_VERSION, "spec": obj})
 
 
 def file_sha256(path: Path) -> str:
@@ -198,8 +199,9 @@ def _patch_spec(config: SynthConfig, task: str) -> str:
         {
             "task": task,
             "seed": config.seed,
-            "patches": config.patches.model_dump(mode="json", exclude={"tasks"}),
-            "signal": config.signal.model_dump(mode="json"),
+            # the patch options but the task list: adding a task must not redo the others
+            "patches": {k: v for k, v in config_identity(config.patches).items() if k != "tasks"},
+            "signal": config_identity(config.signal),
             "stain_variation": config.render.stain_variation,
         }
     )
@@ -207,7 +209,7 @@ def _patch_spec(config: SynthConfig, task: str) -> str:
 
 def cohort_config_hash(config: SynthConfig) -> str:
     """cohort.json's `config_hash`: every setting that shapes the cohort, with the generator version."""
-    return spec_hash(config.model_dump(mode="json", exclude={"ray", "verbose", "out", "strict"}))
+    return spec_hash(config_identity(config))
 
 
 def _task_is_complete(out: Path, task: str, spec: str) -> bool:

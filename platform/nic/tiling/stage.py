@@ -29,6 +29,7 @@ from nic.artifacts import (
     write_manifest,
 )
 from nic.config.base import dump_config
+from nic.config.identity import config_identity
 from nic.config.tile import TileConfig
 from nic.runtime import Progress, connect
 from nic.slides.inputs import SlideInput, expand_slide_inputs, note_aliases
@@ -93,9 +94,9 @@ class TileResume:
 
 
 def options_hash_of(config: TileConfig) -> str:
-    """The resume key of every tile file: the slide options, which alone decide a slide's tile grid
-    (recorded in each file's metadata as `nic.options_hash`)."""
-    return stable_hash(config.slide.model_dump(mode="json"))
+    """The resume key of every tile file: the slide options' identity, which alone decides a
+    slide's tile grid (recorded in each file's metadata as `nic.options_hash`)."""
+    return stable_hash(config_identity(config.slide))
 
 
 @stage_storage(lazy=("tiles", "thumbnails"))

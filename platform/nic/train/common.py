@@ -6,8 +6,6 @@ Nothing here is specific to encoders; the downstream training loop uses the same
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -276,12 +274,7 @@ def send_progress(queue: Any, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------- hashing
-
-
-def stable_hash(obj: Any) -> str:
-    """sha256 of the canonical JSON of `obj` (keys sorted, paths and other values as strings)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+# ---------------------------------------------------------------------------- data fingerprints
 
 
 def path_fingerprint(path: str | Path | None) -> Any:

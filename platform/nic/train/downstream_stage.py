@@ -43,12 +43,14 @@ from nic.artifacts import (
     STATUS_FAILED,
     STATUS_OK,
     read_json,
+    stable_hash,
     write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
 )
 from nic.config.base import dump_config
 from nic.config.downstream import TrainDownstreamConfig
+from nic.config.identity import config_identity
 from nic.downstream.labels import LabelError, Labels, load_labels
 from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
 from nic.downstream.models import strided_layers_for
@@ -57,15 +59,11 @@ from nic.grids.reader import list_slides, verify_store
 from nic.grids.schema import GridError
 from nic.stage_io import stage_storage
 from nic.storage import child_names, display, ray_storage, remove
-from nic.train.common import ProgressRelay, stable_hash
+from nic.train.common import ProgressRelay
 from nic.train.downstream_loop import FoldSpec
 
 STAGE = "train-downstream"
 MAX_AUTO_CROP = 400
-# Settings that do not change what a fold learns or predicts; changing them keeps a run resumable.
-_RUNTIME_FIELDS = {"ray", "verbose", "bootstrap", "max_parallel_folds", "max_failures", "loader_workers",
-                   "cache_grids", "overwrite", "risk_groups", "num_workers", "cpus_per_worker", "use_gpu",
-                   "storage_path", "run_name", "out", "probe", "train_model", "shared_workers"}
 PROBE_PREDICTIONS = "probe_predictions.parquet"
 
 
@@ -91,19 +89,19 @@ def _grid_info(grids: Path, slide_ids: list[str]) -> dict:
 
 
 def _run_hash(config: TrainDownstreamConfig, encoder_hash: str, labels: Labels) -> str:
-    """Identity of what the folds learn: settings, encoder, and the labels themselves."""
-    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _RUNTIME_FIELDS}
+    """Identity of what the folds learn: the config's identity fields (TrainDownstreamConfig),
+    the encoder, and the labels themselves (in place of the labels file's path)."""
+    data = config_identity(config)
     data["encoder_hash"] = encoder_hash
     data["labels"] = labels.frame.drop(columns=["row"]).sort_values("slide_id").to_dict(orient="list")
-    return stable_hash(data)[:16]
+    return stable_hash(data)
 
 
 def _run_parts(config: TrainDownstreamConfig, encoder_hash: str, labels: Labels) -> dict:
     """What the run hash covers, each part hashed on its own, so a refusal can say what changed."""
-    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _RUNTIME_FIELDS}
     frame = labels.frame.drop(columns=["row"]).sort_values("slide_id").to_dict(orient="list")
-    return {"settings": stable_hash(data)[:16], "encoder_hash": encoder_hash,
-            "labels": stable_hash(frame)[:16], "labels_file": display(config.labels)}
+    return {"settings": stable_hash(config_identity(config)), "encoder_hash": encoder_hash,
+            "labels": stable_hash(frame), "labels_file": display(config.labels)}
 
 
 def _targets_of(labels: Labels, ids: pd.Series) -> dict[str, list]:
@@ -405,9 +403,9 @@ def pool_predictions(frame: pd.DataFrame, labels: Labels) -> pd.DataFrame:
 
 def split_metrics(kind: str, part: pd.DataFrame, labels: Labels, bootstrap: int, seed: int) -> dict:
     if kind == "survival":
-    pred: np.ndarray
         return compute_metrics(kind, time=part["time"].to_numpy(), event=part["event"].to_numpy(),
                                prediction=part["prediction"].to_numpy(), n_bootstrap=bootstrap, seed=seed)
+    pred: np.ndarray
     if kind == "multiclass":
         pred = part[[f"prob_{c}" for c in labels.classes]].to_numpy()
     else:
@@ -531,11 +529,11 @@ def write_plots(config: TrainDownstreamConfig, labels: Labels, part: pd.DataFram
         written["kaplan_meier"] = path.name
         written["logrank_p"] = None if not np.isfinite(p) else p
     return written
+
+
 class RunMismatchError(ValueError):
     """`out` holds a run of other settings, grids or labels (its run.json says so) and overwrite is
     not set: the user's choice of folder, so the stage exits 2 with this message."""
-
-
 
 
 def _prepare_out(config: TrainDownstreamConfig, run_hash: str, storage: Path, name_prefix: str,

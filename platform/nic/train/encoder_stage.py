@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from nic.artifacts import stable_hash
 from nic.config.base import ConfigError
 from nic.config.encoder import BUILTIN_KINDS, TrainEncoderConfig
+from nic.config.identity import config_identity
 from nic.encoders.architectures import count_parameters
 from nic.encoders.artifact import ENCODER_JSON, EncoderInfo, clear_marker, load_patch_encoder, save_encoder
 from nic.encoders.encoder import build_encoder
@@ -26,12 +28,8 @@ from nic.patches.sampling import MixedPatches
 from nic.patches.tasks import TaskSpec, load_tasks, select_tasks
 from nic.stage_io import stage_storage
 from nic.storage import display, exists, remove
-from nic.train.common import path_fingerprint, stable_hash
+from nic.train.common import path_fingerprint
 from nic.train.encoder_loop import STAGE, EpochHook, FitResult, LoopSettings, fit_encoder
-
-# Fields that change how a run executes but not what it learns: they stay out of the config hash.
-_EXECUTION_FIELDS = {"ray", "verbose", "overwrite", "out", "name", "storage_path", "run_name", "max_failures",
-                     "use_gpu", "cpus_per_worker"}
 
 
 def _say(message: str) -> None:
@@ -45,13 +43,14 @@ def selected_tasks(config: TrainEncoderConfig) -> list[TaskSpec]:
 
 
 def training_config_hash(config: TrainEncoderConfig, tasks: list[TaskSpec]) -> str:
-    """Identity of what a run learns: the config (minus execution fields), the tasks and a
-    fingerprint of their data files."""
+    """Identity of what a run learns: the config's identity fields (TrainEncoderConfig; not where
+    or on what it runs), the tasks and a fingerprint of their data files. The whole sha256 (64
+    digits), as encoder.json has always recorded it."""
     return stable_hash({
-        "config": config.model_dump(mode="json", exclude=_EXECUTION_FIELDS),
+        "config": config_identity(config),
         "tasks": [t.identity() for t in tasks],
         "data": [[path_fingerprint(t.path), path_fingerprint(t.val_path)] for t in tasks],
-    })
+    }, digits=64)
 
 
 def _describe_labels(task: TaskSpec) -> str:
