@@ -15,6 +15,19 @@ one run, never a time compared across runs. Sections are assembled by `benchmark
 """
 
 
+def replace_section(path: Path, start: str, end: str, table: str, title: str) -> None:
+    """Put `table` (which begins with `start` and ends with `end`) into the results file `path` in
+    place of the section between those markers, or at its end; a new file starts with `title`.
+    What else the file holds (notes written by hand, other scripts' sections) is kept."""
+    text = path.read_text() if path.exists() else f"{title}\n\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + table + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + table + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def main() -> None:
     parts = [HEADER]
     results = HERE / "results"

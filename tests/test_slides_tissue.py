@@ -219,3 +219,37 @@ def test_area_reduction_is_the_rounded_mean_of_each_block(factor):
     h, w = padded.shape[0] // factor, padded.shape[1] // factor
     means = padded.reshape(h, factor, w, factor, 3).astype(np.float64).mean(axis=(1, 3))
     np.testing.assert_array_equal(got, np.floor(means + 0.5).astype(np.uint8))
+
+
+def _close_by_distance(mask: np.ndarray, radius: float) -> np.ndarray:
+    """The reference closing: two Euclidean distance transforms (what `_close` does for big radii)."""
+    from scipy import ndimage
+
+    dilated = ndimage.distance_transform_edt(~mask) <= radius
+    return dilated if dilated.all() else ndimage.distance_transform_edt(dilated) > radius
+
+
+@pytest.mark.parametrize("radius", [1.0, 1.5, 2.0, 2.5, 4.0, 4.0100250626566414, 5.0])
+def test_closing_with_a_disk_gives_the_distance_transform_pixels(radius):
+    """Small radii take the structuring-element path; it must give the same mask as the distance
+    transforms, edges included (tissue at the border is not eroded), for sparse and dense masks."""
+    from nic.slides.tissue import _DISK_MAX_RADIUS, _close
+
+    assert radius <= _DISK_MAX_RADIUS
+    rng = np.random.default_rng(int(radius * 100))
+    for density in (0.03, 0.3, 0.7):
+        mask = rng.random((97, 61)) < density
+        mask[:, 0] = True  # tissue touching the edge
+        np.testing.assert_array_equal(_close(mask, radius), _close_by_distance(mask, radius))
+    full = np.ones((8, 9), bool)
+    np.testing.assert_array_equal(_close(full, radius), full)
+
+
+def test_closing_fills_gaps_narrower_than_the_disk():
+    from nic.slides.tissue import _close
+
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 5:18] = True
+    mask[10:30, 21:35] = True  # a 3 px gap: closed by radius 2, not by radius 1
+    assert _close(mask, 2.0)[20, 19] and not _close(mask, 1.0)[20, 19]
+    assert not _close(mask, 2.0)[5, 19]  # nothing grows outside

@@ -97,13 +97,34 @@ def read_low_res(
     return out, level, factor
 
 
-def _close(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Binary closing with a Euclidean disk of `radius` px, through distance transforms.
+#: Up to this closing radius (mask px) a disk structuring element is cheaper than two distance
+#: transforms (4x at the default 32 um on an 8 um/px mask); beyond it the transforms win.
+_DISK_MAX_RADIUS = 5.0
 
-    O(pixels) whatever the radius (a disk structuring element costs O(pixels x radius^2), minutes
-    for a fine mask), and tissue touching the image edge is not eroded: the transform only measures
-    distances to background pixels inside the image.
+
+def _disk(radius: float) -> np.ndarray:
+    """Offsets within `radius` px, measured as the distance transform measures them (float64
+    sqrt of the integer squared distance), so both closings below give the same pixels."""
+    r = int(math.floor(radius))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return np.sqrt((yy * yy + xx * xx).astype(np.float64)) <= radius
+
+
+def _close(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Binary closing with a Euclidean disk of `radius` px; tissue touching the image edge is not
+    eroded (only background pixels inside the image count).
+
+    Small radii (the default mask) use the disk as a structuring element: dilation, then erosion
+    with everything outside the image counted as tissue. Larger ones use distance transforms,
+    O(pixels) whatever the radius (a disk element costs O(pixels x radius^2), minutes for a fine
+    mask). Both give the same pixels (tests/test_slides_tissue.py).
     """
+    if radius <= _DISK_MAX_RADIUS:
+        disk = _disk(radius)
+        dilated = ndimage.binary_dilation(mask, disk)
+        if dilated.all():
+            return dilated
+        return ndimage.binary_erosion(dilated, disk, border_value=1)
     dilated = ndimage.distance_transform_edt(~mask) <= radius
     if dilated.all():
         return dilated

@@ -1,18 +1,21 @@
 """`nic tile`: a collection of slides -> per-slide tile coordinates, overviews and one manifest.
 
-Each slide is one Ray Data block, planned in its own task: the tile coordinates of even a
-100,000 px slide are a few MB, so writing them where they are computed avoids shuffling rows back
-to one place. Results stream back to the driver, which keeps the manifest current on disk so a
-killed job still says what it finished; a re-run skips slides whose outputs are complete. On an
+Each slide is planned and written where it is tiled: the tile coordinates of even a 100,000 px
+slide are a few MB, so writing them where they are computed avoids shuffling rows back to one
+place. On a Ray cluster (an address, or Ray already running in this process) slides go out in
+batches as Ray tasks; an embedded run uses local worker processes instead (nic.tiling.local),
+since starting Ray would cost more than tiling dozens of slides. Only manifest rows stream back to
+the driver, which keeps the manifest current on disk so a killed job still says what it
+finished; a re-run skips slides whose outputs are complete. On an
 object store a re-run decides that from the manifest and a listing of the bucket (`TileResume`),
 without downloading the tile files and overviews it can vouch for.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -41,6 +44,7 @@ from nic.tiling.worker import (
     failed_row,
     overview_path,
     tile_one_slide,
+    tile_slides,
     tiles_path,
 )
 
@@ -135,50 +139,101 @@ def run_tile(config: TileConfig) -> int:
           + (f", {dups} repeating another input (same file, same id)" if dups else "") + resume.describe(),
           file=sys.stderr)
     if todo:
-        _tile_on_ray(config, todo, out, options_hash, results, order, manifest_path)
+        tile = _tile_on_ray if _use_ray(config) else _tile_locally
+        tile(config, todo, out, options_hash, results, order, manifest_path)
     note_aliases(results, inputs)
     _save_manifest(manifest_path, order, results)
     return _summarise(results, order, manifest_path, config.strict)
 
 
+def _use_ray(config: TileConfig) -> bool:
+    """Ray when there is a cluster to use (an address, or Ray already started in this process, as
+    in `nic pipeline` and the tests); otherwise local worker processes (nic.tiling.local), which
+    give the same files and rows without the seconds Ray takes to start."""
+    if config.ray.address or os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+class _Collector:
+    """Takes rows as slides finish: progress, and the manifest saved every 10 s (not per slide) so a
+    killed job still says what it finished."""
+
+    def __init__(self, total: int, results: dict[str, dict], order: list[str], manifest_path: Path) -> None:
+        self.results, self.order, self.manifest_path = results, order, manifest_path
+        self.progress = Progress("tile", total=total, unit="slides")
+        self.tiles = 0
+        self.last_save = time.monotonic()
+
+    def add(self, row: dict) -> None:
+        self.results[row["slide_id"]] = row
+        self.tiles += int(row.get("tiles") or 0)
+        self.progress.update(self.progress.done + 1, extra=f"{self.tiles} tissue tiles")
+        if time.monotonic() - self.last_save > 10:
+            _save_manifest(self.manifest_path, self.order, self.results)
+            self.last_save = time.monotonic()
+
+    def finish(self, todo: list[SlideInput]) -> None:
+        for item in todo:
+            if item.slide_id not in self.results:
+                self.results[item.slide_id] = failed_row(item.slide_id, item.path, f"{item.path}: {LOST_REASON}",
+                                                         "crash")
+        self.progress.finish(extra=f"{self.tiles} tissue tiles")
+
+
+def _tile_locally(config: TileConfig, todo: list[SlideInput], out: Path, options_hash: str,
+                  results: dict[str, dict], order: list[str], manifest_path: Path) -> None:
+    import pandas  # noqa: F401  (see below)
+
+    from nic.tiling.local import local_workers, run_local
+
+    # The workers are forked, so what the driver has imported they need not import again. pyarrow
+    # imports pandas the first time it builds an array (each slide's tile table, the manifest): the
+    # driver needs it for the manifest anyway, so it is imported once here, not once per worker.
+    collector = _Collector(len(todo), results, order, manifest_path)
+    run_local([{"slide_id": s.slide_id, "path": s.path} for s in todo], tile_one_slide,
+              (config.slide, out, config.thumbnail_px, options_hash),
+              local_workers(config.ray.num_cpus, len(todo)), collector.add)
+    collector.finish(todo)
+
+
+def batch_size(slides: int, cpus: int) -> int:
+    """Slides per Ray task: about four tasks per CPU so the last ones balance, at most 16 slides
+    (a task's fixed cost is tens of ms, a slide's a few hundred)."""
+    return max(1, min(16, slides // (4 * max(1, cpus))))
+
+
 def _tile_on_ray(config: TileConfig, todo: list[SlideInput], out: Path, options_hash: str,
                  results: dict[str, dict], order: list[str], manifest_path: Path) -> None:
+    """Batches of slides as Ray tasks, streamed back as they finish. A batch whose worker died is
+    split: each of its slides is retried alone (`max_retries`), so a slide that crashes its
+    worker every time costs only itself, reported as lost."""
     import ray
 
-    connect(config.ray, config.verbose)
-    ctx = ray.data.DataContext.get_current()
-    # A slide whose task keeps crashing its worker (a segfault in a slide library) must cost only
-    # that slide: its block is dropped after retries and reported below as lost.
-    ctx.max_errored_blocks = len(todo)
-
-    options, thumbnail_px = config.slide, config.thumbnail_px
-
-    def tile(item: dict) -> dict:
-        return tile_one_slide(item, options, out, thumbnail_px, options_hash)
-
-    ds = ray.data.from_items(
-        [{"slide_id": s.slide_id, "path": s.path} for s in todo], override_num_blocks=len(todo)
-    )
-    with warnings.catch_warnings():
-        # Ray Data retries tasks forever by default; a slide that crashes its worker every time
-        # would hang the job. `max_retries` has no named parameter yet (deprecated route until 2.64).
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        ds = ds.map(tile, num_cpus=1, max_retries=2)
-
-    progress = Progress("tile", total=len(todo), unit="slides")
-    tiles = 0
-    last_save = time.monotonic()
-    for row in ds.iter_rows():
-        results[row["slide_id"]] = row
-        tiles += int(row.get("tiles") or 0)
-        progress.update(progress.done + 1, extra=f"{tiles} tissue tiles")
-        if time.monotonic() - last_save > 10:
-            _save_manifest(manifest_path, order, results)
-            last_save = time.monotonic()
-    for item in todo:
-        if item.slide_id not in results:
-            results[item.slide_id] = failed_row(item.slide_id, item.path, f"{item.path}: {LOST_REASON}", "crash")
-    progress.finish(extra=f"{tiles} tissue tiles")
+    # nic tile asks for no GPU; an unset num_gpus would make connect import torch to count them.
+    ray_options = config.ray if config.ray.num_gpus is not None else config.ray.model_copy(update={"num_gpus": 0})
+    info = connect(ray_options, config.verbose)
+    collector = _Collector(len(todo), results, order, manifest_path)
+    args = (config.slide, out, config.thumbnail_px, options_hash)
+    batch_task = ray.remote(num_cpus=1, max_retries=0)(tile_slides)
+    single_task = ray.remote(num_cpus=1, max_retries=2)(tile_slides)
+    items = [{"slide_id": s.slide_id, "path": s.path} for s in todo]
+    size = batch_size(len(items), max(1, int(info.num_cpus)))
+    batches = [items[i:i + size] for i in range(0, len(items), size)]
+    pending = {batch_task.remote(batch, *args): (batch, False) for batch in batches}  # ref: (slides, alone)
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        batch, alone = pending.pop(ref)
+        try:
+            rows = ray.get(ref)
+        except ray.exceptions.RayError:  # the worker (or its node) died; tile_slides never raises
+            if not alone:
+                pending.update({single_task.remote([item], *args): ([item], True) for item in batch})
+            continue  # a slide that died alone on every retry: reported as lost by finish()
+        for row in rows:
+            collector.add(row)
+    collector.finish(todo)
 
 
 def _previous_rows(path: Path) -> dict[str, dict]:
