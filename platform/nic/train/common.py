@@ -12,10 +12,11 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -193,6 +194,121 @@ class EarlyStopping:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+# ---------------------------------------------------------------------------- loop steps
+# The steps the encoder loop (nic.train.encoder_loop) and the fold loop (nic.train.downstream_loop)
+# both take every epoch, written once so that a change to how nic checkpoints or reports reaches
+# both loops.
+
+
+class LoopSession(Protocol):
+    """What a loop asks of whatever runs it: its rank and world size, and where its reports (and
+    checkpoints) go. `TrainSession` inside Ray Train; the fold loop has a second one for folds
+    trained on a FoldRunner."""
+
+    rank: int
+    world: int
+
+    def report(self, metrics: dict, folder: Path | None = None) -> None: ...
+
+
+class TrainSession:
+    """A loop's session inside a Ray Train worker: DDP rank and world, Train's device and model
+    preparation, Train's checkpoints and reports."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self) -> torch.device:
+        return resolve_device()
+
+    def prepare(self, model: torch.nn.Module, **parallel_strategy_kwargs: Any) -> torch.nn.Module:
+        """DDP-wrap `model` (and move it to the worker's device); with one worker Train returns
+        it unwrapped."""
+        import ray.train.torch
+
+        if parallel_strategy_kwargs:
+            return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=parallel_strategy_kwargs)
+        return ray.train.torch.prepare_model(model)
+
+    def checkpoint(self) -> Any:
+        """The run's latest reported checkpoint (a restarted worker group or a new driver run with
+        the same storage path and run name), or None for a fresh run."""
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, folder: Path | None = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=None if folder is None else ray.train.Checkpoint.from_directory(str(folder)))
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (or the model itself): what checkpoints save and load, so a
+    checkpoint does not depend on the number of workers that wrote it."""
+    return getattr(model, "module", model)
+
+
+def cpu_copy(obj: Any) -> Any:
+    """A detached CPU copy of nested dicts/lists of tensors: the snapshot of the best weights so
+    far, which later optimiser steps must not change and which a checkpoint pickles."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [cpu_copy(v) for v in obj]
+    return obj
+
+
+def state_dicts(stateful: Mapping[str, Any]) -> dict[str, Any]:
+    """`{name: obj.state_dict()}`, in `stateful`'s order: the trainable part of a checkpoint."""
+    return {name: obj.state_dict() for name, obj in stateful.items()}
+
+
+def load_state_dicts(stateful: Mapping[str, Any], saved: Mapping[str, Any], missing_ok: bool = False) -> None:
+    """Give each object its state from a checkpoint written by `state_dicts`, in `stateful`'s
+    order; `missing_ok`: an object the checkpoint has no state for keeps its own (a checkpoint
+    from before that object existed)."""
+    for name, obj in stateful.items():
+        if missing_ok and name not in saved:
+            continue
+        obj.load_state_dict(saved[name])
+
+
+class Stopwatch:
+    """Wall time since the start of an epoch (or an evaluation): what the progress lines and the
+    history show, and what an epoch time limit is checked against."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def over(self, minutes: float) -> bool:
+        """True once more than `minutes` have passed."""
+        return self.seconds() > 60 * minutes
+
+
+def report_epoch(session: LoopSession, metrics: dict, progress: Any, line: str,
+                 state: Callable[[], Mapping[str, Any]], filename: str = CHECKPOINT_FILE) -> None:
+    """End an epoch: rank 0 shows its progress line and reports `metrics` with a checkpoint of
+    `state()` (built only there, as it is the costly part); the other ranks report the metrics
+    alone. Every rank must report every epoch (Ray Train waits for all of them), but one copy of
+    the state is all a resume needs."""
+    if session.rank != 0:
+        session.report(metrics)
+        return
+    send_progress(progress, line)
+    with checkpoint_dir() as folder:
+        save_checkpoint(folder, state(), filename)
+        session.report(metrics, folder)
 
 
 # ---------------------------------------------------------------------------- progress

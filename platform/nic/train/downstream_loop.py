@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,16 +38,23 @@ from nic.storage import ray_storage
 from nic.train.common import (
     CheckpointStore,
     EarlyStopping,
+    Stopwatch,
+    TrainSession,
     broadcast_buffers,
     checkpoint_dir,
     configure_train_polling,
+    cpu_copy,
     epoch_line,
     gather_columns,
     load_checkpoint,
+    load_state_dicts,
     mean_over_workers,
+    report_epoch,
     resolve_device,
     save_checkpoint,
     send_progress,
+    state_dicts,
+    unwrap_model,
 )
 from nic.train.determinism import make_deterministic
 
@@ -158,44 +164,10 @@ def _build(spec: FoldSpec) -> torch.nn.Module:
                        pool=spec.pool, **extra)  # type: ignore[arg-type]
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP's wrapper (or the model itself on one worker)."""
-    return getattr(model, "module", model)
-
-
-class _TrainSession:
-    """What the fold loop needs from its runner, inside a Ray Train worker: DDP rank and world,
-    Train's device and model preparation, Train's checkpoints and reports."""
-
-    def __init__(self) -> None:
-        import ray.train
-
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-
-    def device(self) -> torch.device:
-        return resolve_device()
-
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model)
-
-    def checkpoint(self) -> Any:
-        import ray.train
-
-        return ray.train.get_checkpoint()
-
-    def report(self, metrics: dict, folder: Path | None = None) -> None:
-        import ray.train
-
-        ray.train.report(metrics, checkpoint=None if folder is None else ray.train.Checkpoint.from_directory(str(folder)))
-
-
 class _StoreSession:
-    """The same, for a fold trained in a process of its own (FoldRunner): rank 0 of 1, the device
-    of the process's reservation, checkpoints in a CheckpointStore (`scratch`: where the latest
-    one is fetched to resume from)."""
+    """The fold loop's session (nic.train.common.TrainSession inside Ray Train) for a fold trained
+    in a process of its own (FoldRunner): rank 0 of 1, the device of the process's reservation,
+    checkpoints in a CheckpointStore (`scratch`: where the latest one is fetched to resume from)."""
 
     rank, world = 0, 1
 
@@ -219,136 +191,184 @@ class _StoreSession:
 
 def train_fold(config: dict) -> None:
     """train_loop_per_worker of a fold's TorchTrainer (config = FoldSpec.to_dict() + 'progress')."""
-    _fold_loop(config, _TrainSession())
+    _fold_loop(config, TrainSession())
 
 
-def _fold_loop(config: dict, session: _TrainSession | _StoreSession) -> None:
+def _fold_loop(config: dict, session: TrainSession | _StoreSession) -> None:
     """One fold from its last checkpoint (if any) to its evaluated best model: the same steps, in
     the same order, for a Ray Train worker and for a FoldRunner."""
     config = dict(config)
     progress = config.pop("progress", None)
-    spec = FoldSpec(**config)
-    rank, world = session.rank, session.world
-    torch.manual_seed(spec.seed * 1000 + rank)
-    device = session.device()
-    # Same fold, same machine, same predictions: a fixed thread count (the CPUs this worker or
-    # FoldRunner reserved) and deterministic kernels (nic.train.determinism).
-    make_deterministic(None, device)
+    fold = _Fold(FoldSpec(**config), session, progress)
+    fold.resume()
+    fold.open_data()
+    while fold.epoch < fold.spec.epochs and not fold.stopper.should_stop:
+        fold.train_epoch()
+    if not fold.evaluated:
+        fold.evaluate()
 
-    model = _build(spec)
-    model = session.prepare(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.l2)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.1, patience=spec.lr_patience, min_lr=spec.min_lr)
-    stopper = EarlyStopping(spec.patience, mode="min", min_delta=1e-6)
-    loss_fn = loss_for(spec.kind, ties=spec.ties)  # type: ignore[arg-type]
-    epoch, best_state, history, evaluated = 0, None, [], False
 
-    checkpoint = session.checkpoint()
-    if checkpoint is not None:
+class _Fold:
+    """The state of one fold's training and its steps, one method each, called by `_fold_loop` in
+    a fixed order. The order matters beyond readability: the model's initialisation, the data
+    loader and the checkpointed torch RNG state all draw from torch's global generator, so the
+    same steps in the same order are what makes a fold repeat bit for bit (and a resumed fold
+    continue as an uninterrupted one would)."""
+
+    def __init__(self, spec: FoldSpec, session: TrainSession | _StoreSession, progress: Any) -> None:
+        """Seed, fix the kernels, build the model and what trains it: everything a checkpoint
+        restores into."""
+        self.spec, self.session, self.progress = spec, session, progress
+        self.rank, self.world = session.rank, session.world
+        torch.manual_seed(spec.seed * 1000 + self.rank)
+        self.device = session.device()
+        # Same fold, same machine, same predictions: a fixed thread count (the CPUs this worker or
+        # FoldRunner reserved) and deterministic kernels (nic.train.determinism).
+        make_deterministic(None, self.device)
+
+        self.model = session.prepare(_build(spec))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=spec.lr, weight_decay=spec.l2)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=0.1, patience=spec.lr_patience, min_lr=spec.min_lr)
+        self.stopper = EarlyStopping(spec.patience, mode="min", min_delta=1e-6)
+        self.loss_fn = loss_for(spec.kind, ties=spec.ties)  # type: ignore[arg-type]
+        self.epoch = 0
+        self.best_state: dict | None = None
+        self.history: list[dict] = []
+        self.evaluated = False
+
+    def _stateful(self) -> dict[str, Any]:
+        """What a checkpoint saves the state_dict of, under these names."""
+        return {"model": unwrap_model(self.model), "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "early_stopping": self.stopper}
+
+    def resume(self) -> None:
+        """Continue from the latest checkpoint, if the runner has one: weights, optimiser, schedule,
+        patience, history and the torch RNG state, so the next epoch draws what it would have."""
+        checkpoint = self.session.checkpoint()
+        if checkpoint is None:
+            return
         saved = load_checkpoint(checkpoint, STATE_FILE)
-        _unwrap(model).load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        stopper.load_state_dict(saved["early_stopping"])
-        epoch, best_state, history = saved["epoch"], saved["best_state"], saved["history"]
-        evaluated = bool(saved.get("evaluated"))
+        load_state_dicts(self._stateful(), saved)
+        self.epoch, self.best_state, self.history = saved["epoch"], saved["best_state"], saved["history"]
+        self.evaluated = bool(saved.get("evaluated"))
         torch.set_rng_state(saved["torch_rng"])
-        if rank == 0:
-            send_progress(progress, f"[{STAGE}] fold {spec.fold}: resuming after epoch {epoch}")
+        if self.rank == 0:
+            send_progress(self.progress, f"[{STAGE}] fold {self.spec.fold}: resuming after epoch {self.epoch}")
 
-    def snapshot(done: bool) -> dict:
+    def snapshot(self, done: bool) -> dict:
         """Everything needed to resume: last state, best weights so far, history; done = evaluated."""
-        return {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "early_stopping": stopper.state_dict(), "epoch": epoch,
-                "best_state": best_state, "history": history, "torch_rng": torch.get_rng_state(), "evaluated": done}
+        return {**state_dicts(self._stateful()), "epoch": self.epoch, "best_state": self.best_state,
+                "history": self.history, "torch_rng": torch.get_rng_state(), "evaluated": done}
 
-    train_targets = _targets(spec.train_targets, spec.kind, spec.target_mean, spec.target_std)
-    train_ds = GridDataset(spec.grids, spec.train_ids, train_targets, spec.crop_size, train=True,
-                           augment=spec.dihedral, cache_size=spec.cache_grids)
-    val_ds = None
-    if spec.val_ids:
-        val_ds = GridDataset(spec.grids, spec.val_ids, _targets(spec.val_targets, spec.kind, spec.target_mean,
-                             spec.target_std), spec.crop_size, train=False, cache_size=spec.cache_grids)
-    weights = balanced_weights(train_targets["target"]) if spec.balanced and spec.kind in ("binary", "multiclass") else None
-    sampler = EpochSampler(len(train_ds), rank=rank, world_size=world, seed=spec.seed, weights=weights,
-                           repeats=spec.crops_per_slide)
-    loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.loader_workers)
+    def open_data(self) -> None:
+        """The fold's training crops (this rank's share of each epoch's seeded draw, optionally
+        class-balanced) and its validation slides."""
+        spec = self.spec
+        train_targets = _targets(spec.train_targets, spec.kind, spec.target_mean, spec.target_std)
+        train_ds = GridDataset(spec.grids, spec.train_ids, train_targets, spec.crop_size, train=True,
+                               augment=spec.dihedral, cache_size=spec.cache_grids)
+        self.val_ds = None
+        if spec.val_ids:
+            self.val_ds = GridDataset(spec.grids, spec.val_ids, _targets(spec.val_targets, spec.kind, spec.target_mean,
+                                      spec.target_std), spec.crop_size, train=False, cache_size=spec.cache_grids)
+        weights = (balanced_weights(train_targets["target"])
+                   if spec.balanced and spec.kind in ("binary", "multiclass") else None)
+        self.sampler = EpochSampler(len(train_ds), rank=self.rank, world_size=self.world, seed=spec.seed,
+                                    weights=weights, repeats=spec.crops_per_slide)
+        self.loader = DataLoader(train_ds, batch_size=spec.batch_size, sampler=self.sampler,
+                                 num_workers=spec.loader_workers)
 
-    while epoch < spec.epochs and not stopper.should_stop:
-        started = time.monotonic()
-        sampler.set_epoch(epoch)
-        model.train()
-        total, count = 0.0, 0
-        for batch in loader:
-            if batch["grid"].shape[0] < 2:  # BatchNorm cannot normalise a single 1x1 map
-                continue
-            grid = batch["grid"].to(device)
-            mask = batch["mask"].to(device)
-            out = model(grid, mask)
-            loss = loss_fn(out, {k: v.to(device) for k, v in batch.items() if k not in ("grid", "mask")})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * grid.shape[0]
-            count += grid.shape[0]
-        broadcast_buffers(_unwrap(model))  # every rank validates and saves rank 0's BatchNorm statistics
-        metrics: dict[str, Any] = {"train_loss": mean_over_workers({"loss": total / max(count, 1)})["loss"]}
-        if val_ds is not None:
-            metrics.update(_validate(model, val_ds, loss_fn, spec, device, rank, world))
+    def train_epoch(self) -> None:
+        """One epoch: the training steps, validation (or the training loss when the fold has no
+        validation slides) as the monitored value, the LR schedule and patience, then the report."""
+        clock = Stopwatch()
+        self.sampler.set_epoch(self.epoch)
+        train_loss = self._train_steps()
+        broadcast_buffers(unwrap_model(self.model))  # every rank validates and saves rank 0's BatchNorm statistics
+        metrics: dict[str, Any] = {"train_loss": mean_over_workers({"loss": train_loss})["loss"]}
+        if self.val_ds is not None:
+            metrics.update(_validate(self.model, self.val_ds, self.loss_fn, self.spec, self.device, self.rank,
+                                     self.world))
             monitored = metrics["val_loss"]
         else:
             monitored = metrics["train_loss"]
-        scheduler.step(monitored)
-        epoch += 1
-        evaluated = False  # a resumed run that trains on must evaluate its new best model
-        if stopper.update(monitored, epoch):
-            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-        metrics.update(lr=optimizer.param_groups[0]["lr"], seconds=round(time.monotonic() - started, 2))
-        record = {"fold": spec.fold, "epoch": epoch, **metrics, "best_epoch": stopper.best_epoch,
-                  "best_loss": stopper.best, "stopped": stopper.should_stop}
-        history.append(record)
-        if rank == 0:
-            shown = {k: v for k, v in metrics.items() if k != "seconds"}
-            note = "early stop" if stopper.should_stop else ("best" if stopper.best_epoch == epoch else "")
-            send_progress(progress, epoch_line(f"{STAGE} fold {spec.fold}", epoch, spec.epochs, shown,
-                                               metrics["seconds"], note))
-            with checkpoint_dir() as folder:
-                save_checkpoint(folder, snapshot(False), STATE_FILE)
-                session.report(record, folder)
-        else:
-            session.report(record)
+        self.scheduler.step(monitored)
+        self.epoch += 1
+        self.evaluated = False  # a resumed run that trains on must evaluate its new best model
+        if self.stopper.update(monitored, self.epoch):
+            self.best_state = cpu_copy(unwrap_model(self.model).state_dict())
+        metrics.update(lr=self.optimizer.param_groups[0]["lr"], seconds=round(clock.seconds(), 2))
+        self._report(metrics)
 
-    if evaluated:
-        return
-    # Evaluate the best model once, on rank 0 (within this fold's reserved resources), and report it
-    # as the final checkpoint so the driver gets predictions and weights from Ray's storage.
-    final: dict[str, Any] = {"fold": spec.fold, "epoch": epoch, "evaluated": True}
-    if rank != 0:
-        session.report(final)
-        return
-    started = time.monotonic()
-    best = _build(spec)
-    best.load_state_dict(best_state if best_state is not None else _unwrap(model).state_dict())
-    best.to(device).eval()
-    with checkpoint_dir() as folder:
-        folder = Path(folder)
+    def _train_steps(self) -> float:
+        """One pass over this rank's crops of the epoch; returns the mean training loss per slide."""
+        self.model.train()
+        total, count = 0.0, 0
+        for batch in self.loader:
+            if batch["grid"].shape[0] < 2:  # BatchNorm cannot normalise a single 1x1 map
+                continue
+            grid = batch["grid"].to(self.device)
+            mask = batch["mask"].to(self.device)
+            out = self.model(grid, mask)
+            loss = self.loss_fn(out, {k: v.to(self.device) for k, v in batch.items() if k not in ("grid", "mask")})
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach()) * grid.shape[0]
+            count += grid.shape[0]
+        return total / max(count, 1)
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        """Record the epoch in the history and report it (rank 0: with its progress line and a
+        checkpoint)."""
+        spec, stopper = self.spec, self.stopper
+        record = {"fold": spec.fold, "epoch": self.epoch, **metrics, "best_epoch": stopper.best_epoch,
+                  "best_loss": stopper.best, "stopped": stopper.should_stop}
+        self.history.append(record)
+        shown = {k: v for k, v in metrics.items() if k != "seconds"}
+        note = "early stop" if stopper.should_stop else ("best" if stopper.best_epoch == self.epoch else "")
+        line = epoch_line(f"{STAGE} fold {spec.fold}", self.epoch, spec.epochs, shown, metrics["seconds"], note)
+        report_epoch(self.session, record, self.progress, line, lambda: self.snapshot(False), STATE_FILE)
+
+    def evaluate(self) -> None:
+        """Evaluate the best model once, on rank 0 (within this fold's reserved resources), and
+        report it as the final checkpoint so the driver gets predictions and weights from Ray's
+        storage; the other ranks only report that the fold is done."""
+        spec = self.spec
+        final: dict[str, Any] = {"fold": spec.fold, "epoch": self.epoch, "evaluated": True}
+        if self.rank != 0:
+            self.session.report(final)
+            return
+        clock = Stopwatch()
+        best = _build(spec)
+        best.load_state_dict(self.best_state if self.best_state is not None
+                             else unwrap_model(self.model).state_dict())
+        best.to(self.device).eval()
+        with checkpoint_dir() as folder:
+            folder = Path(folder)
+            self._write_evaluation(folder, best)
+            save_checkpoint(folder, self.snapshot(True), STATE_FILE)
+            final["eval_seconds"] = round(clock.seconds(), 2)
+            send_progress(self.progress, f"[{STAGE} fold {spec.fold}] evaluated {len(spec.eval_ids)} slides x "
+                          f"{spec.tta_crops * (8 if spec.dihedral else 1)} views ({final['eval_seconds']:.1f} s)")
+            self.session.report(final, folder)
+
+    def _write_evaluation(self, folder: Path, best: torch.nn.Module) -> None:
+        """The fold's model.pt and the predictions of its held-out and test slides, into the final
+        checkpoint's folder."""
+        spec = self.spec
         save_model(folder / MODEL_FILE, best, {
             "model": spec.model, "in_channels": spec.in_channels, "outputs": spec.outputs, "kind": spec.kind,
             "dropout": spec.dropout, "crop_size": spec.crop_size, "target_mean": spec.target_mean,
             "target_std": spec.target_std, "classes": spec.classes, "fold": spec.fold,
-            "best_epoch": stopper.best_epoch,
+            "best_epoch": self.stopper.best_epoch,
         })
         pred = predict_slides(best, spec.grids, spec.eval_ids, spec.kind, spec.crop_size, spec.tta_crops,
-                              spec.dihedral, spec.seed, device, spec.target_mean, spec.target_std)
+                              spec.dihedral, spec.seed, self.device, spec.target_mean, spec.target_std)
         frame = pd.DataFrame({"slide_id": spec.eval_ids, "split": spec.eval_splits, "fold": spec.fold,
                               **prediction_columns(spec.kind, pred, spec.classes)})
         write_parquet_atomic(folder / PREDICTIONS_FILE, pa.Table.from_pandas(frame, preserve_index=False))
-        save_checkpoint(folder, snapshot(True), STATE_FILE)
-        final["eval_seconds"] = round(time.monotonic() - started, 2)
-        send_progress(progress, f"[{STAGE} fold {spec.fold}] evaluated {len(spec.eval_ids)} slides x "
-                      f"{spec.tta_crops * (8 if spec.dihedral else 1)} views ({final['eval_seconds']:.1f} s)")
-        session.report(final, folder)
 
 
 def read_fold_result(checkpoint) -> dict:
