@@ -99,13 +99,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        text = RESULTS.read_text() if RESULTS.exists() else "# Encoder benchmarks\n\n"
-        if START in text and END in text:
-            text = text[: text.index(START)] + table + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + table + "\n"
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text)
+        from collect_results import replace_section
+
+        replace_section(RESULTS, START, END, table, "# Encoder benchmarks")
         print(f"wrote {RESULTS}")
 
 

@@ -117,8 +117,11 @@ def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float
 def hs2p_interpreter(requested: str | None) -> str | None:
     """The Python that runs hs2p: --hs2p-python, else this one if it imports hs2p, else None."""
     python = requested or sys.executable
-    probe = subprocess.run([python, "-c", "import hs2p, importlib.metadata as m; print(m.version('hs2p'))"],
-                           capture_output=True, text=True)
+    try:
+        probe = subprocess.run([python, "-c", "import hs2p, importlib.metadata as m; print(m.version('hs2p'))"],
+                               capture_output=True, text=True)
+    except OSError as exc:  # no such interpreter
+        probe = subprocess.CompletedProcess([python], 127, "", str(exc))
     if probe.returncode != 0:
         where = "--hs2p-python " + requested if requested else f"this interpreter ({sys.executable})"
         print(f"[bench] hs2p is not importable by {where}: hs2p is skipped. Install it in a separate venv "

@@ -312,13 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        text = RESULTS.read_text() if RESULTS.exists() else "# Resume on an object store\n\n"
-        if START in text and END in text:
-            text = text[: text.index(START)] + table + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + table + "\n"
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text)
+        from collect_results import replace_section
+
+        replace_section(RESULTS, START, END, table, "# Resume on an object store")
         print(f"wrote {RESULTS}")
     return 0
 
