@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent / "platform"
 
 #: The layers of nic, lowest first: top-level packages or modules of nic, by group.
 LAYERS: dict[str, tuple[str, ...]] = {
+    "logging": ("nic.logs",),
     "base": ("nic", "nic.storage", "nic.artifacts"),
     "config": ("nic.config",),
     "plumbing": ("nic.locks", "nic.runtime", "nic.stage_io"),
@@ -31,12 +32,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
 }
 #: What each group may import besides itself ("self": only its own package for stages and base).
 MAY_IMPORT: dict[str, tuple[str, ...]] = {
-    "base": (),
-    "config": ("base",),
-    "plumbing": ("base", "config"),
-    "library": ("base", "config"),
-    "stages": ("base", "config", "plumbing", "library"),
-    "entry": ("base", "config", "plumbing", "library", "stages"),
+    "logging": (),
+    "base": ("logging",),
+    "config": ("logging", "base"),
+    "plumbing": ("logging", "base", "config"),
+    "library": ("logging", "base", "config"),
+    "stages": ("logging", "base", "config", "plumbing", "library"),
+    "entry": ("logging", "base", "config", "plumbing", "library", "stages"),
 }
 #: Stage packages that run other stages: the modules of other stage packages each may import.
 ORCHESTRATES: dict[str, tuple[str, ...]] = {

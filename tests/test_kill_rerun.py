@@ -258,9 +258,10 @@ SYNTH = ["--slides", "3", "--size", "1100", "--min-size", "800", "--seed", "3",
 
 
 def synth_digests(root: Path) -> dict[str, bytes]:
-    """Every file of a cohort but those that legitimately differ: run times and the output path."""
+    """Every file of a cohort but those that legitimately differ: run times, the output path, the run's log (synth.log)."""
     def varies(p: Path) -> bool:
-        return p.name in ("cohort.json", "config.yaml") or (p.parent.name == "slides" and p.suffix == ".json")
+        return (p.name in ("cohort.json", "config.yaml", "synth.log")
+                or (p.parent.name == "slides" and p.suffix == ".json"))
 
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not varies(p)}
 

@@ -34,9 +34,10 @@ def digest(path: Path) -> str:
 
 
 def tree_digests(root: Path) -> dict[str, str]:
-    """Every output file but those that legitimately differ: run times and the output path."""
+    """Every output file but those that legitimately differ: run times, the output path, the run's log (synth.log)."""
     def varies(p: Path) -> bool:
-        return p.name in ("cohort.json", "config.yaml") or (p.parent.name == "slides" and p.suffix == ".json")
+        return (p.name in ("cohort.json", "config.yaml", "synth.log")
+                or (p.parent.name == "slides" and p.suffix == ".json"))
 
     return {str(p.relative_to(root)): digest(p) for p in sorted(root.rglob("*")) if p.is_file() and not varies(p)}
 

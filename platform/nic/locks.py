@@ -37,6 +37,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from nic.logs import root_logger
+
 LOCK_NAME = ".nic-lock.json"
 #: Exit code of a stage refused because another run holds its output folder (sysexits EX_TEMPFAIL).
 EXIT_LOCKED = 75
@@ -185,9 +187,9 @@ class _Held:
             loaded = _load(self.path)
             holder = loaded[0] if loaded else None
             if not holder or holder.get("token") != self.token:
-                print(f"nic: warning: the lock {self.path} was removed or taken by another run "
-                      f"({describe(holder or {}) if loaded else 'no lock file'}); another run may now "
-                      "write to this folder", file=sys.stderr, flush=True)
+                root_logger().warning(f"nic: warning: the lock {self.path} was removed or taken by another run "
+                                      f"({describe(holder or {}) if loaded else 'no lock file'}); another run "
+                                      "may now write to this folder")
                 return
             with contextlib.suppress(OSError):
                 os.utime(self.path)
@@ -268,8 +270,8 @@ def acquire(folder: str | Path, stage: str = "") -> _Held:
                     "another out folder. The lock of a run that died is taken over automatically: at once "
                     f"on the same host, after {stale_after_s():.0f} s without a heartbeat from another host "
                     "(or delete the lock file if you are sure that run is gone).")
-            print(f"nic: taking over the lock on {display(folder)}: {reason} (it was held by "
-                  f"{describe(holder or {})})", file=sys.stderr, flush=True)
+            root_logger().warning(f"nic: taking over the lock on {display(folder)}: {reason} (it was held by "
+                                  f"{describe(holder or {})})")
             _remove_stale(path, holder)
         raise LockedError(f"{display(folder)}: could not take the lock {display(path)} (other runs keep "
                           "taking it); try again")

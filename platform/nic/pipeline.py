@@ -7,7 +7,6 @@ once), and every stage skips the work it finds complete, so a re-run resumes whe
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +19,11 @@ from nic.config.downstream import TrainDownstreamConfig
 from nic.config.encoder import BUILTIN_KINDS, TrainEncoderConfig
 from nic.config.pipeline import PipelineConfig, stage_config
 from nic.config.synth import SynthConfig
+from nic.logs import stage_logger
 from nic.stage_io import stage_storage
 from nic.storage import display
+
+log = stage_logger("pipeline")
 
 
 @dataclass
@@ -150,21 +152,18 @@ def run_pipeline(cfg: PipelineConfig) -> int:
     write_bytes_atomic(layout.root / "pipeline_config.yaml", dump_config(cfg).encode())
     connect(cfg.ray, cfg.verbose)
     start = time.monotonic()
-    _say(f"{len(steps)} steps; artifacts under {display(layout.root)}")
+    log.info(f"[pipeline] {len(steps)} steps; artifacts under {display(layout.root)}")
     for number, step in enumerate(steps, 1):
-        _say(f"step {number}/{len(steps)}: {step.label} (nic {step.stage})")
+        log.info(f"[pipeline] step {number}/{len(steps)}: {step.label} (nic {step.stage})")
         began = time.monotonic()
         step.code = step.run(step.config)
         step.seconds = time.monotonic() - began
-        _say(f"step {number}/{len(steps)}: {step.label} finished in {step.seconds:.0f} s (exit {step.code})")
+        log.info(f"[pipeline] step {number}/{len(steps)}: {step.label} finished in {step.seconds:.0f} s (exit {step.code})")
         if step.code != 0:
-            _say(f"stopping: nic {step.stage} failed (exit {step.code}); fix it and re-run, finished steps are kept")
+            log.error(f"[pipeline] stopping: nic {step.stage} failed (exit {step.code}); fix it and re-run, finished steps are kept")
             return step.code
     report = write_study_report(cfg, layout, steps, inputs)
-    _say(f"all {len(steps)} steps done in {(time.monotonic() - start) / 60:.1f} min")
-    _say(f"report: {display(report.resolve())}")
+    log.info(f"[pipeline] all {len(steps)} steps done in {(time.monotonic() - start) / 60:.1f} min")
+    log.info(f"[pipeline] report: {display(report.resolve())}")
     return 0
 
-
-def _say(message: str) -> None:
-    print(f"[pipeline] {message}", file=sys.stderr, flush=True)

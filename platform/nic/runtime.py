@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nic.config.base import RayOptions
+from nic.logs import stage_logger
 
 _PLATFORM_DIR = Path(__file__).resolve().parent.parent
 
@@ -191,11 +192,7 @@ class Progress:
         self._last = now
         total = f"/{self.total}" if self.total is not None else ""
         tail = f", {extra}" if extra else ""
-        print(
-            f"[{self.stage}] {self.done}{total} {self.unit}{tail} ({now - self.start:.1f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
+        stage_logger(self.stage).info(f"[{self.stage}] {self.done}{total} {self.unit}{tail} ({now - self.start:.1f} s)")
 
     def finish(self, extra: str = "") -> None:
         self.update(extra=extra, force=True)

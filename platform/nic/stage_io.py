@@ -3,7 +3,9 @@
 It locks the stage's `out` folder for the run (nic.locks), fetches the object-store inputs its
 config names (nic.storage), mirrors `out` to its URI, and turns the storage failures every stage
 shares into exit codes: another run holds `out` (75), `out` or an input cannot be used (2), a full
-disk or a failed upload (1). It sits above nic.config (which fields name files), nic.locks,
+disk or a failed upload (1). It also keeps the run's log file, `<out>/<stage>.log` (nic.logs), open
+while the stage runs, inside the mirror of an object-store `out` so that it is uploaded with the
+outputs. It sits above nic.config (which fields name files), nic.locks,
 nic.artifacts and nic.storage, so that nic.storage itself imports nothing else of nic.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 from nic.artifacts import is_no_space, no_space_message
 from nic.config.base import path_fields
 from nic.locks import EXIT_LOCKED, LOCK_NAME, LockedError, out_lock
+from nic.logs import stage_log_file, stage_logger
 from nic.storage import UploadError, display, ensure_local, mirrored_output, uri_for
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -39,6 +42,7 @@ def stage_storage(run: F | None = None, *, lazy: Iterable[str] = ()) -> Any:
     @functools.wraps(run)
     def wrapper(config, *args, **kwargs):
         stage = run.__name__.removeprefix("run_").replace("_", "-")
+        logger = stage_logger(stage)
         inputs, out = [], None
         for name, lazy in path_fields(type(config)):
             value = getattr(config, name)
@@ -56,37 +60,50 @@ def stage_storage(run: F | None = None, *, lazy: Iterable[str] = ()) -> Any:
                     except OSError as exc:
                         if is_no_space(exc):
                             raise
-                        print(f"nic {stage}: cannot use the out folder {display(out)} ({display(Path(out) / LOCK_NAME)}): "
-                              f"{exc}", file=sys.stderr, flush=True)
+                        logger.error(f"nic {stage}: cannot use the out folder {display(out)} "
+                                     f"({display(Path(out) / LOCK_NAME)}): {exc}")
                         return 2
-                return _run_stage(run, config, args, kwargs, inputs, out, lazy_folders)
+                return _run_stage(run, config, args, kwargs, inputs, out, lazy_folders, stage)
         except LockedError as exc:
-            print(f"nic {stage}: {exc}", file=sys.stderr, flush=True)
+            logger.error(f"nic {stage}: {exc}")
             return EXIT_LOCKED
         except Exception as exc:
             if not is_no_space(exc):
                 raise
-            print(f"nic {stage}: {no_space_message(exc, display(out) if out is not None else None)}; free some "
-                  "space (or choose another out folder) and re-run: complete outputs are kept, partial ones never "
-                  "look complete", file=sys.stderr, flush=True)
+            logger.error(f"nic {stage}: {no_space_message(exc, display(out) if out is not None else None)}; free "
+                         "some space (or choose another out folder) and re-run: complete outputs are kept, partial "
+                         "ones never look complete")
             return 1
 
     return wrapper
 
 
 def _run_stage(run: Callable[..., Any], config: Any, args: tuple, kwargs: dict, inputs: list, out: Any,
-               lazy: tuple[str, ...] = ()) -> Any:
+               lazy: tuple[str, ...] = (), stage: str = "") -> Any:
+    logger = stage_logger(stage)
     try:
         for value in inputs:
             ensure_local(value)
     except (FileNotFoundError, OSError) as exc:
-        print(f"nic: {exc}", file=sys.stderr)
+        logger.error(f"nic: {exc}")
         return 2
-    if out is None or uri_for(out) is None:
+    if out is None:
         return run(config, *args, **kwargs)
+    if uri_for(out) is None:
+        return _run_logged(run, config, args, kwargs, out, logger)
     try:
-        with mirrored_output(out, lazy):
-            return run(config, *args, **kwargs)
+        with mirrored_output(out, lazy):  # the log is written in the mirror and uploaded with the rest
+            return _run_logged(run, config, args, kwargs, out, logger)
     except UploadError as exc:
-        print(f"nic: {exc}", file=sys.stderr)
+        logger.error(f"nic: {exc}")
         return 1
+
+
+def _run_logged(run: Callable[..., Any], config: Any, args: tuple, kwargs: dict, out: Any,
+                logger: logging.Logger) -> Any:
+    """The run with its log file `<out>/<stage>.log` open (nic.logs), closed before `out` is
+    uploaded, so that the bucket gets the whole log, also of a run that failed."""
+    with stage_log_file(logger, out, config) as log:
+        code = run(config, *args, **kwargs)
+        log.note(f"exit code {code}")
+        return code

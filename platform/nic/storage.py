@@ -37,7 +37,6 @@ import functools
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 import uuid
@@ -45,6 +44,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from nic.logs import root_logger
 
 #: URI schemes read and written through pyarrow.fs, and the name each has in the mirror.
 SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "abfs": "abfs", "abfss": "abfss", "hdfs": "hdfs",
@@ -545,4 +546,4 @@ def mirrored_output(path: str | Path, lazy: Iterable[str] = ()) -> Iterator[Path
                 raise UploadError(f"{uri}: upload failed ({exc}); the outputs are kept in {local} "
                                   "and a re-run uploads them") from exc
             if sent:
-                print(f"nic: uploaded {sent} file(s) to {uri}", file=sys.stderr, flush=True)
+                root_logger().info(f"nic: uploaded {sent} file(s) to {uri}")

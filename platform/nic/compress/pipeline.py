@@ -23,7 +23,6 @@ Ray 2.60 it runs as separate 1-CPU tasks that cannot fuse with fractional-CPU pl
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,10 @@ import numpy as np
 
 from nic.config.base import ConfigError
 from nic.config.compress import CompressConfig
+from nic.logs import stage_logger
 from nic.runtime import RayInfo, quiet_ray_data
+
+log = stage_logger("compress")
 
 #: CPU share of one planning task on a small machine: tissue detection is short (a coarse level,
 #: once per slide), and reserving a whole CPU for it would leave a 2-core laptop's encoder one core.
@@ -119,9 +121,9 @@ def plan_pool(config: CompressConfig, cluster: RayInfo, max_node_cpus: float | N
         raise ConfigError(f"cpus_per_actor={cpus:g} does not fit on a node ({biggest_node:g} CPUs at most)")
     needed = pool_size * cpus + plan_cpus
     if needed > total + 1e-6:
-        print(f"[compress] warning: {pool_size} actor(s) x {cpus:g} CPUs + planning need {needed:g} CPUs, "
-              f"{total:g} are free: until an autoscaler adds nodes, actors and planning tasks wait for each "
-              f"other's CPUs and the job can stall; lower pool_size or cpus_per_actor", file=sys.stderr)
+        log.warning(f"[compress] warning: {pool_size} actor(s) x {cpus:g} CPUs + planning need {needed:g} CPUs, "
+                    f"{total:g} are free: until an autoscaler adds nodes, actors and planning tasks wait for each "
+                    f"other's CPUs and the job can stall; lower pool_size or cpus_per_actor")
     read_parallelism = config.read_parallelism or (max(2, torch_threads(cpus)) if use_gpu else 2)
     return PoolPlan(use_gpu=bool(use_gpu), pool_size=int(pool_size), cpus_per_actor=cpus,
                     threads=torch_threads(cpus), plan_concurrency=int(plan_concurrency), plan_cpus=plan_cpus,

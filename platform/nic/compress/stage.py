@@ -14,7 +14,6 @@ local one would be. A stale grid is deleted from the bucket too.
 
 from __future__ import annotations
 
-import sys
 import time
 import traceback
 from collections import Counter
@@ -52,6 +51,7 @@ from nic.grids.schema import (
     slide_file,
 )
 from nic.grids.writer import clean_staging, remove_slide_grid
+from nic.logs import stage_logger
 from nic.runtime import Progress, connect
 from nic.stage_io import stage_storage
 from nic.storage import display, ensure_local, remote_files, remove
@@ -63,6 +63,7 @@ LOST_REASON = ("tiles never came back from the encoder pool (the actor processin
                "e.g. a crash inside the slide library); no grid written")
 MANIFEST_EVERY_S = 5.0
 RUN_STATS = "compress_run.json"
+log = stage_logger("compress")
 
 
 def encoder_facts(config: CompressConfig) -> EncoderFacts:
@@ -270,14 +271,14 @@ def run_compress(config: CompressConfig) -> int:
     path = manifest_path(out)
     reasons = ", ".join(f"{n} {why}" for why, n in redo.items())
     dups = sum(r.get("error_kind") == DUPLICATE for r in results.values())
-    print(f"[compress] {len(inputs)} inputs: {len(todo)} to encode{f' ({reasons})' if reasons else ''}, "
-          f"{sum(r['status'] == STATUS_SKIPPED for r in results.values()) - dups} already complete, "
-          f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable"
-          + (f", {dups} repeating another input (same file, same id)" if dups else "") + "; "
-          f"encoder {facts.name} ({facts.content_hash[:8]}, C={facts.embedding_dim})"
-          + (", 8 rotations/flips" if config.dihedral else "")
-          + (f", {len(facts.head_columns)} head-map columns" if facts.head_columns else "")
-          + resume.describe(), file=sys.stderr)
+    log.info(f"[compress] {len(inputs)} inputs: {len(todo)} to encode{f' ({reasons})' if reasons else ''}, "
+             f"{sum(r['status'] == STATUS_SKIPPED for r in results.values()) - dups} already complete, "
+             f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable"
+             + (f", {dups} repeating another input (same file, same id)" if dups else "") + "; "
+             f"encoder {facts.name} ({facts.content_hash[:8]}, C={facts.embedding_dim})"
+             + (", 8 rotations/flips" if config.dihedral else "")
+             + (f", {len(facts.head_columns)} head-map columns" if facts.head_columns else "")
+             + resume.describe())
     if todo:
         stats = _compress_on_ray(config, todo, out, facts, options_hash, transforms, results, order, path)
         # Tiles lost with a worker or a node (not a slide's own error): one more pass over just
@@ -286,8 +287,7 @@ def run_compress(config: CompressConfig) -> int:
         lost = [(sid, p) for sid, p in todo
                 if results[sid]["status"] == STATUS_FAILED and LOST_REASON in str(results[sid].get("reason", ""))]
         if lost:
-            print(f"[compress] {len(lost)} slide(s) lost their tiles with a worker or node; encoding them once more",
-                  file=sys.stderr)
+            log.info(f"[compress] {len(lost)} slide(s) lost their tiles with a worker or node; encoding them once more")
             for sid, _ in lost:
                 remove_slide_grid(out, sid)
             stats["retry"] = _compress_on_ray(config, lost, out, facts, options_hash, transforms, results, order,
@@ -315,7 +315,7 @@ def _compress_on_ray(config: CompressConfig, todo: list[tuple[str, str]], out: P
 
     info = connect(config.ray, config.verbose)
     pool = plan_pool(config, info, max_node_cpus(), free_cpus())
-    print(f"[compress] {pool.describe()}", file=sys.stderr)
+    log.info(f"[compress] {pool.describe()}")
 
     collector = SlideCollector(out, facts, transforms, options_hash, dict(todo))
     progress = Progress("compress", total=len(todo), unit="slides")
@@ -383,14 +383,14 @@ def _summarise(results: dict[str, dict], order: list[str], path: Path, strict: b
     dups = sum(r.get("error_kind") == DUPLICATE for r in results.values())
     counts[STATUS_SKIPPED] -= dups  # a repeated input is no slide of its own
     tiles = sum(int(r.get("tiles") or 0) for r in results.values() if r["status"] != STATUS_FAILED)
-    print(f"[compress] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
-          f"{counts[STATUS_FAILED]} failed" + (f", {dups} duplicate input(s) skipped" if dups else "")
-          + f"; {tiles} tissue tiles; manifest: {display(path)}", file=sys.stderr)
+    log.info(f"[compress] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
+             f"{counts[STATUS_FAILED]} failed" + (f", {dups} duplicate input(s) skipped" if dups else "")
+             + f"; {tiles} tissue tiles; manifest: {display(path)}")
     for sid in order:
         row = results.get(sid)
         if row and row["status"] == STATUS_FAILED:
-            print(f"[compress]   failed {sid}: {row['reason']}", file=sys.stderr)
+            log.warning(f"[compress]   failed {sid}: {row['reason']}")
     if counts[STATUS_OK] + counts[STATUS_SKIPPED] == 0:
-        print("[compress] no slide succeeded", file=sys.stderr)
+        log.error("[compress] no slide succeeded")
         return 1
     return 1 if strict and counts[STATUS_FAILED] else 0

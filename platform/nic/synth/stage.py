@@ -50,6 +50,7 @@ from nic.artifacts import (
 from nic.config.base import dump_config
 from nic.config.identity import config_identity
 from nic.config.synth import SynthConfig
+from nic.logs import TO_STDOUT, stage_logger
 from nic.stage_io import stage_storage
 from nic.storage import display, ensure_local, publish, remove, uri_for
 from nic.synth.labels import (
@@ -80,6 +81,7 @@ from nic.synth.patches import (
 SLIDES_DIR = "slides"
 PATCHES_DIR = "patches"
 HELDOUT_YAML = "heldout_tasks.yaml"
+log = stage_logger("synth")
 LABEL_COLUMNS = (
     "slide_id", "patient_id", "path", "proliferation", "growth_pattern", "growth_pattern_name",
     "time", "event", "width", "height", "mpp",
@@ -566,10 +568,10 @@ def _report(out: Path, config: SynthConfig, plan: _SynthPlan) -> int:
     n_failed = len(slides) - len(ok_slides) + sum(1 for v in task_status.values() if v["status"] == STATUS_FAILED)
     for s in slides:
         if status[s.slide_id]["status"] == STATUS_FAILED:
-            print(f"[synth] slide {s.slide_id} failed: {status[s.slide_id]['reason']}", flush=True)
-    print(f"[synth] cohort in {display(out)}: {len(ok_slides)}/{len(slides)} slides, "
-          f"{sum(1 for v in task_status.values() if v['status'] != STATUS_FAILED)}/{len(config.patches.tasks)} "
-          f"patch tasks", flush=True)
+            log.warning(f"[synth] slide {s.slide_id} failed: {status[s.slide_id]['reason']}", extra=TO_STDOUT)
+    log.info(f"[synth] cohort in {display(out)}: {len(ok_slides)}/{len(slides)} slides, "
+             f"{sum(1 for v in task_status.values() if v['status'] != STATUS_FAILED)}/{len(config.patches.tasks)} "
+             f"patch tasks", extra=TO_STDOUT)
     if not ok_slides or (config.strict and n_failed):
         return 1
     return 0

@@ -34,6 +34,7 @@ from nic.artifacts import (
 from nic.config.base import dump_config
 from nic.config.identity import config_identity
 from nic.config.tile import TileConfig
+from nic.logs import stage_logger
 from nic.runtime import Progress, connect
 from nic.slides.inputs import SlideInput, expand_slide_inputs, note_aliases
 from nic.stage_io import stage_storage
@@ -49,6 +50,7 @@ from nic.tiling.worker import (
 )
 
 MANIFEST_NAME = "slides.parquet"
+log = stage_logger("tile")
 LOST_REASON = "the worker processing this slide died repeatedly (crash inside the slide library?); no output written"
 
 
@@ -133,11 +135,10 @@ def run_tile(config: TileConfig) -> int:
     order = [item.slide_id for item in inputs]
     manifest_path = out / MANIFEST_NAME
     dups = sum(r.get("error_kind") == DUPLICATE for r in results.values())
-    print(f"[tile] {len(inputs)} inputs: {len(todo)} to tile, "
-          f"{sum(r['status'] == STATUS_SKIPPED for r in results.values()) - dups} already complete, "
-          f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable"
-          + (f", {dups} repeating another input (same file, same id)" if dups else "") + resume.describe(),
-          file=sys.stderr)
+    log.info(f"[tile] {len(inputs)} inputs: {len(todo)} to tile, "
+             f"{sum(r['status'] == STATUS_SKIPPED for r in results.values()) - dups} already complete, "
+             f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable"
+             + (f", {dups} repeating another input (same file, same id)" if dups else "") + resume.describe())
     if todo:
         tile = _tile_on_ray if _use_ray(config) else _tile_locally
         tile(config, todo, out, options_hash, results, order, manifest_path)
@@ -253,16 +254,16 @@ def _summarise(results: dict[str, dict], order: list[str], manifest_path: Path, 
     dups = sum(r.get("error_kind") == DUPLICATE for r in results.values())
     counts[STATUS_SKIPPED] -= dups  # a repeated input is no slide of its own
     tiles = sum(int(r.get("tiles") or 0) for r in results.values() if r["status"] != STATUS_FAILED)
-    print(f"[tile] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
-          f"{counts[STATUS_FAILED]} failed" + (f", {dups} duplicate input(s) skipped" if dups else "")
-          + f"; {tiles} tissue tiles; manifest: {display(manifest_path)}", file=sys.stderr)
+    log.info(f"[tile] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
+             f"{counts[STATUS_FAILED]} failed" + (f", {dups} duplicate input(s) skipped" if dups else "")
+             + f"; {tiles} tissue tiles; manifest: {display(manifest_path)}")
     for sid in order:
         row = results.get(sid)
         if row and row["status"] == STATUS_FAILED:
-            print(f"[tile]   failed {sid}: {row['reason']}", file=sys.stderr)
+            log.warning(f"[tile]   failed {sid}: {row['reason']}")
     succeeded = counts[STATUS_OK] + counts[STATUS_SKIPPED]
     if succeeded == 0:
-        print("[tile] no slide succeeded", file=sys.stderr)
+        log.error("[tile] no slide succeeded")
         return 1
     if strict and counts[STATUS_FAILED]:
         return 1

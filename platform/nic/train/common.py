@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from nic.artifacts import atomic_path
+from nic.logs import root_logger
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -362,7 +362,7 @@ class ProgressRelay:
                 continue
             except Exception:  # the queue actor is gone (Ray shutting down): nothing more to print
                 return
-            print(line, file=sys.stderr, flush=True)
+            root_logger().info(line)  # on the driver: to the terminal and the stage's log file
 
     def __enter__(self) -> ProgressRelay:
         self._thread.start()
@@ -382,12 +382,12 @@ class ProgressRelay:
 def send_progress(queue: Any, line: str) -> None:
     """From a worker: put a line on the relay's queue, or print it if there is none."""
     if queue is None:
-        print(line, file=sys.stderr, flush=True)
+        root_logger().info(line)  # in the worker: reaches the terminal as Ray forwards its stderr
         return
     try:
         queue.put_nowait(line)
     except Exception:  # the driver went away; progress is not worth failing a run for
-        print(line, file=sys.stderr, flush=True)
+        root_logger().info(line)
 
 
 # ---------------------------------------------------------------------------- data fingerprints

@@ -29,7 +29,6 @@ patient); per-fold values of the primary metric are in each fold's record too.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +56,7 @@ from nic.downstream.models import strided_layers_for
 from nic.downstream.splits import TEST_FOLD, SplitError, make_splits, train_val_split
 from nic.grids.reader import list_slides, verify_store
 from nic.grids.schema import GridError
+from nic.logs import stage_logger
 from nic.stage_io import stage_storage
 from nic.storage import child_names, display, ray_storage, remove
 from nic.train.common import ProgressRelay
@@ -67,8 +67,7 @@ MAX_AUTO_CROP = 400
 PROBE_PREDICTIONS = "probe_predictions.parquet"
 
 
-def _say(message: str) -> None:
-    print(f"[{STAGE}] {message}", file=sys.stderr, flush=True)
+log = stage_logger(STAGE)
 
 
 def _grid_info(grids: Path, slide_ids: list[str]) -> dict:
@@ -218,8 +217,8 @@ def _fit_shared(spec: FoldSpec, run: dict, pool: Any) -> dict:
                 if cause is exc:
                     raise
                 raise cause from exc
-            _say(f"fold {spec.fold}: {type(cause).__name__}: {str(cause)[:200]}; resuming from its last "
-                 f"checkpoint (attempt {attempt + 2} of {run['max_failures'] + 1})")
+            log.warning(f"[{STAGE}] fold {spec.fold}: {type(cause).__name__}: {str(cause)[:200]}; resuming from its last "
+                        f"checkpoint (attempt {attempt + 2} of {run['max_failures'] + 1})")
             continue
         pool.release(runner)
         return outcome
@@ -254,8 +253,8 @@ def _fit_with_retries(spec: FoldSpec, run: dict):
         except transient as exc:
             if attempt == run["max_failures"]:
                 raise
-            _say(f"fold {spec.fold}: Ray lost the trainer ({type(exc).__name__}); resuming from its last "
-                 f"checkpoint (attempt {attempt + 2} of {run['max_failures'] + 1})")
+            log.warning(f"[{STAGE}] fold {spec.fold}: Ray lost the trainer ({type(exc).__name__}); resuming from its last "
+                        f"checkpoint (attempt {attempt + 2} of {run['max_failures'] + 1})")
             time.sleep(5)
     raise AssertionError("unreachable")
 
@@ -313,7 +312,7 @@ def _run_all_folds(config: TrainDownstreamConfig, specs: list[FoldSpec], run: di
         else:
             queue.append((spec, fold_dir))
     if records:
-        _say(f"{len(records)} fold(s) already complete, skipping: {sorted(records)}")
+        log.info(f"[{STAGE}] {len(records)} fold(s) already complete, skipping: {sorted(records)}")
     if not queue:
         return [records[k] for k in sorted(records)]
     progress = Progress(STAGE, total=len(specs), unit="folds")
@@ -337,7 +336,7 @@ def _run_all_folds(config: TrainDownstreamConfig, specs: list[FoldSpec], run: di
 
                 stopped = abort_running_trainers()
                 if stopped:
-                    _say(f"stopped {stopped} running fold trainer(s)")
+                    log.info(f"[{STAGE}] stopped {stopped} running fold trainer(s)")
                 raise
     finally:
         if runners is not None:
@@ -597,9 +596,9 @@ def _train_folds(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataF
     connect(config.ray, config.verbose)
     specs = build_fold_specs(config, labels, splits, info, crop_size)
     test_ids = splits.loc[splits["fold"] == TEST_FOLD, "slide_id"].tolist()
-    _say(f"{labels.kind} '{config.target or 'survival'}': {len(labels.frame)} slides, {config.folds} folds"
-         f"{f', {len(test_ids)} test slides' if test_ids else ''}, model {config.model} (pool {config.pool}), "
-         f"crop {crop_size}")
+    log.info(f"[{STAGE}] {labels.kind} '{config.target or 'survival'}': {len(labels.frame)} slides, {config.folds} folds"
+             f"{f', {len(test_ids)} test slides' if test_ids else ''}, model {config.model} (pool {config.pool}), "
+             f"crop {crop_size}")
     run = {"run_hash": run_hash, "storage_path": str(storage), "name_prefix": name_prefix,
            "num_workers": config.num_workers, "use_gpu": config.use_gpu, "cpus_per_worker": config.cpus_per_worker,
            "max_failures": config.max_failures, "resource_timeout_s": config.ray.resource_timeout_s}
@@ -638,22 +637,22 @@ def run_train_downstream(config: TrainDownstreamConfig,
         name_prefix = config.run_name or out.resolve().name
         _prepare_out(config, run_hash, storage, name_prefix, _run_parts(config, info["encoder_hash"], labels))
     except (LabelError, GridError, SplitError, RunMismatchError) as exc:  # bad input only: a bug raising
-        print(f"nic {STAGE}: {exc}", file=sys.stderr)  # a plain ValueError keeps its traceback
+        log.error(f"nic {STAGE}: {exc}")  # a plain ValueError keeps its traceback
         return 2
 
     if labels.unlabelled_grids:
         shown = ", ".join(labels.unlabelled_grids[:10]) + (" ..." if len(labels.unlabelled_grids) > 10 else "")
-        _say(f"{len(labels.unlabelled_grids)} grid(s) have no label and are not used: {shown}")
+        log.info(f"[{STAGE}] {len(labels.unlabelled_grids)} grid(s) have no label and are not used: {shown}")
     if labels.dropped_without_grid:
-        _say(f"dropped {len(labels.dropped_without_grid)} labelled slide(s) without a grid: "
-             f"{', '.join(labels.dropped_without_grid[:10])}")
+        log.info(f"[{STAGE}] dropped {len(labels.dropped_without_grid)} labelled slide(s) without a grid: "
+                 f"{', '.join(labels.dropped_without_grid[:10])}")
     write_bytes_atomic(out / "config.yaml", dump_config(config).encode())
     write_parquet_atomic(out / "splits.parquet", pa.Table.from_pandas(splits, preserve_index=False))
 
     probe = None
     if config.probe:
         probe, probe_predictions = run_probe(config, labels, splits)
-        _say(_probe_line(probe, PRIMARY_METRIC[labels.kind]))
+        log.info(f"[{STAGE}] {_probe_line(probe, PRIMARY_METRIC[labels.kind])}")
         if len(probe_predictions):
             write_parquet_atomic(out / PROBE_PREDICTIONS, pa.Table.from_pandas(probe_predictions, preserve_index=False))
         else:
@@ -699,12 +698,12 @@ def run_train_downstream(config: TrainDownstreamConfig,
             if split == "cv" and "fold_mean" in result["cv"]:
                 fm = result["cv"]["fold_mean"][primary]
                 folds = f"; mean of {fm['folds']} folds {fm['mean']:.3f}"
-            _say(f"{'cross-validation' if split == 'cv' else 'test set'} {primary} = {value}{ci}, n={m['n']}{folds}")
+            log.info(f"[{STAGE}] {'cross-validation' if split == 'cv' else 'test set'} {primary} = {value}{ci}, n={m['n']}{folds}")
     if probe is not None:
-        _say(_probe_line(probe, primary, cnn=result, cnn_name=config.model))
+        log.info(f"[{STAGE}] {_probe_line(probe, primary, cnn=result, cnn_name=config.model)}")
     if failed:
-        _say(f"{len(failed)} of {len(records)} fold(s) failed: " + "; ".join(f"fold {r['fold']}: {r['reason'][:200]}" for r in failed))
+        log.warning(f"[{STAGE}] {len(failed)} of {len(records)} fold(s) failed: " + "; ".join(f"fold {r['fold']}: {r['reason'][:200]}" for r in failed))
         return 1
     written = [out / "metrics.json", out / ("predictions.parquet" if config.train_model else PROBE_PREDICTIONS)]
-    _say(f"done in {result['seconds']:.0f} s: " + ", ".join(display(p) for p in written))
+    log.info(f"[{STAGE}] done in {result['seconds']:.0f} s: " + ", ".join(display(p) for p in written))
     return 0

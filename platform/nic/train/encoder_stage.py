@@ -9,7 +9,6 @@ changed config trains afresh; a complete artifact for the same hash is skipped.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from nic.encoders.architectures import count_parameters
 from nic.encoders.artifact import ENCODER_JSON, EncoderInfo, clear_marker, load_patch_encoder, save_encoder
 from nic.encoders.encoder import build_encoder
 from nic.encoders.objectives import ObjectiveSpec, TaskHeadSpec, finite_or_none
+from nic.logs import stage_logger
 from nic.patches.readers import PatchDataError, load_task
 from nic.patches.sampling import MixedPatches
 from nic.patches.tasks import TaskSpec, load_tasks, select_tasks
@@ -31,9 +31,7 @@ from nic.storage import display, exists, remove
 from nic.train.common import path_fingerprint
 from nic.train.encoder_loop import STAGE, EpochHook, FitResult, LoopSettings, fit_encoder
 
-
-def _say(message: str) -> None:
-    print(f"[{STAGE}] {message}", file=sys.stderr, flush=True)
+log = stage_logger(STAGE)
 
 
 def selected_tasks(config: TrainEncoderConfig) -> list[TaskSpec]:
@@ -72,8 +70,8 @@ def load_patch_data(config: TrainEncoderConfig, tasks: list[TaskSpec]) -> tuple[
                                   classes=task.classes, target_mean=mean, target_std=std,
                                   background=task.background if task.kind == "segmentation" else None))
         what = _describe_labels(task)
-        _say(f"task {task.name} ({task.kind}, {what}, weight {task.weight:g}): {len(train)} train, "
-             f"{len(val)} val patches ({task.format} {display(task.path)})")
+        log.info(f"[{STAGE}] task {task.name} ({task.kind}, {what}, weight {task.weight:g}): {len(train)} train, "
+                 f"{len(val)} val patches ({task.format} {display(task.path)})")
         train_sets.append(train)
         val_sets.append(val)
     tr, va = MixedPatches.concat(train_sets), MixedPatches.concat(val_sets)
@@ -151,13 +149,13 @@ def train_encoder(config: TrainEncoderConfig, epoch_hook: EpochHook | None = Non
     if not config.overwrite:
         existing = _existing(config, config_hash)
         if existing is not None:
-            _say(f"{display(config.out / ENCODER_JSON)} is complete for this config (hash {config_hash[:12]}); skipping "
-                 "(--set overwrite=true retrains)")
+            log.info(f"[{STAGE}] {display(config.out / ENCODER_JSON)} is complete for this config (hash {config_hash[:12]}); skipping "
+                     "(--set overwrite=true retrains)")
             return existing
     clear_marker(config.out)
     if config.kind in BUILTIN_KINDS:
         info = _write_builtin(config, config_hash, tasks)
-        _say(f"wrote built-in encoder '{config.kind}' (C={info.embedding_dim}) to {display(config.out)}")
+        log.info(f"[{STAGE}] wrote built-in encoder '{config.kind}' (C={info.embedding_dim}) to {display(config.out)}")
         return info
 
     data, heads = load_patch_data(config, tasks)
@@ -168,20 +166,20 @@ def train_encoder(config: TrainEncoderConfig, epoch_hook: EpochHook | None = Non
     run_name = config.run_name or f"{config.kind}-{config_hash[:12]}"
     if config.overwrite and exists(storage / run_name):
         remove(storage / run_name)
-    _say(f"training a '{config.kind}' encoder ({config.architecture}, C={config.embedding_dim}) on "
-         f"{len(data['train_tasks'])} patches with {config.num_workers} worker(s); run {display(storage / run_name)}")
+    log.info(f"[{STAGE}] training a '{config.kind}' encoder ({config.architecture}, C={config.embedding_dim}) on "
+             f"{len(data['train_tasks'])} patches with {config.num_workers} worker(s); run {display(storage / run_name)}")
     if config.max_minutes_per_epoch is not None:
-        _say(f"note: max_minutes_per_epoch={config.max_minutes_per_epoch:g} lets the machine's speed and load decide "
-             "how many steps an epoch trains, so another run of this config may give another encoder; "
-             "max_steps_per_epoch caps epochs reproducibly (history.json records the steps of each epoch)")
+        log.info(f"[{STAGE}] note: max_minutes_per_epoch={config.max_minutes_per_epoch:g} lets the machine's speed and load decide "
+                 "how many steps an epoch trains, so another run of this config may give another encoder; "
+                 "max_steps_per_epoch caps epochs reproducibly (history.json records the steps of each epoch)")
     fit = fit_encoder(loop_settings(config, heads), data, storage, run_name, config.num_workers,
                       config.cpus_per_worker, config.use_gpu, config.max_failures, epoch_hook=epoch_hook,
                       resource_timeout_s=config.ray.resource_timeout_s)
     info = _write_trained(config, config_hash, heads, tasks, fit)
     best = info.metrics.get("epoch")
     summary = ", ".join(f"{k} {v:.4g}" for k, v in info.metrics.items() if v is not None and k != "epoch")
-    _say(f"wrote {display(config.out)} (best epoch {int(best) if best else '?'} of {fit.epochs_run}"
-         f"{', early stop' if fit.stopped_early else ''}): {summary}")
+    log.info(f"[{STAGE}] wrote {display(config.out)} (best epoch {int(best) if best else '?'} of {fit.epochs_run}"
+             f"{', early stop' if fit.stopped_early else ''}): {summary}")
     return info
 
 
@@ -191,7 +189,7 @@ def run_train_encoder(config: TrainEncoderConfig) -> int:
     try:
         train_encoder(config)
     except PatchDataError as exc:
-        print(f"nic train-encoder: bad patch data: {exc}", file=sys.stderr)
+        log.error(f"nic train-encoder: bad patch data: {exc}")
         return 2
     except ConfigError:
         raise
@@ -199,7 +197,7 @@ def run_train_encoder(config: TrainEncoderConfig) -> int:
         from ray.train import TrainingFailedError
 
         if isinstance(exc, TrainingFailedError):
-            print(f"nic train-encoder: training failed: {exc}", file=sys.stderr)
+            log.error(f"nic train-encoder: training failed: {exc}")
             return 1
         raise
     return 0

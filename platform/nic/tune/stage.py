@@ -7,7 +7,6 @@ An interrupted search resumes with `Tuner.restore` when the same command is run 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
@@ -15,6 +14,7 @@ import yaml
 from nic.artifacts import write_bytes_atomic
 from nic.config.base import ConfigError, dump_config
 from nic.config.tune import TuneConfig
+from nic.logs import stage_logger
 from nic.runtime import connect
 from nic.stage_io import stage_storage
 from nic.storage import ray_storage, uri_for
@@ -26,8 +26,7 @@ EXPERIMENT = "search"
 TRIAL_MEMORY_BYTES = 2**20
 
 
-def _say(message: str) -> None:
-    print(f"[tune] {message}", file=sys.stderr, flush=True)
+log = stage_logger("tune")
 
 
 def _task_names(tasks_yaml: Path) -> list[str]:
@@ -108,11 +107,11 @@ def run_tune(cfg: TuneConfig) -> int:
     storage = ray_storage(out / "ray")  # a mirror path's URI: Tune syncs there from every node
     experiment = f"{storage}/{EXPERIMENT}"
     if tune.Tuner.can_restore(experiment):
-        _say(f"restoring the search in {experiment}: finished trials are kept, unfinished ones resume")
+        log.info(f"[tune] restoring the search in {experiment}: finished trials are kept, unfinished ones resume")
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
                                    restart_errored=False)
     else:
-        _say(f"{trials} trials over task subsets of {names}; up to {cfg.max_concurrent_trials} at once")
+        log.info(f"[tune] {trials} trials over task subsets of {names}; up to {cfg.max_concurrent_trials} at once")
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -134,13 +133,13 @@ def run_tune(cfg: TuneConfig) -> int:
     best = frame[frame["complete"]].sort_values(METRIC, ascending=False)
     if len(best):
         top = best.iloc[0]
-        _say(f"best: tasks {top['tasks']} -> {METRIC} {top[METRIC]:.3f}")
+        log.info(f"[tune] best: tasks {top['tasks']} -> {METRIC} {top[METRIC]:.3f}")
         write_bytes_atomic(out / "best_config.yaml",
                            yaml.safe_dump({"tasks_subset": top["tasks"].split(","), **top["params"],
                                            METRIC: float(top[METRIC]), "trial_id": top["trial_id"]},
                                           sort_keys=False).encode())
-    _say(f"trial table: {paths['parquet']}, plot: {paths['plot']}")
+    log.info(f"[tune] trial table: {paths['parquet']}, plot: {paths['plot']}")
     errored = int((frame["status"] == "ERROR").sum())
     if errored:
-        _say(f"{errored} trial(s) errored; their errors are in {experiment}")
+        log.warning(f"[tune] {errored} trial(s) errored; their errors are in {experiment}")
     return 0 if len(best) else 1
