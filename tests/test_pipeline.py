@@ -68,6 +68,13 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     for enc in ("mtl", "mean-rgb"):
         for target in ("growth", "survival"):
             assert (root / "models" / enc / target / "metrics.json").exists()
+    # each step keeps its log in its own folder; pipeline.log holds every step's lines too
+    pipeline_log = (root / "pipeline.log").read_text()
+    assert "[pipeline] step 1/" in pipeline_log and "[synth] cohort in " in pipeline_log
+    assert "--- resolved config ---" in (root / "models" / "mtl" / "growth" / "train-downstream.log").read_text()
+    assert "[train-encoder] " in (root / "encoders" / "mtl" / "train-encoder.log").read_text()
+    assert "[compress] done: " in (root / "grids" / "mtl" / "compress.log").read_text()
+
     # every image the report links exists
     import re
 
