@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -59,7 +60,7 @@ from nic.grids.schema import GridError
 from nic.logs import stage_logger
 from nic.stage_io import stage_storage
 from nic.storage import child_names, display, ray_storage, remove
-from nic.train.common import ProgressRelay
+from nic.train.common import ProgressRelay, Stopwatch
 from nic.train.downstream_loop import FoldSpec
 
 STAGE = "train-downstream"
@@ -609,6 +610,21 @@ def _train_folds(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataF
         return _run_all_folds(config, specs, run, run_hash, fold_hook)
 
 
+@dataclass
+class _RunInputs:
+    """What every later step of a run reads: the validated labels matched to the grids, the grids'
+    facts, the crop size, the splits, and the run's identity (its hash, where its checkpoints go
+    and the name prefix of its Train runs)."""
+
+    labels: Labels
+    info: dict
+    crop_size: int
+    splits: pd.DataFrame
+    run_hash: str
+    storage: Path
+    name_prefix: str
+
+
 @stage_storage
 def run_train_downstream(config: TrainDownstreamConfig,
                          on_fold: Callable[[int, float | None], None] | None = None) -> int:
@@ -616,59 +632,91 @@ def run_train_downstream(config: TrainDownstreamConfig,
 
     `on_fold(fold, metric)` is called as each newly trained fold finishes, with the primary metric
     on its held-out slides: `nic tune` reports it to Ray Tune so ASHA can stop weak trials early."""
-    started = time.monotonic()
+    clock = Stopwatch()
     out = Path(config.out)
-    grids = Path(config.grids)
     try:
-        available = list_slides(grids)
-        if not available:
-            raise GridError(f"{grids}: the grid store holds no complete grid; run `nic compress` first")
-        labels = load_labels(
-            config.labels, config.kind, target=config.target, time_column=config.time_column,
-            event_column=config.event_column, patient_column=config.patient_column,
-            slide_column=config.slide_column, available_slides=available, missing_grids=config.missing_grids,
-            min_per_class=config.folds,
-        )
-        info = _grid_info(grids, labels.slide_ids)
-        crop_size = config.crop_size or min(MAX_AUTO_CROP, info["max_side"])
-        splits = make_splits(labels, config.folds, config.test_fraction, config.seed)
-        run_hash = _run_hash(config, info["encoder_hash"], labels)
-        storage = Path(config.storage_path or out / "ray").absolute()
-        name_prefix = config.run_name or out.resolve().name
-        _prepare_out(config, run_hash, storage, name_prefix, _run_parts(config, info["encoder_hash"], labels))
+        inputs = _read_inputs(config)
     except (LabelError, GridError, SplitError, RunMismatchError) as exc:  # bad input only: a bug raising
         log.error(f"nic {STAGE}: {exc}")  # a plain ValueError keeps its traceback
         return 2
+    labels = inputs.labels
+    _log_unused_slides(labels)
+    write_bytes_atomic(out / "config.yaml", dump_config(config).encode())
+    write_parquet_atomic(out / "splits.parquet", pa.Table.from_pandas(inputs.splits, preserve_index=False))
 
+    probe = _probe(config, labels, inputs.splits) if config.probe else None
+    records: list[dict] = []
+    if config.train_model:
+        records = _train_folds(config, labels, inputs.splits, inputs.info, inputs.crop_size, inputs.run_hash,
+                               inputs.storage, inputs.name_prefix, on_fold)
+    result = _run_record(config, inputs, records)
+    if probe is not None:
+        result["probe"] = probe
+    result["seconds"] = round(clock.seconds(), 2)
+    write_json_atomic(out / "metrics.json", result)
+    return _log_summary(config, result, records)
+
+
+def _read_inputs(config: TrainDownstreamConfig) -> _RunInputs:
+    """Read and check the grids and labels, split them and claim `out` for this run; raises the
+    bad-input errors (exit 2) before anything is written, so a wrong labels file or another run's
+    folder costs nothing."""
+    out = Path(config.out)
+    grids = Path(config.grids)
+    available = list_slides(grids)
+    if not available:
+        raise GridError(f"{grids}: the grid store holds no complete grid; run `nic compress` first")
+    labels = load_labels(
+        config.labels, config.kind, target=config.target, time_column=config.time_column,
+        event_column=config.event_column, patient_column=config.patient_column,
+        slide_column=config.slide_column, available_slides=available, missing_grids=config.missing_grids,
+        min_per_class=config.folds,
+    )
+    info = _grid_info(grids, labels.slide_ids)
+    crop_size = config.crop_size or min(MAX_AUTO_CROP, info["max_side"])
+    splits = make_splits(labels, config.folds, config.test_fraction, config.seed)
+    run_hash = _run_hash(config, info["encoder_hash"], labels)
+    storage = Path(config.storage_path or out / "ray").absolute()
+    name_prefix = config.run_name or out.resolve().name
+    _prepare_out(config, run_hash, storage, name_prefix, _run_parts(config, info["encoder_hash"], labels))
+    return _RunInputs(labels, info, crop_size, splits, run_hash, storage, name_prefix)
+
+
+def _log_unused_slides(labels: Labels) -> None:
+    """Say which grids have no label and which labelled slides have no grid (dropped): neither is
+    an error, but either can mean ids that do not match."""
     if labels.unlabelled_grids:
         shown = ", ".join(labels.unlabelled_grids[:10]) + (" ..." if len(labels.unlabelled_grids) > 10 else "")
         log.info(f"[{STAGE}] {len(labels.unlabelled_grids)} grid(s) have no label and are not used: {shown}")
     if labels.dropped_without_grid:
         log.info(f"[{STAGE}] dropped {len(labels.dropped_without_grid)} labelled slide(s) without a grid: "
                  f"{', '.join(labels.dropped_without_grid[:10])}")
-    write_bytes_atomic(out / "config.yaml", dump_config(config).encode())
-    write_parquet_atomic(out / "splits.parquet", pa.Table.from_pandas(splits, preserve_index=False))
 
-    probe = None
-    if config.probe:
-        probe, probe_predictions = run_probe(config, labels, splits)
-        log.info(f"[{STAGE}] {_probe_line(probe, PRIMARY_METRIC[labels.kind])}")
-        if len(probe_predictions):
-            write_parquet_atomic(out / PROBE_PREDICTIONS, pa.Table.from_pandas(probe_predictions, preserve_index=False))
-        else:
-            remove(out / PROBE_PREDICTIONS)  # not a stale file from an earlier run beside this run's error
 
-    records: list[dict] = []
-    if config.train_model:
-        records = _train_folds(config, labels, splits, info, crop_size, run_hash, storage, name_prefix, on_fold)
-    failed = [r for r in records if r["status"] != STATUS_OK]
+def _probe(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFrame) -> dict:
+    """The linear probe on the same splits, its line shown first (it takes seconds, the folds
+    minutes) and its predictions written; an empty result removes an earlier run's file."""
+    out = Path(config.out)
+    probe, probe_predictions = run_probe(config, labels, splits)
+    log.info(f"[{STAGE}] {_probe_line(probe, PRIMARY_METRIC[labels.kind])}")
+    if len(probe_predictions):
+        write_parquet_atomic(out / PROBE_PREDICTIONS, pa.Table.from_pandas(probe_predictions, preserve_index=False))
+    else:
+        remove(out / PROBE_PREDICTIONS)  # not a stale file from an earlier run beside this run's error
+    return probe
 
+
+def _run_record(config: TrainDownstreamConfig, inputs: _RunInputs, records: list[dict]) -> dict[str, Any]:
+    """metrics.json without the probe and the time: the run's facts, each fold's record, and per
+    split the pooled metrics and plots of the folds' predictions (written to predictions.parquet)."""
+    labels = inputs.labels
     predictions = aggregate_predictions(config, labels, records)
     result: dict[str, Any] = {
         "stage": STAGE, "kind": labels.kind, "target": config.target, "model": config.model,
-        "encoder_hash": info["encoder_hash"], "crop_size": crop_size, "tta_views": config.tta_crops * (8 if config.dihedral else 1),
+        "encoder_hash": inputs.info["encoder_hash"], "crop_size": inputs.crop_size,
+        "tta_views": config.tta_crops * (8 if config.dihedral else 1),
         "primary_metric": PRIMARY_METRIC[labels.kind], "labels": labels.summary(),
-        "unlabelled_grids": labels.unlabelled_grids, "run_hash": run_hash,
+        "unlabelled_grids": labels.unlabelled_grids, "run_hash": inputs.run_hash,
         "trained_model": config.train_model,
         "folds": [{k: v for k, v in r.items() if k != "history"} for r in records],
     }
@@ -682,13 +730,16 @@ def run_train_downstream(config: TrainDownstreamConfig,
             part = predictions[predictions["split"] == split]
             entry["plots"] = write_plots(config, labels, part, split, entry["metrics"])
             result[split] = entry
-        write_parquet_atomic(out / "predictions.parquet", pa.Table.from_pandas(predictions, preserve_index=False))
-    if probe is not None:
-        result["probe"] = probe
-    result["seconds"] = round(time.monotonic() - started, 2)
-    write_json_atomic(out / "metrics.json", result)
+        write_parquet_atomic(Path(config.out) / "predictions.parquet",
+                             pa.Table.from_pandas(predictions, preserve_index=False))
+    return result
 
-    primary = PRIMARY_METRIC[labels.kind]
+
+def _log_summary(config: TrainDownstreamConfig, result: dict[str, Any], records: list[dict]) -> int:
+    """The run's closing lines (each split's primary metric with its interval, the probe beside
+    the model, failed folds) and its exit code: 1 when any fold failed, else 0."""
+    out = Path(config.out)
+    primary = result["primary_metric"]
     for split in ("cv", "test"):
         if split in result:
             m = result[split]["metrics"][primary]
@@ -699,8 +750,9 @@ def run_train_downstream(config: TrainDownstreamConfig,
                 fm = result["cv"]["fold_mean"][primary]
                 folds = f"; mean of {fm['folds']} folds {fm['mean']:.3f}"
             log.info(f"[{STAGE}] {'cross-validation' if split == 'cv' else 'test set'} {primary} = {value}{ci}, n={m['n']}{folds}")
-    if probe is not None:
-        log.info(f"[{STAGE}] {_probe_line(probe, primary, cnn=result, cnn_name=config.model)}")
+    if "probe" in result:
+        log.info(f"[{STAGE}] {_probe_line(result['probe'], primary, cnn=result, cnn_name=config.model)}")
+    failed = [r for r in records if r["status"] != STATUS_OK]
     if failed:
         log.warning(f"[{STAGE}] {len(failed)} of {len(records)} fold(s) failed: " + "; ".join(f"fold {r['fold']}: {r['reason'][:200]}" for r in failed))
         return 1
