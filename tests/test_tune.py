@@ -48,6 +48,8 @@ def test_tiny_search_writes_table_plot_and_resumes(tiny_cohort, tmp_path, capfd)
     # a line per trial start, per fold report and per end, on the driver's stderr
     assert progress.count("started: tasks") == 2, progress[-3000:]
     assert "after 1 fold(s)" in progress and "2/2 trials done" in progress, progress[-3000:]
+    log = (out / "tune.log").read_text()  # the driver's lines are kept with the search's outputs
+    assert log.count("started: tasks") == 2 and "2/2 trials done" in log and "--- resolved config ---" in log
 
     table = pd.read_parquet(out / "trials.parquet")
     assert len(table) == 2  # one subset of each size
