@@ -336,7 +336,7 @@ def _finish_patch_task(out: Path, task: str, results: dict[str, list[dict]], spe
             split: np.bincount(
                 np.concatenate([p["y"] for p in results.get(split, [])]).astype(int)
                 if results.get(split) else np.zeros(0, int),
-                minlength=len(tspec.classes),
+                minlength=len(tspec.classes or ()),  # set for every kind but regression
             ).tolist()
             for split in SPLITS
         }

@@ -20,7 +20,7 @@ def render_overview(slide, plan, max_px: int = 1024) -> Image.Image:
     sx = width / plan.width
     sy = height / plan.height
 
-    mask = Image.fromarray(plan.tissue.mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+    mask = Image.fromarray(plan.tissue.mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
     image = Image.composite(thumb.point(_TINT_TABLE), thumb, mask)  # the mask is 0 or 255: one or the other
 
     draw = ImageDraw.Draw(image)
