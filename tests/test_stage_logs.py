@@ -23,7 +23,10 @@ PLATFORM = Path(__file__).resolve().parent.parent / "platform"
 
 
 def _file_handlers() -> list[logging.Handler]:
-    return [h for h in logging.getLogger(ROOT).handlers if isinstance(h, logging.FileHandler)]
+    """The run log handlers left on the `nic` logger (not pytest's own, which it also attaches to
+    loggers that do not propagate)."""
+    return [h for h in logging.getLogger(ROOT).handlers
+            if isinstance(h, logging.FileHandler) and h.baseFilename.endswith(".log")]
 
 
 def test_tile_keeps_its_log_with_config_progress_and_warnings_and_a_rerun_appends(shared_slides, tmp_path,
