@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_reader.py", "bench_encoders.py", "bench_synth.py", "bench_compress.py", "bench_downstream.py"]
+ORDER = ["bench_reader.py", "bench_encoders.py", "bench_synth.py", "bench_compress.py", "bench_downstream.py",
+         "bench_startup.py", "bench_peers.py"]  # bench_peers skips hs2p unless this Python imports it
 
 
 def main() -> int:
