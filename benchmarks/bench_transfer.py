@@ -424,13 +424,12 @@ def machine() -> str:
 
 
 def write_results(table: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Encoder benchmarks\n\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + table + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Transfer to a held-out task (linear probe on frozen embeddings)\n\n" + table + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    """Put the table into encoders.md in place of its section (under its own heading when new)."""
+    from collect_results import replace_section
+
+    present = RESULTS.exists() and START in RESULTS.read_text()
+    heading = "" if present else "## Transfer to a held-out task (linear probe on frozen embeddings)\n\n"
+    replace_section(RESULTS, START, END, heading + table, "# Encoder benchmarks")
     print(f"wrote {RESULTS}")
 
 
