@@ -108,3 +108,22 @@ def test_apoptotic_look_alikes_vary_per_slide_independently_of_proliferation():
     assert all(s.apoptotic_fraction == 0.0 for s in off)
     assert [{**s.to_dict(), "apoptotic_fraction": 0} for s in slides] == [
         {**s.to_dict(), "apoptotic_fraction": 0} for s in off]
+
+
+def test_a_slides_spec_ignores_last_bit_float_differences():
+    """numpy's SIMD kernels round exp/log/sqrt differently on CPUs with and without AVX-512: a cohort
+    rendered on one machine must still be complete on another (the spec hashes floats at 10 digits),
+    while any real change of a parameter still changes the spec."""
+    import dataclasses
+
+    from nic.synth.stage import _slide_spec, spec_hash
+
+    config = SynthConfig(slides=2, seed=5)
+    params = plan_cohort(config)[0][0]
+    stain = params.stain
+    nudged = dataclasses.replace(params, tumour_fraction=math.nextafter(params.tumour_fraction, 1.0),
+                                 stain=dataclasses.replace(stain, h_strength=math.nextafter(stain.h_strength, 0.0)))
+    assert nudged.to_dict() != params.to_dict()
+    assert spec_hash(_slide_spec(nudged, config)) == spec_hash(_slide_spec(params, config))
+    moved = dataclasses.replace(params, tumour_fraction=params.tumour_fraction + 1e-6)
+    assert spec_hash(_slide_spec(moved, config)) != spec_hash(_slide_spec(params, config))

@@ -102,8 +102,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+SPEC_DIGITS = 10
+"""Significant digits of the floats in a slide's spec. Its parameters are computed (stain vectors
+are normalised, fractions drawn through exp/log), and numpy's SIMD kernels differ in the last bit
+between CPUs (AVX-512 or not): hashed in full, a cohort made on one machine would re-render on
+another. Ten digits are far above what changes a pixel and far below a last-bit difference."""
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.{SPEC_DIGITS}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _slide_spec(params: SlideParams, config: SynthConfig) -> dict:
-    return {"params": params.to_dict(), "tile_size": config.render.tile_size, "quality": config.render.quality}
+    """What determines a slide's pixels (its sidecar's `spec` is this hashed): its parameters,
+    floats at SPEC_DIGITS, and the tile size and JPEG quality of the file."""
+    return {"params": _rounded(params.to_dict()), "tile_size": config.render.tile_size,
+            "quality": config.render.quality}
 
 
 def render_slide(params_dict: dict, out: str, tile_size: int, quality: int, spec: str) -> dict:
