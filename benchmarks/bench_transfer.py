@@ -325,7 +325,11 @@ def describe(info) -> str:
     what = info.kind if info.kind == info.architecture else f"{info.kind}, {info.architecture}"
     if getattr(info, "trunk_pool", None):
         what += f" ({info.trunk_pool})"
-    return what + (f"; tasks: {', '.join(tasks)}" if tasks else "")
+    if not tasks:
+        return what
+    # a contrastive encoder reads the tasks' images without their labels
+    label = "images of (unlabelled)" if info.kind == "contrastive" else "tasks"
+    return what + f"; {label}: {', '.join(tasks)}"
 
 
 # ------------------------------------------------------------------------------------- slide level
@@ -404,6 +408,130 @@ def encoder_metric_lines(study: Path, encoders: list[str], with_dense: str = "mt
             lines.append(f"| {task} | {name} | {a:.3f} | {b:.3f} | {b - a:+.3f} | "
                          f"{'yes' if b - a >= -PATCH_LOSS_LIMIT else 'no'} |")
     return lines
+
+
+def head_predictions(ref: str, images: np.ndarray, batch: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Every task head's output (N, K) of an MTL encoder on uint8 (N, P, P, 3) images, with its
+    column names: the heads `nic compress --heads` runs (nic.encoders.head_maps), on the embedding
+    of the inference encoder, as in a grid."""
+    import torch
+
+    from nic.encoders import load_encoder
+    from nic.encoders.head_maps import load_head_mapper
+
+    module, _ = load_encoder(ref, device="cpu")
+    mapper = load_head_mapper(ref)
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            tiles = torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2)
+            parts.append(mapper(tiles, module(tiles)).numpy())
+    return np.concatenate(parts), tuple(mapper.columns)
+
+
+def task_metric(kind: str, y: np.ndarray, pred: np.ndarray) -> float:
+    """The patch task's validation metric as encoder.json reports it: AUC (binary; `pred` is the
+    positive class's probability), accuracy (multiclass; `pred` the class probabilities), R^2
+    (regression)."""
+    from sklearn.metrics import r2_score, roc_auc_score
+
+    if kind == "binary":
+        return float(roc_auc_score(y, pred)) if len(np.unique(y)) == 2 else math.nan
+    if kind == "multiclass":
+        return float(np.mean(np.argmax(pred, axis=1) == y))
+    return float(r2_score(y, pred))
+
+
+def _task_outputs(pred: np.ndarray, columns: tuple[str, ...], task: str, kind: str) -> np.ndarray:
+    chosen = [i for i, c in enumerate(columns) if c == f"head:{task}" or c.startswith(f"head:{task}=")]
+    out = pred[:, chosen]
+    return out if kind == "multiclass" else out[:, 0]
+
+
+def patch_task_comparison(study: Path, with_dense: str = "mtl-dense", without_dense: str = "mtl",
+                          batch: int = 256, n_boot: int = 1000, seed: int = 0) -> list[str]:
+    """Markdown lines: each patch task's validation metric for the encoders with and without the
+    dense tasks, re-evaluated here from their heads on the same validation patches (all of them),
+    with the paired difference and its 95 % bootstrap CI (the same resamples for both encoders,
+    whole canvases when the task records them). encoder.json's metrics are one number per
+    encoder from one training run; the interval says how much of a difference the validation set
+    can tell apart, which a 0.02 goal needs."""
+    from nic.patches.readers import open_hdf5, read_patches
+    from nic.patches.tasks import load_tasks
+
+    folders = {e: study / "encoders" / e for e in (with_dense, without_dense)}
+    if not all((f / "encoder.json").is_file() for f in folders.values()):
+        return []
+    infos = {e: json.loads((f / "encoder.json").read_text()) for e, f in folders.items()}
+    trained = {e: {t["name"] for t in info.get("tasks") or []} for e, info in infos.items()}
+    tile_px = int(infos[with_dense]["tile_px"])  # the patches are read at the size the encoders trained on
+    specs = [t for t in load_tasks(study / "cohort" / "tasks.yaml")
+             if t.kind in ("binary", "multiclass", "regression") and t.val_path is not None
+             and t.name in trained[with_dense] & trained[without_dense]]
+    lines = ["", f"Patch tasks re-evaluated here from the heads of `{without_dense}` and `{with_dense}` on every "
+             f"validation patch, paired difference with a 95 % bootstrap CI ({n_boot} resamples, by canvas "
+             "where the task records canvases, else by patch):", "",
+             f"| task | metric | patches | {without_dense} | {with_dense} | difference [95 % CI] | loses <= "
+             f"{PATCH_LOSS_LIMIT:g} |", "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+    for spec in specs:
+        data = read_patches(spec, spec.val_path, tile_px)
+        y = data.labels.astype(np.int64) if spec.kind != "regression" else data.labels.astype(np.float64)
+        groups = None
+        if spec.format == "hdf5":
+            with open_hdf5(spec, spec.val_path) as handle:
+                groups = handle["canvas"][...].astype(np.int64) if "canvas" in handle else None
+        preds = {}
+        for enc, folder in folders.items():
+            pred, columns = head_predictions(str(folder), data.images, batch)
+            preds[enc] = _task_outputs(pred, columns, spec.name, spec.kind)
+        a = task_metric(spec.kind, y, preds[without_dense])
+        b = task_metric(spec.kind, y, preds[with_dense])
+        diffs = np.array([task_metric(spec.kind, y[idx], preds[with_dense][idx])
+                          - task_metric(spec.kind, y[idx], preds[without_dense][idx])
+                          for idx in bootstrap_indices(len(y), groups, n_boot, seed)])
+        lo, hi = percentile_ci(diffs)
+        lines.append(f"| {spec.name} | {_metric_short(spec.kind)} | {len(y)} | {a:.3f} | {b:.3f} | "
+                     f"{b - a:+.3f} [{lo:+.3f}, {hi:+.3f}] | {loss_verdict(b - a, lo, hi)} |")
+    return lines
+
+
+def loss_verdict(diff: float, lo: float, hi: float, limit: float = PATCH_LOSS_LIMIT) -> str:
+    """Whether a task lost at most `limit`, and whether the interval settles it."""
+    if lo >= -limit:
+        return "yes (CI excludes a larger loss)"
+    if hi < -limit:
+        return "no (CI excludes a smaller loss)"
+    return ("yes" if diff >= -limit else "no") + " (CI spans the limit)"
+
+
+def _metric_short(kind: str) -> str:
+    return {"binary": "auc", "multiclass": "acc", "regression": "r2"}[kind]
+
+
+def training_cost_lines(study: Path, encoders: list[str]) -> list[str]:
+    """Markdown lines: each trained encoder's cost per epoch on this machine, from its history.json
+    (the issue asks for the time per epoch with and without the dense tasks). Median over the epochs
+    run, since the first epoch also pays for start-up and validation sizes differ between encoders."""
+    rows = []
+    for enc in encoders:
+        path = study / "encoders" / enc / "history.json"
+        if not path.is_file():
+            continue
+        history = [h for h in json.loads(path.read_text()) if h.get("seconds") is not None]
+        if not history:
+            continue
+        seconds = sorted(float(h["seconds"]) for h in history)
+        steps = sorted(int(h.get("steps") or 0) for h in history)
+        mid_s, mid_steps = seconds[len(seconds) // 2], steps[len(steps) // 2]
+        per_step = f"{mid_s / mid_steps:.2f}" if mid_steps else "n/a"
+        rows.append(f"| {enc} | {len(history)} | {mid_steps} | {mid_s / 60:.2f} | {per_step} | "
+                    f"{sum(seconds) / 60:.1f} |")
+    if not rows:
+        return []
+    return ["", "Training cost on this machine (history.json of each encoder; steps and seconds are per epoch, "
+            "median over the epochs run, training and validation included):", "",
+            "| encoder | epochs | steps/worker | minutes/epoch | seconds/step | minutes in all |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |", *rows]
 
 
 def _fmt(entry: dict | None) -> str:
@@ -521,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
             lines += ["| " + " | ".join(r) + " |" for r in slide_rows]
     if args.study is not None:
         lines += encoder_metric_lines(args.study, [e.name for e in encoders])
+        lines += patch_task_comparison(args.study, seed=args.seed)
+        lines += training_cost_lines(args.study, [e.name for e in encoders])
     lines.append(END)
     table = "\n".join(lines)
     print(table)

@@ -156,3 +156,47 @@ def test_encoder_metric_lines_check_the_dense_goals_and_the_patch_task_loss(tmp_
     assert "| tissue_type | acc | 0.980 | 0.970 | -0.010 | yes |" in text
     # No table without the dense encoder's artifact.
     assert bench_transfer.encoder_metric_lines(tmp_path, ["mtl"]) == []
+
+
+def test_training_cost_lines_report_the_median_epoch_of_each_trained_encoder(tmp_path):
+    import json
+
+    import bench_transfer
+
+    for name, epochs in {"mtl-dense": [(225, 130.0), (225, 90.0), (225, 96.0)], "mtl": [(150, 40.0), (150, 30.0)]}.items():
+        folder = tmp_path / "encoders" / name
+        folder.mkdir(parents=True)
+        history = [{"epoch": i + 1, "steps": steps, "seconds": sec} for i, (steps, sec) in enumerate(epochs)]
+        (folder / "history.json").write_text(json.dumps(history))
+    text = "\n".join(bench_transfer.training_cost_lines(tmp_path, ["mtl-dense", "mtl", "random"]))
+    # median 96 s over 225 steps; 316 s in all
+    assert "| mtl-dense | 3 | 225 | 1.60 | 0.43 | 5.3 |" in text
+    # two epochs: the upper median (40 s)
+    assert "| mtl | 2 | 150 | 0.67 | 0.27 | 1.2 |" in text
+    assert "| random |" not in text
+    assert bench_transfer.training_cost_lines(tmp_path, ["random"]) == []
+
+
+def test_loss_verdict_says_whether_the_interval_settles_the_limit():
+    import bench_transfer
+
+    assert bench_transfer.loss_verdict(+0.01, -0.005, +0.03) == "yes (CI excludes a larger loss)"
+    assert bench_transfer.loss_verdict(-0.06, -0.09, -0.03) == "no (CI excludes a smaller loss)"
+    assert bench_transfer.loss_verdict(-0.01, -0.04, +0.02) == "yes (CI spans the limit)"
+    assert bench_transfer.loss_verdict(-0.03, -0.06, +0.00) == "no (CI spans the limit)"
+
+
+def test_task_metric_and_head_columns_per_kind():
+    import numpy as np
+
+    import bench_transfer
+
+    y = np.array([0, 0, 1, 1])
+    assert bench_transfer.task_metric("binary", y, np.array([0.1, 0.6, 0.4, 0.9])) == 0.75
+    probs = np.array([[0.7, 0.3], [0.2, 0.8], [0.1, 0.9], [0.6, 0.4]])
+    assert bench_transfer.task_metric("multiclass", y, probs) == 0.5
+    assert bench_transfer.task_metric("regression", np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])) == 1.0
+    columns = ("head:tumour", "head:tissue_type=a", "head:tissue_type=b", "head:tumour_size", "head:nuclei")
+    pred = np.arange(10.0).reshape(2, 5)
+    assert bench_transfer._task_outputs(pred, columns, "tumour", "binary").tolist() == [0.0, 5.0]
+    assert bench_transfer._task_outputs(pred, columns, "tissue_type", "multiclass").tolist() == [[1.0, 2.0], [6.0, 7.0]]
