@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from nic.config import ConfigError, load_config
+from nic.config.base import parse_overrides
 from nic.config.tile import TileConfig
 
 
@@ -69,6 +70,17 @@ def test_missing_and_malformed_files(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(TileConfig, listy)
+    # PyYAML raises a plain ValueError for a date that is no date: still a config error naming the file
+    dated = tmp_path / "dated.yaml"
+    dated.write_text("slides: 2024-13-01\n")
+    with pytest.raises(ConfigError, match=r"dated\.yaml: not valid YAML.*month"):
+        load_config(TileConfig, dated)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00slides")
+    with pytest.raises(ConfigError, match=r"binary\.yaml: not valid YAML"):
+        load_config(TileConfig, binary)
+    # on the command line the same text is kept as a string, as any other value YAML cannot parse
+    assert parse_overrides(["note=2024-13-01"]) == [("note", "2024-13-01")]
 
 
 def test_shipped_configs_are_valid():

@@ -52,9 +52,10 @@ class LockedError(RuntimeError):
 def stale_after_s() -> float:
     """Seconds without a heartbeat after which another host's lock counts as abandoned."""
     try:
-        return max(1.0, float(os.environ.get("NIC_LOCK_STALE_S") or DEFAULT_STALE_S))
-    except ValueError:
+        seconds = float(os.environ.get("NIC_LOCK_STALE_S") or DEFAULT_STALE_S)
+    except ValueError:  # not a number: the default
         return DEFAULT_STALE_S
+    return max(1.0, seconds)
 
 
 def heartbeat_s() -> float:
@@ -162,14 +163,14 @@ def _load(path: Path) -> tuple[dict | None, float] | None:
     """(holder or None when unreadable, heartbeat age in s) of a lock file; None if there is none."""
     try:
         age = time.time() - path.stat().st_mtime
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError:
         return {}, 0.0
-    try:
-        holder = json.loads(text)
-    except ValueError:
+    try:  # only the parse: a lock cut short or overwritten with garbage is unreadable, not an error
+        holder = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return {}, age
     return (holder if isinstance(holder, dict) else {}), age
 

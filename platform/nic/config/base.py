@@ -117,7 +117,7 @@ def _parse_scalar(text: str) -> Any:
     """`--set key=value` values are YAML scalars, so `0.5`, `true`, `[a, b]` and `null` work."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # PyYAML raises ValueError for a date that is not one (2024-13-01)
         return text
 
 
@@ -155,7 +155,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: PyYAML's for a date that is not one (2024-13-01)
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")

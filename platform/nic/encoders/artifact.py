@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 import nic
@@ -162,9 +162,9 @@ def read_info(path: str | Path) -> EncoderInfo:
             f"built-in encoders need no file: {', '.join(BUILTIN_NAMES)}; your own encoder needs an encoder.yaml, "
             "see docs/encoders.md)"
         )
-    try:
+    try:  # only the file's text and its validation: what is wrong here is the file
         return EncoderInfo.model_validate_json(marker.read_text())
-    except ValueError as exc:
+    except (ValidationError, UnicodeDecodeError) as exc:  # not JSON or not an encoder.json; not text
         raise ValueError(f"{marker}: not a valid encoder.json ({exc})") from None
 
 

@@ -153,16 +153,22 @@ def load_head_mapper(encoder: str | Path, device: str | torch.device = "cpu") ->
     path = check_has_heads(encoder, info)
     trunk_encoder, _ = load_patch_encoder(encoder)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
+    unusable = f"{path}: not the task heads of encoder {info.name!r}"
+    try:  # what heads.pt says: a file without these keys (or of another layout) has no usable heads
         tasks = [TaskHeadSpec(**t) for t in state["tasks"]]
-        heads = nn.ModuleDict({t.name: _make_head(trunk_encoder.embedding_dim, t.num_outputs,
-                                                  int(state.get("head_hidden", 0)))
-                               for t in tasks if not is_dense(t)})
+        hidden = int(state.get("head_hidden", 0))
+    except (KeyError, TypeError) as exc:
+        raise HeadsUnavailable(f"{unusable} ({exc})") from None
+    # The modules are built outside the try blocks: an error in nic's own code keeps its traceback
+    # instead of being reported as unusable heads (exit 2 in nic compress).
+    heads = nn.ModuleDict({t.name: _make_head(trunk_encoder.embedding_dim, t.num_outputs, hidden)
+                           for t in tasks if not is_dense(t)})
+    decoders = (build_decoders(tasks, trunk_encoder.trunk.map_channels)
+                if any(is_dense(t) for t in tasks) else None)
+    try:  # the weights must fit the modules the file describes
         heads.load_state_dict(state["heads"])
-        decoders = None
-        if any(is_dense(t) for t in tasks):
-            decoders = build_decoders(tasks, trunk_encoder.trunk.map_channels)
+        if decoders is not None:
             decoders.load_state_dict(state["decoders"])
     except (KeyError, TypeError, RuntimeError) as exc:
-        raise HeadsUnavailable(f"{path}: not the task heads of encoder {info.name!r} ({exc})") from None
+        raise HeadsUnavailable(f"{unusable} ({exc})") from None
     return HeadMapper(trunk_encoder, tasks, heads, decoders).to(device).eval()

@@ -54,6 +54,7 @@ from nic.config.identity import config_identity
 from nic.downstream.labels import LabelError, Labels, load_labels
 from nic.downstream.metrics import PRIMARY_METRIC, compute_metrics
 from nic.downstream.models import strided_layers_for
+from nic.downstream.record import SPLITS, ProbeEntry, RunMarker, RunParts, RunRecord, Split, SplitEntry
 from nic.downstream.splits import TEST_FOLD, SplitError, make_splits, train_val_split
 from nic.grids.reader import list_slides, verify_store
 from nic.grids.schema import GridError
@@ -97,7 +98,7 @@ def _run_hash(config: TrainDownstreamConfig, encoder_hash: str, labels: Labels) 
     return stable_hash(data)
 
 
-def _run_parts(config: TrainDownstreamConfig, encoder_hash: str, labels: Labels) -> dict:
+def _run_parts(config: TrainDownstreamConfig, encoder_hash: str, labels: Labels) -> RunParts:
     """What the run hash covers, each part hashed on its own, so a refusal can say what changed."""
     frame = labels.frame.drop(columns=["row"]).sort_values("slide_id").to_dict(orient="list")
     return {"settings": stable_hash(config_identity(config)), "encoder_hash": encoder_hash,
@@ -414,15 +415,15 @@ def split_metrics(kind: str, part: pd.DataFrame, labels: Labels, bootstrap: int,
 
 
 def evaluate_predictions(labels: Labels, predictions: pd.DataFrame, bootstrap: int,
-                         seed: int) -> tuple[dict[str, dict], dict[int, float | None]]:
+                         seed: int) -> tuple[dict[Split, SplitEntry], dict[int, float | None]]:
     """metrics.json's `cv` and `test` entries ({metrics, slides}; `cv` also `fold_mean`) of pooled
     predictions, and the primary metric of each fold's held-out slides."""
     primary = PRIMARY_METRIC[labels.kind]
     cv = predictions[predictions["split"] == "cv"]
     per_fold = {int(cast(int, k)): split_metrics(labels.kind, part, labels, 0, seed)[primary]["value"]
                 for k, part in cv.groupby("fold", sort=True)}  # k: a fold number (pandas types group keys loosely)
-    entries: dict[str, dict] = {}
-    for split in ("cv", "test"):
+    entries: dict[Split, SplitEntry] = {}
+    for split in SPLITS:
         part = predictions[predictions["split"] == split]
         if len(part):
             entries[split] = {"metrics": split_metrics(labels.kind, part, labels, bootstrap, seed),
@@ -437,7 +438,7 @@ def evaluate_predictions(labels: Labels, predictions: pd.DataFrame, bootstrap: i
     return entries, per_fold
 
 
-def run_probe(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+def run_probe(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFrame) -> tuple[ProbeEntry, pd.DataFrame]:
     """The linear-probe baseline on the CNN's own folds (nic.downstream.probe): metrics.json's
     `probe` entry (model, features, cv/test like the CNN's, per-fold penalties, seconds) and its
     pooled predictions. It takes seconds and needs no Ray. It never raises: a probe that cannot be
@@ -445,7 +446,7 @@ def run_probe(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFram
     from nic.downstream.probe import FEATURES, MODEL_OF_KIND, cross_validate_probe, slide_features
 
     started = time.monotonic()
-    entry: dict[str, Any] = {"model": MODEL_OF_KIND[labels.kind], "features": FEATURES}
+    entry: ProbeEntry = {"model": MODEL_OF_KIND[labels.kind], "features": FEATURES}
     predictions = pd.DataFrame()
     try:
         features = slide_features(config.grids, labels.slide_ids)
@@ -456,7 +457,8 @@ def run_probe(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFram
             for split, part_entry in entries.items():
                 part_entry["logrank_p"] = risk_group_logrank(predictions[predictions["split"] == split],
                                                              config.risk_groups)
-        entry.update(entries)
+        for split, part_entry in entries.items():
+            entry[split] = part_entry
         entry["folds"] = run.folds
     except Exception as exc:  # the probe is a baseline: its failure must not fail the stage
         entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -481,19 +483,20 @@ def _metric_text(entry: dict) -> str:
     return value + ci
 
 
-def _probe_line(probe: dict, primary: str, cnn: dict | None = None, cnn_name: str = "CNN") -> str:
+def _probe_line(probe: ProbeEntry, primary: str, cnn: RunRecord | None = None, cnn_name: str = "CNN") -> str:
     """One line on the probe: its primary metric (and the trained model's beside it when given)."""
     head = f"linear probe ({probe['model']} on the {probe['features']})"
     if "error" in probe:
         return f"{head} failed: {probe['error'][:300]}"
     parts = []
-    for split in ("cv", "test"):
+    for split in SPLITS:
         if split not in probe:
             continue
         name = "cross-validation" if split == "cv" else "test set"
         text = f"{name} {primary} = {_metric_text(probe[split]['metrics'][primary])}"
-        if probe[split].get("logrank_p") is not None:
-            text += f", log-rank p = {probe[split]['logrank_p']:.3g}"
+        logrank = probe[split].get("logrank_p")
+        if logrank is not None:
+            text += f", log-rank p = {logrank:.3g}"
         if cnn is not None and split in cnn:
             text += f" ({cnn_name} {_metric_text(cnn[split]['metrics'][primary])})"
         parts.append(text)
@@ -537,7 +540,7 @@ class RunMismatchError(ValueError):
 
 
 def _prepare_out(config: TrainDownstreamConfig, run_hash: str, storage: Path, name_prefix: str,
-                 parts: dict | None = None) -> None:
+                 parts: RunParts | None = None) -> None:
     """Refuse to mix runs with different settings, grids or labels in one folder (its folds and
     checkpoints would be reused for another problem) unless overwrite is set."""
     out = Path(config.out)
@@ -559,10 +562,13 @@ def _prepare_out(config: TrainDownstreamConfig, run_hash: str, storage: Path, na
                 if old.startswith(f"{name_prefix}-fold"):
                     remove(storage / old)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, {"run_hash": run_hash, "stage": STAGE, **({"parts": parts} if parts else {})})
+    record: RunMarker = {"run_hash": run_hash, "stage": STAGE}
+    if parts:
+        record["parts"] = parts
+    write_json_atomic(marker, record)
 
 
-def _what_changed(before: dict | None, now: dict | None) -> str:
+def _what_changed(before: dict | None, now: RunParts | None) -> str:
     """'other labels (labels.csv changed since)' and the like, from run.json's parts."""
     if not before or not now:
         return "different settings, grids or labels"
@@ -693,7 +699,7 @@ def _log_unused_slides(labels: Labels) -> None:
                  f"{', '.join(labels.dropped_without_grid[:10])}")
 
 
-def _probe(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFrame) -> dict:
+def _probe(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFrame) -> ProbeEntry:
     """The linear probe on the same splits, its line shown first (it takes seconds, the folds
     minutes) and its predictions written; an empty result removes an earlier run's file."""
     out = Path(config.out)
@@ -706,12 +712,12 @@ def _probe(config: TrainDownstreamConfig, labels: Labels, splits: pd.DataFrame) 
     return probe
 
 
-def _run_record(config: TrainDownstreamConfig, inputs: _RunInputs, records: list[dict]) -> dict[str, Any]:
+def _run_record(config: TrainDownstreamConfig, inputs: _RunInputs, records: list[dict]) -> RunRecord:
     """metrics.json without the probe and the time: the run's facts, each fold's record, and per
     split the pooled metrics and plots of the folds' predictions (written to predictions.parquet)."""
     labels = inputs.labels
     predictions = aggregate_predictions(config, labels, records)
-    result: dict[str, Any] = {
+    result: RunRecord = {
         "stage": STAGE, "kind": labels.kind, "target": config.target, "model": config.model,
         "encoder_hash": inputs.info["encoder_hash"], "crop_size": inputs.crop_size,
         "tta_views": config.tta_crops * (8 if config.dihedral else 1),
@@ -735,12 +741,12 @@ def _run_record(config: TrainDownstreamConfig, inputs: _RunInputs, records: list
     return result
 
 
-def _log_summary(config: TrainDownstreamConfig, result: dict[str, Any], records: list[dict]) -> int:
+def _log_summary(config: TrainDownstreamConfig, result: RunRecord, records: list[dict]) -> int:
     """The run's closing lines (each split's primary metric with its interval, the probe beside
     the model, failed folds) and its exit code: 1 when any fold failed, else 0."""
     out = Path(config.out)
     primary = result["primary_metric"]
-    for split in ("cv", "test"):
+    for split in SPLITS:
         if split in result:
             m = result[split]["metrics"][primary]
             ci = "" if m["ci_low"] is None else f", 95 % CI [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"

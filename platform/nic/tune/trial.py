@@ -85,12 +85,25 @@ def run_trial(params: dict[str, Any], static: dict[str, Any]) -> None:
 
 def _final_metric(path: Path, which: str = "cnn") -> float | None:
     """The pooled out-of-fold metric the downstream stage wrote (better than a mean of per-fold
-    values): the trained model's, or the linear probe's (`which` = "probe")."""
+    values): the trained model's, or the linear probe's (`which` = "probe"). None when metrics.json
+    is missing or not JSON, or holds no such value (a probe that failed, the model's metric of a
+    probe-only run)."""
     import json
 
-    try:
+    try:  # only reading and parsing: a missing or damaged file has no metric, an error after it is a bug
         data = json.loads(path.read_text())
-        entry = data["probe"] if which == "probe" else data
-        return entry["cv"]["metrics"][data["primary_metric"]]["value"]
-    except (OSError, KeyError, ValueError, TypeError):
+    except (OSError, ValueError):
         return None
+    if not isinstance(data, dict):
+        return None
+    entry = data.get("probe") if which == "probe" else data
+    return _lookup(entry, "cv", "metrics", data.get("primary_metric"), "value")
+
+
+def _lookup(node: Any, *keys: Any) -> Any:
+    """node[key][key]... of parsed JSON; None where a key is missing or a level is not an object."""
+    for key in keys:
+        if not isinstance(node, dict) or not isinstance(key, str) or key not in node:
+            return None
+        node = node[key]
+    return node
