@@ -187,9 +187,8 @@ def test_loss_verdict_says_whether_the_interval_settles_the_limit():
 
 
 def test_task_metric_and_head_columns_per_kind():
-    import numpy as np
-
     import bench_transfer
+    import numpy as np
 
     y = np.array([0, 0, 1, 1])
     assert bench_transfer.task_metric("binary", y, np.array([0.1, 0.6, 0.4, 0.9])) == 0.75

@@ -11,7 +11,7 @@ import errno
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +124,9 @@ def clean_stale_temporaries(folder: str | Path) -> int:
     return removed
 
 
-def write_manifest(path: str | Path, rows: list[dict], schema: pa.Schema) -> None:
-    """A stage manifest: one row per input, written atomically so a reader never sees half of it."""
+def write_manifest(path: str | Path, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> None:
+    """A stage manifest: one row per input, written atomically so a reader never sees half of it.
+    A column a row lacks is written as null (a failed row knows only some of them)."""
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
     write_parquet_atomic(path, pa.table(columns, schema=schema))
 

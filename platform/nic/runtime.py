@@ -1,4 +1,5 @@
-"""The one place that connects to Ray.
+"""The one place that connects to Ray, and the one rule of when a stage that can run without it
+does (`use_ray`).
 
 Embedded by default (a local instance sized to this machine), a cluster when an address is given
 by flag or `RAY_ADDRESS`. Quiet by default: stages print their own one-line progress instead of
@@ -89,6 +90,21 @@ def _embedded_worker_env() -> Iterator[None]:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = before
+
+
+def use_ray(options: RayOptions) -> bool:
+    """Whether a stage that can also run without Ray (`nic tile`, `nic compress`) should use it.
+
+    Ray when there is a cluster to use: an address (flag or `RAY_ADDRESS`), or Ray already running
+    in this process (`nic pipeline` connects once for all its steps; a `nic tune` trial runs in a
+    Ray worker; the tests' session instance). Otherwise the stage runs in this process and local
+    workers: starting an embedded Ray instance costs seconds (`ray.init`, its workers, Ray Data),
+    more than a small job's whole work, and on one machine gives these stages nothing they need.
+    Decided without importing ray (a second of start-up where it is not imported yet)."""
+    if options.address or os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
 
 
 def connect(options: RayOptions | None = None, verbose: bool = False) -> RayInfo:

@@ -60,16 +60,14 @@ def _error_rows(slide_id: str, reason: str, kind: str, seconds: float) -> dict[s
 def plan_one(slide_id: str, path: str, options: SlideOptions) -> dict[str, np.ndarray]:
     """Light rows of one slide's tissue tiles (row-major), or its single error row. Never raises."""
     from nic.slides import SlideError, plan_slide
+    from nic.slides.stage import no_tissue_error
 
     start = time.perf_counter()
     try:
         plan = plan_slide(path, options, slide_id=slide_id)
         rows, cols, xs, ys, tissue = plan.tiles()
         if not len(rows):
-            best = float(plan.fractions.max()) if plan.fractions.size else 0.0
-            raise SlideError(
-                path, f"no tissue: none of its {plan.grid.rows * plan.grid.cols} tiles is at least "
-                f"{options.tissue.threshold:.0%} tissue (best tile: {best:.0%})", "no_tissue")
+            raise no_tissue_error(path, plan, options)
     except SlideError as exc:
         return _error_rows(slide_id, str(exc), exc.kind, time.perf_counter() - start)
     except Exception as exc:  # a bug or an unforeseen file problem: report it, keep the job going
@@ -165,6 +163,7 @@ class EncoderActor:
                                    f"from the driver's {list(self.head_columns)}")
         self._encode_lock = threading.Lock()
         self._local = threading.local()
+        self._caches: list[OrderedDict] = []  # every thread's readers, so close() reaches them all
 
     # -- reading -------------------------------------------------------------------------------
     def _reader(self, slide_id: str, grid_rows: int, grid_cols: int):
@@ -174,6 +173,7 @@ class EncoderActor:
         cache: OrderedDict | None = getattr(self._local, "readers", None)
         if cache is None:
             cache = self._local.readers = OrderedDict()
+            self._caches.append(cache)
         if slide_id in cache:
             cache.move_to_end(slide_id)
             return cache[slide_id]
@@ -332,7 +332,15 @@ class EncoderActor:
             return done[0]
         return {k: np.concatenate([p[k] for p in done]) for k in done[0]}
 
+    def close(self) -> None:
+        """Close the open slide readers of every thread that read for this actor. Only when no
+        batch is running (a reader is not thread-safe): the local run calls it when its threads
+        are done; Ray's actors when they are torn down."""
+        caches: Any = getattr(self, "_caches", None) or ()
+        for cache in caches:
+            while cache:
+                _, reader = cache.popitem(last=False)
+                reader.close()
+
     def __del__(self) -> None:
-        cache: Any = getattr(getattr(self, "_local", None), "readers", None)
-        for reader in (cache or {}).values():
-            reader.close()
+        self.close()

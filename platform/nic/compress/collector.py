@@ -20,6 +20,7 @@ from nic.artifacts import STATUS_OK
 from nic.grids.manifest import failed_row, grid_row
 from nic.grids.schema import GridError, GridMeta
 from nic.grids.writer import grid_table, remove_slide_grid, write_slide_grid
+from nic.slides.stage import CRASH, ManifestRow
 from nic.storage import display
 
 
@@ -61,7 +62,7 @@ class SlideCollector:
     transforms: tuple[int, ...]
     options_hash: str
     paths: dict[str, str]
-    results: dict[str, dict] = field(default_factory=dict)
+    results: dict[str, ManifestRow] = field(default_factory=dict)
     tiles_done: int = 0
     duplicates: int = 0
     actor_read_s: float = 0.0
@@ -177,7 +178,7 @@ class SlideCollector:
         self.results[sid] = failed_row(sid, self.paths.get(sid, ""), reason, kind or "error", seconds,
                                        self.encoder.name, self.encoder.content_hash)
 
-    def fail_unfinished(self, slide_ids: list[str], reason: str, kind: str = "crash") -> None:
+    def fail_unfinished(self, slide_ids: list[str], reason: str, kind: str = CRASH) -> None:
         """After the pipeline ends: every slide without a result lost tiles (their task failed for good)."""
         for sid in slide_ids:
             if sid in self.results:

@@ -47,7 +47,6 @@ from nic.artifacts import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from nic.config.base import dump_config
 from nic.config.identity import config_identity
 from nic.config.synth import SynthConfig
 from nic.logs import TO_STDOUT, stage_logger
@@ -384,8 +383,12 @@ def _remove_stale_slides(out: Path, keep: set[str]) -> None:
 @stage_storage
 def run_synth(config: SynthConfig) -> int:
     """Generate (or complete) the cohort in `config.out`; 0 on success."""
+    # Here, not at the top: nic.slides loads OpenSlide and scikit-image, which the Ray workers
+    # that import this module for render_slide never need.
+    from nic.slides.stage import prepare_out
+
     out = Path(config.out)
-    _prepare_out(out, config)
+    prepare_out(out, config, "config.yaml", clean=_clear_leftovers)
     plan = _plan(out, config)
     if plan.total:
         _render(out, config, plan)
@@ -394,14 +397,12 @@ def run_synth(config: SynthConfig) -> int:
     return _report(out, config, plan)
 
 
-def _prepare_out(out: Path, config: SynthConfig) -> None:
-    """Make `out` and clear what an interrupted run left in it (temporary files, patch staging
-    folders: a chunk's files there may be half written), then record the resolved config."""
-    out.mkdir(parents=True, exist_ok=True)
+def _clear_leftovers(out: Path) -> None:
+    """What an interrupted run left in `out`: temporary files and patch staging folders (a chunk's
+    files there may be half written)."""
     clean_stale_temporaries(out)
     for stale in (out / PATCHES_DIR).glob(".*.staging") if (out / PATCHES_DIR).exists() else []:
         shutil.rmtree(stale)
-    write_bytes_atomic(out / "config.yaml", dump_config(config).encode())
 
 
 @dataclass
@@ -581,8 +582,10 @@ def _cohort_record(config: SynthConfig, plan: _SynthPlan, files: dict[str, str])
 
 
 def _report(out: Path, config: SynthConfig, plan: _SynthPlan) -> int:
-    """Print the failed slides and a summary line; the exit code: 1 when no slide succeeded, or
-    with `strict` when anything failed, else 0."""
+    """Print the failed slides and a summary line; the exit code of every slide stage
+    (nic.slides.stage.exit_code), where a failed patch task counts as a failure too."""
+    from nic.slides.stage import exit_code  # see run_synth
+
     slides, status, task_status = plan.slides, plan.status, plan.task_status
     ok_slides = [s.slide_id for s in slides if status[s.slide_id]["status"] != STATUS_FAILED]
     n_failed = len(slides) - len(ok_slides) + sum(1 for v in task_status.values() if v["status"] == STATUS_FAILED)
@@ -592,9 +595,7 @@ def _report(out: Path, config: SynthConfig, plan: _SynthPlan) -> int:
     log.info(f"[synth] cohort in {display(out)}: {len(ok_slides)}/{len(slides)} slides, "
              f"{sum(1 for v in task_status.values() if v['status'] != STATUS_FAILED)}/{len(config.patches.tasks)} "
              f"patch tasks", extra=TO_STDOUT)
-    if not ok_slides or (config.strict and n_failed):
-        return 1
-    return 0
+    return exit_code(len(ok_slides), n_failed, config.strict)
 
 
 def _short_error(exc: BaseException) -> str:

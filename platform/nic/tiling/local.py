@@ -22,12 +22,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, TypeVar
 
 #: Attempts after the first for a slide whose worker died, as Ray's `max_retries` on the Ray path.
 MAX_RETRIES = 2
+#: A manifest row (nic.slides.stage.ManifestRow for `nic tile`): this module only passes it on.
+Row = TypeVar("Row")
 #: What one worker does with one slide: (item, *args) -> manifest row. Never raises for a bad slide.
-SlideWork = Callable[..., dict]
+SlideWork = Callable[..., Any]
 
 
 def _serve(conn: Connection, work: SlideWork, args: tuple) -> None:
@@ -59,8 +61,8 @@ def _context() -> Any:
     return mp.get_context("spawn")
 
 
-def run_local(items: Iterable[dict], work: SlideWork, args: tuple, workers: int,
-              on_row: Callable[[dict], None], max_retries: int = MAX_RETRIES) -> list[dict]:
+def run_local(items: Iterable[dict], work: Callable[..., Row], args: tuple, workers: int,
+              on_row: Callable[[Row], None], max_retries: int = MAX_RETRIES) -> list[dict]:
     """Run `work(item, *args)` for every item on up to `workers` child processes; `on_row` gets each
     row as it arrives (in the driver). Returns the items whose worker died on every attempt.
 
@@ -138,7 +140,7 @@ def run_local(items: Iterable[dict], work: SlideWork, args: tuple, workers: int,
     return lost
 
 
-def _receive(conn: Connection) -> dict | None:
+def _receive(conn: Connection) -> Any:
     """The row waiting on `conn`, or None when there is none or the pipe broke."""
     try:
         return conn.recv() if conn.poll() else None

@@ -13,48 +13,45 @@ without downloading the tile files and overviews it can vouch for.
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-from collections import Counter
 from pathlib import Path
 
-from nic import storage
-from nic.artifacts import (
-    DUPLICATE,
-    STATUS_FAILED,
-    STATUS_OK,
-    STATUS_SKIPPED,
-    clean_stale_temporaries,
-    read_manifest,
-    stable_hash,
-    write_bytes_atomic,
-    write_manifest,
-)
-from nic.config.base import dump_config
+from nic.artifacts import STATUS_OK, STATUS_SKIPPED, stable_hash
 from nic.config.identity import config_identity
 from nic.config.tile import TileConfig
 from nic.logs import stage_logger
-from nic.runtime import Progress, connect
-from nic.slides.inputs import SlideInput, expand_slide_inputs, note_aliases
+from nic.runtime import Progress, connect, use_ray
+from nic.slides.inputs import SlideInput, expand_slide_inputs
+from nic.slides.stage import (
+    CRASH,
+    MANIFEST_NAME,
+    ListingResume,
+    ManifestRow,
+    ManifestSaver,
+    failed_row,
+    finish,
+    partition,
+    prepare_out,
+    previous_rows,
+    vouched_row,
+)
 from nic.stage_io import stage_storage
-from nic.storage import display, ensure_local, remote_files
+from nic.storage import ensure_local
 from nic.tiling.worker import (
     MANIFEST_SCHEMA,
     completed_row,
-    failed_row,
     overview_path,
     tile_one_slide,
     tile_slides,
     tiles_path,
 )
 
-MANIFEST_NAME = "slides.parquet"
 log = stage_logger("tile")
 LOST_REASON = "the worker processing this slide died repeatedly (crash inside the slide library?); no output written"
+#: Seconds between saves of the manifest while slides finish.
+MANIFEST_EVERY_S = 10.0
 
 
-class TileResume:
+class TileResume(ListingResume):
     """Which slides an earlier run left complete in `out`: `completed_row` on the local files; on an
     object store, the earlier manifest vouches for a slide whose tile file and overview are in the
     bucket's listing, the tile file with the size the manifest recorded (`file_bytes`), both not
@@ -62,14 +59,10 @@ class TileResume:
     files are fetched and checked as local ones (see nic.compress.stage.GridResume)."""
 
     def __init__(self, out: Path, options_hash: str, previous: dict[str, dict]) -> None:
-        self.out, self.options_hash, self.previous = out, options_hash, previous
-        self.listing = None if storage.PREFETCH_OUTPUTS else remote_files(out)  # None: a local out
-        manifest = (self.listing or {}).get(MANIFEST_NAME)
-        self.manifest_mtime_ns = manifest.mtime_ns if manifest else None
-        self.vouched = 0
-        self.fetched = 0
+        super().__init__(out, previous)
+        self.options_hash = options_hash
 
-    def check(self, slide_id: str, path: str) -> dict | None:
+    def check(self, slide_id: str, path: str) -> ManifestRow | None:
         previous = self.previous.get(slide_id)
         files = (tiles_path(self.out, slide_id), overview_path(self.out, slide_id))
         if self.listing is not None and not all(f.exists() for f in files):
@@ -84,19 +77,12 @@ class TileResume:
                     and int(row["file_bytes"]) == remote[0].size and self.manifest_mtime_ns is not None
                     and len(times) == len(remote) and max(times) <= self.manifest_mtime_ns):
                 self.vouched += 1
-                return {**row, "path": display(path), "status": STATUS_SKIPPED, "reason": "already complete",
-                        "error_kind": None, "seconds": 0.0}
+                return vouched_row(row, path)
             for f in files:
                 if not f.exists():
                     ensure_local(f, missing_ok=True)
             self.fetched += 1
         return completed_row(self.out, slide_id, path, self.options_hash, previous)
-
-    def describe(self) -> str:
-        if self.listing is None:
-            return ""
-        return (f"; decided from the manifest and a listing of {display(self.out)}: {self.vouched} slide(s) vouched "
-                f"for without a download, {self.fetched} fetched to be verified")
 
 
 def options_hash_of(config: TileConfig) -> str:
@@ -108,83 +94,53 @@ def options_hash_of(config: TileConfig) -> str:
 @stage_storage(lazy=("tiles", "thumbnails"))
 def run_tile(config: TileConfig) -> int:
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(out)
-    write_bytes_atomic(out / "tile_config.yaml", dump_config(config).encode())
+    prepare_out(out, config, "tile_config.yaml")
     options_hash = options_hash_of(config)
 
     inputs = expand_slide_inputs(config.slides)
-    previous = _previous_rows(out / MANIFEST_NAME)
-    resume = TileResume(out, options_hash, previous)
-    results: dict[str, dict] = {}
-    todo: list[SlideInput] = []
-    for item in inputs:
-        if item.error:
-            results[item.slide_id] = failed_row(item.slide_id, item.path, item.error, "input")
-            continue
-        if item.duplicate_of:  # the same file under the same id again: one row, not processed twice
-            results[item.slide_id] = {**failed_row(item.slide_id, item.path, item.note or "", DUPLICATE),
-                                      "status": STATUS_SKIPPED}
-            continue
-        done = None if config.overwrite else resume.check(item.slide_id, item.path)
-        if done:
-            results[item.slide_id] = done
-        else:
-            todo.append(item)
-
-    order = [item.slide_id for item in inputs]
     manifest_path = out / MANIFEST_NAME
-    dups = sum(r.get("error_kind") == DUPLICATE for r in results.values())
-    log.info(f"[tile] {len(inputs)} inputs: {len(todo)} to tile, "
-             f"{sum(r['status'] == STATUS_SKIPPED for r in results.values()) - dups} already complete, "
-             f"{sum(r['status'] == STATUS_FAILED for r in results.values())} unusable"
-             + (f", {dups} repeating another input (same file, same id)" if dups else "") + resume.describe())
-    if todo:
+    resume = TileResume(out, options_hash, previous_rows(manifest_path))
+    part = partition(inputs, lambda item: None if config.overwrite else resume.check(item.slide_id, item.path))
+    log.info(f"[tile] {len(inputs)} inputs: {len(part.todo)} to tile, {part.describe()}{resume.describe()}")
+    if part.todo:
         tile = _tile_on_ray if _use_ray(config) else _tile_locally
-        tile(config, todo, out, options_hash, results, order, manifest_path)
-    note_aliases(results, inputs)
-    _save_manifest(manifest_path, order, results)
-    return _summarise(results, order, manifest_path, config.strict)
+        tile(config, part.todo, out, options_hash, part.results, part.order, manifest_path)
+    return finish("tile", inputs, part.results, manifest_path, MANIFEST_SCHEMA, config.strict)
 
 
 def _use_ray(config: TileConfig) -> bool:
-    """Ray when there is a cluster to use (an address, or Ray already started in this process, as
-    in `nic pipeline` and the tests); otherwise local worker processes (nic.tiling.local), which
-    give the same files and rows without the seconds Ray takes to start."""
-    if config.ray.address or os.environ.get("RAY_ADDRESS"):
-        return True
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
+    """Ray when there is a cluster to use (nic.runtime.use_ray, the rule nic compress follows too);
+    otherwise local worker processes (nic.tiling.local), which give the same files and rows without
+    the seconds Ray takes to start. (A function of its own so a test can choose the path.)"""
+    return use_ray(config.ray)
 
 
 class _Collector:
-    """Takes rows as slides finish: progress, and the manifest saved every 10 s (not per slide) so a
-    killed job still says what it finished."""
+    """Takes rows as slides finish: progress, and the manifest saved every MANIFEST_EVERY_S."""
 
-    def __init__(self, total: int, results: dict[str, dict], order: list[str], manifest_path: Path) -> None:
-        self.results, self.order, self.manifest_path = results, order, manifest_path
+    def __init__(self, total: int, results: dict[str, ManifestRow], order: list[str], manifest_path: Path) -> None:
+        self.results = results
         self.progress = Progress("tile", total=total, unit="slides")
         self.tiles = 0
-        self.last_save = time.monotonic()
+        self.saver = ManifestSaver(manifest_path, MANIFEST_SCHEMA, order, results, MANIFEST_EVERY_S)
 
-    def add(self, row: dict) -> None:
+    def add(self, row: ManifestRow) -> None:
         self.results[row["slide_id"]] = row
         self.tiles += int(row.get("tiles") or 0)
         self.progress.update(self.progress.done + 1, extra=f"{self.tiles} tissue tiles")
-        if time.monotonic() - self.last_save > 10:
-            _save_manifest(self.manifest_path, self.order, self.results)
-            self.last_save = time.monotonic()
+        self.saver.save_if_due()
 
     def finish(self, todo: list[SlideInput]) -> None:
+        """Every slide without a row was lost with its worker on every attempt."""
         for item in todo:
             if item.slide_id not in self.results:
                 self.results[item.slide_id] = failed_row(item.slide_id, item.path, f"{item.path}: {LOST_REASON}",
-                                                         "crash")
+                                                         CRASH)
         self.progress.finish(extra=f"{self.tiles} tissue tiles")
 
 
 def _tile_locally(config: TileConfig, todo: list[SlideInput], out: Path, options_hash: str,
-                  results: dict[str, dict], order: list[str], manifest_path: Path) -> None:
+                  results: dict[str, ManifestRow], order: list[str], manifest_path: Path) -> None:
     import pandas  # noqa: F401  (see below)
 
     from nic.tiling.local import local_workers, run_local
@@ -206,7 +162,7 @@ def batch_size(slides: int, cpus: int) -> int:
 
 
 def _tile_on_ray(config: TileConfig, todo: list[SlideInput], out: Path, options_hash: str,
-                 results: dict[str, dict], order: list[str], manifest_path: Path) -> None:
+                 results: dict[str, ManifestRow], order: list[str], manifest_path: Path) -> None:
     """Batches of slides as Ray tasks, streamed back as they finish. A batch whose worker died is
     split: each of its slides is retried alone (`max_retries`), so a slide that crashes its
     worker every time costs only itself, reported as lost."""
@@ -235,36 +191,3 @@ def _tile_on_ray(config: TileConfig, todo: list[SlideInput], out: Path, options_
         for row in rows:
             collector.add(row)
     collector.finish(todo)
-
-
-def _previous_rows(path: Path) -> dict[str, dict]:
-    """The earlier run's manifest rows by slide id ({} when there is none or it is unreadable)."""
-    try:
-        return {row["slide_id"]: row for row in read_manifest(path)}
-    except Exception:  # a damaged manifest is rewritten; the tile files are checked on their own
-        return {}
-
-
-def _save_manifest(path: Path, order: list[str], results: dict[str, dict]) -> None:
-    write_manifest(path, [results[sid] for sid in order if sid in results], MANIFEST_SCHEMA)
-
-
-def _summarise(results: dict[str, dict], order: list[str], manifest_path: Path, strict: bool) -> int:
-    counts = Counter(r["status"] for r in results.values())
-    dups = sum(r.get("error_kind") == DUPLICATE for r in results.values())
-    counts[STATUS_SKIPPED] -= dups  # a repeated input is no slide of its own
-    tiles = sum(int(r.get("tiles") or 0) for r in results.values() if r["status"] != STATUS_FAILED)
-    log.info(f"[tile] done: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped (already complete), "
-             f"{counts[STATUS_FAILED]} failed" + (f", {dups} duplicate input(s) skipped" if dups else "")
-             + f"; {tiles} tissue tiles; manifest: {display(manifest_path)}")
-    for sid in order:
-        row = results.get(sid)
-        if row and row["status"] == STATUS_FAILED:
-            log.warning(f"[tile]   failed {sid}: {row['reason']}")
-    succeeded = counts[STATUS_OK] + counts[STATUS_SKIPPED]
-    if succeeded == 0:
-        log.error("[tile] no slide succeeded")
-        return 1
-    if strict and counts[STATUS_FAILED]:
-        return 1
-    return 0

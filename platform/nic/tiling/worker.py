@@ -23,6 +23,7 @@ from nic.artifacts import (
     no_space_message,
     write_parquet_atomic,
 )
+from nic.slides.stage import ALREADY_COMPLETE, ManifestRow, failed_row, manifest_schema, no_tissue_error
 from nic.storage import display, publish
 
 TILE_SCHEMA = pa.schema(
@@ -36,25 +37,14 @@ TILE_SCHEMA = pa.schema(
     ]
 )
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("slide_id", pa.string()),
-        ("path", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("error_kind", pa.string()),
-        ("mpp", pa.float64()),
-        ("base_mpp", pa.float64()),
-        ("mpp_source", pa.string()),
-        ("level", pa.int32()),
-        ("rows", pa.int32()),
-        ("cols", pa.int32()),
-        ("tiles", pa.int64()),
-        ("seconds", pa.float64()),
-        ("options_hash", pa.string()),
-        ("file_bytes", pa.int64()),  # the tile file's size: a re-run on an object store trusts it from a listing
-    ]
-)
+
+class TileRow(ManifestRow, total=False):
+    """A row of `nic tile`'s manifest: the base columns and where the slide's resolution came from."""
+
+    mpp_source: str
+
+
+MANIFEST_SCHEMA = manifest_schema(TileRow, {"base_mpp": [("mpp_source", pa.string())]})
 
 META_PREFIX = "nic."
 #: zlib level of the overview PNGs: level 1 encodes in about half the time of PIL's default 6 for
@@ -70,13 +60,8 @@ def overview_path(out: Path, slide_id: str) -> Path:
     return out / "thumbnails" / f"{slide_id}.png"
 
 
-def failed_row(slide_id: str, path: str, reason: str, kind: str = "error", seconds: float = 0.0) -> dict:
-    return {"slide_id": slide_id, "path": display(path), "status": STATUS_FAILED, "reason": reason,
-            "error_kind": kind, "seconds": seconds}
-
-
 def completed_row(out: Path, slide_id: str, path: str, options_hash: str,
-                  previous: dict | None = None) -> dict | None:
+                  previous: dict | None = None) -> TileRow | None:
     """The manifest row of a slide finished by an earlier run with the same options, else None.
 
     The tile file is written last, so its existence with matching metadata means complete. A
@@ -99,7 +84,7 @@ def completed_row(out: Path, slide_id: str, path: str, options_hash: str,
     except Exception:  # unreadable leftovers are redone, not trusted
         return None
     return {
-        "slide_id": slide_id, "path": display(path), "status": STATUS_SKIPPED, "reason": "already complete",
+        "slide_id": slide_id, "path": display(path), "status": STATUS_SKIPPED, "reason": ALREADY_COMPLETE,
         "mpp": float(meta[META_PREFIX + "mpp"]), "base_mpp": float(meta[META_PREFIX + "base_mpp"]),
         "mpp_source": meta[META_PREFIX + "mpp_source"], "level": int(meta[META_PREFIX + "level"]),
         "rows": int(meta[META_PREFIX + "rows"]), "cols": int(meta[META_PREFIX + "cols"]),
@@ -108,7 +93,8 @@ def completed_row(out: Path, slide_id: str, path: str, options_hash: str,
     }
 
 
-def tile_one_slide(item: dict[str, Any], options: Any, out: Path, thumbnail_px: int, options_hash: str) -> dict:
+def tile_one_slide(item: dict[str, Any], options: Any, out: Path, thumbnail_px: int,
+                   options_hash: str) -> ManifestRow:
     from nic.slides import SlideError, open_slide, plan_slide
 
     start = time.perf_counter()
@@ -133,21 +119,19 @@ def tile_one_slide(item: dict[str, Any], options: Any, out: Path, thumbnail_px: 
         with atomic_path(overview_path(out, slide_id)) as tmp:
             overview.save(tmp, format="PNG", compress_level=PNG_LEVEL)
         if not len(rows):  # the overview stays, so a person can see why
-            best = float(plan.fractions.max()) if plan.fractions.size else 0.0
-            raise SlideError(
-                path, f"no tissue: none of its {plan.grid.rows * plan.grid.cols} tiles is at least "
-                f"{options.tissue.threshold:.0%} tissue (best tile: {best:.0%})", "no_tissue")
+            raise no_tissue_error(path, plan, options)
         write_parquet_atomic(tiles_path(out, slide_id), table)  # last: marks the slide complete
         # On an object store, this node uploads what it wrote (the driver's node cannot see it).
         publish(overview_path(out, slide_id))
         publish(tiles_path(out, slide_id))
-        return {
+        row: TileRow = {
             "slide_id": slide_id, "path": display(path), "status": STATUS_OK, "reason": "", "error_kind": None,
             "mpp": res.target_mpp, "base_mpp": res.base_mpp, "mpp_source": res.mpp_source,
             "level": res.level, "rows": plan.grid.rows, "cols": plan.grid.cols, "tiles": len(rows),
             "seconds": time.perf_counter() - start, "options_hash": options_hash,
             "file_bytes": tiles_path(out, slide_id).stat().st_size,
         }
+        return row
     except SlideError as exc:
         return failed_row(slide_id, path, str(exc), exc.kind, time.perf_counter() - start)
     except Exception as exc:  # a bug or an unforeseen file problem: report it, keep the job going
@@ -160,7 +144,7 @@ def tile_one_slide(item: dict[str, Any], options: Any, out: Path, thumbnail_px: 
 
 
 def tile_slides(items: list[dict[str, Any]], options: Any, out: Path, thumbnail_px: int,
-                options_hash: str) -> list[dict]:
+                options_hash: str) -> list[ManifestRow]:
     """Several slides in one Ray task (a task costs tens of ms; a slide a few hundred): one row
     each, a failing slide's row among the others' (tile_one_slide never raises)."""
     return [tile_one_slide(item, options, out, thumbnail_px, options_hash) for item in items]
